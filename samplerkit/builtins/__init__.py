@@ -1,0 +1,1 @@
+"""Built-in processors, samplers and backends, registered as ordinary plugins."""

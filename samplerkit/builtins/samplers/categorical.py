@@ -1,0 +1,48 @@
+"""Sampling from the processed distribution."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from samplerkit.context import StepContext
+from samplerkit.ops import race_sample, row_keys
+from samplerkit.params import StepParams
+from samplerkit.steps import Sampler
+
+
+class Categorical(Sampler):
+    """Draw token ``i`` with probability ``softmax(x)_i`` (after the pipeline's processors).
+
+    Implemented as the exponential race (Gumbel-max, :mod:`samplerkit.ops.random`): exact,
+    without ``torch.multinomial`` or a host sync. Each row has its own random stream keyed
+    by ``(seed, number of tokens the row has generated)``, so a seeded row draws the same
+    tokens alone, in any batch, at any position. Rows without a seed get a fresh random seed
+    from torch's global generator when the batch is formed (``torch.manual_seed`` makes them
+    reproducible too).
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> s = Categorical([Categorical.Params(seed=1), Categorical.Params(seed=1)])
+    >>> ids = s.sample(torch.zeros(2, 10), StepContext(2))
+    >>> bool(ids[0] == ids[1])          # same seed, same counter: same draw
+    True
+    """
+
+    name = "categorical"
+    stochastic = True
+
+    class Params(StepParams):
+        seed: int | None = Field(None, ge=0, lt=2**63, description="random seed of the row's stream; null draws one at random")
+
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        seeds = [row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                 for row in self.rows]
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+
+    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        keys = row_keys(self.seeds, ctx.num_generated)
+        # After a truncation few logits are finite: the race then only needs their noise.
+        candidates = int(torch.isfinite(logits).sum(dim=-1).max())
+        return race_sample(logits, keys, candidate_limit=candidates)

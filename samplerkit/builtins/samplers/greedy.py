@@ -1,0 +1,25 @@
+"""Greedy decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from samplerkit.context import StepContext
+from samplerkit.steps import Sampler
+
+
+class Greedy(Sampler):
+    """Pick the highest logit of each row: ``argmax_i x_i`` (the lowest id among ties).
+
+    Deterministic; processors that never change the argmax are skipped before it.
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> Greedy.for_batch(Greedy.Params(), 2).sample(torch.tensor([[0.0, 2.0, 2.0], [5.0, 1.0, 0.0]]), StepContext(2))
+    tensor([1, 0])
+    """
+
+    name = "greedy"
+
+    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return logits.argmax(dim=-1)

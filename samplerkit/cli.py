@@ -1,0 +1,183 @@
+"""The ``samplerkit`` command: generate, plugins, validate, schema.
+
+User errors (bad config, unknown names, missing model) print one clear message on stderr
+and exit with status 2; no tracebacks (``SAMPLERKIT_DEBUG=1`` shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from samplerkit.errors import SamplerkitError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samplerkit", description="Sampling pipelines for LLM text generation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts",
+                       description="Generate text. Without --config: the default model with the seed's "
+                                   "pipeline (temperature 0.6 -> top_p 0.9, categorical).")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
+    _config_args(g)
+    g.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model)")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    g.add_argument("--seed", type=int, help="sampler seed (sets sampler.seed)")
+    g.add_argument("--max-new-tokens", type=int, help="sets generation.max_new_tokens")
+    g.add_argument("-n", type=int, help="samples per prompt (sets generation.n)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per completion instead of streaming text")
+    g.add_argument("--no-stream", action="store_true", help="print each completion when it is finished")
+
+    p = sub.add_parser("plugins", help="list processors, samplers and backends with their parameters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
+
+    v = sub.add_parser("validate", help="check a config file without running it")
+    v.add_argument("config_file", metavar="FILE")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of the run config (plugins included)")
+    s.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML run config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config value, e.g. --set sampler.seed=3 or --set pipeline[1].top_p=0.5 (repeatable)")
+
+
+def _build_config_data(config_file: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    from samplerkit.config import apply_override, read_yaml
+
+    data = read_yaml(config_file) if config_file else {}
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return data, config_file
+
+
+def _resolve(data: dict[str, Any], source: str | None, extra_block: Sequence[str] = ()):
+    from samplerkit.config import resolve
+    from samplerkit.registry import default_registry
+
+    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
+    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
+    registry = default_registry([*block, *extra_block])
+    return resolve(data, registry, source), registry
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from samplerkit.generate import Generator
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"backend.model={json.dumps(args.model)}")
+    if args.seed is not None:
+        overrides.append(f"sampler.seed={args.seed}")
+    if args.max_new_tokens is not None:
+        overrides.append(f"generation.max_new_tokens={args.max_new_tokens}")
+    if args.n is not None:
+        overrides.append(f"generation.n={args.n}")
+    if args.chat:
+        overrides.append("generation.chat=true")
+    data, source = _build_config_data(args.config, overrides)
+    config, registry = _resolve(data, source)
+    generator = Generator(config, registry=registry)
+    n_rows = len(args.prompts) * config.generation.n
+    if args.json:
+        for completion in generator.generate(args.prompts):
+            print(json.dumps(asdict(completion), ensure_ascii=False))
+        return 0
+    if n_rows == 1 and not args.no_stream:
+        for delta in generator.stream(args.prompts):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for completion in generator.generate(args.prompts):
+        header = f"--- prompt {completion.prompt_index}"
+        if config.generation.n > 1:
+            header += f", sample {completion.sample_index}"
+        print(f"{header} (finish: {completion.finish_reason})")
+        print(completion.prompt + completion.text)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from samplerkit.registry import KINDS, default_registry
+
+    registry = default_registry(args.block)
+    if args.json:
+        out = {kind: [{"name": e.name, "plugin": e.plugin.name, "distribution": e.plugin.distribution,
+                       "version": e.plugin.version, "parameters": e.cls.Params.describe_fields()}
+                      for e in registry.entries(kind)] for kind in KINDS}
+        out["failed"] = dict(registry.failed)
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for kind in KINDS:
+        print(f"{kind}s:")
+        for entry in registry.entries(kind):
+            doc = (entry.cls.__doc__ or "").strip().split("\n", 1)[0]
+            print(f"  {entry.name}  [{entry.plugin.describe()}]")
+            if doc:
+                print(f"      {doc}")
+            for f in entry.cls.Params.describe_fields():
+                rng = f" ({f['constraints']})" if f["constraints"] else ""
+                default = repr(f["default"])
+                default = default if len(default) <= 40 else default[:37] + "..."
+                print(f"      {f['name']}: {f['type']} = {default}{rng}  {f['description']}")
+        print()
+    for name, why in registry.failed.items():
+        print(f"failed to load: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    data, source = _build_config_data(args.config_file, args.overrides)
+    config, _ = _resolve(data, source)
+    from samplerkit.pipeline import Pipeline
+
+    print(f"{args.config_file}: ok")
+    print(f"  backend: {config.backend.name}")
+    print(f"  pipeline: {Pipeline.from_config(config).describe()}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from samplerkit.registry import default_registry
+    from samplerkit.schema import run_config_schema
+
+    print(json.dumps(run_config_schema(default_registry(args.block)), indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "validate": cmd_validate, "schema": cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SamplerkitError as exc:
+        if os.environ.get("SAMPLERKIT_DEBUG"):
+            raise
+        print(f"samplerkit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

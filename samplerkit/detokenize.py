@@ -1,0 +1,82 @@
+"""Streaming text out of token ids: incremental detokenization and stop strings.
+
+Decoding one token at a time is wrong for byte-level BPE (a character may span tokens) and
+for sentencepiece (a token's leading space depends on its neighbour). The standard remedy
+(as in text-generation-inference and vLLM): decode a short window that starts a few tokens
+back, and emit only the new, complete text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, in amortised O(1) per token."""
+
+    def __init__(self, detokenize: Callable[[Sequence[int]], str]):
+        self._detokenize = detokenize
+        self.tokens: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes (possibly empty while a character is partial)."""
+        self.tokens.append(token_id)
+        prefix = self._detokenize(self.tokens[self._prefix_offset:self._read_offset])
+        full = self._detokenize(self.tokens[self._prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.tokens)
+            return full[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end)."""
+        prefix = self._detokenize(self.tokens[self._prefix_offset:self._read_offset])
+        full = self._detokenize(self.tokens[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self.tokens)
+        return full[len(prefix):]
+
+
+class StopMatcher:
+    """Finds stop strings in a growing text, across token boundaries.
+
+    ``feed(delta)`` returns ``(emit, stopped)``: the text now safe to show (never a part of a
+    stop string that might still complete) and whether a stop string was found; the stop
+    string itself and anything after it are never emitted.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""          # everything generated so far (cut at a stop string)
+        self._emitted = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += delta
+        if self.stops:
+            hits = [pos for s in self.stops if (pos := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self._emit(len(self.text)), True
+        return self._emit(self._safe_length()), False
+
+    def finish(self) -> str:
+        """Everything not yet emitted (the row ended for another reason)."""
+        return self._emit(len(self.text))
+
+    def _safe_length(self) -> int:
+        # Hold back the longest suffix that is a proper prefix of some stop string.
+        for k in range(min(len(self.text), self._longest - 1), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return len(self.text) - k
+        return len(self.text)
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self._emitted)
+        out = self.text[self._emitted:upto]
+        self._emitted = upto
+        return out

@@ -1,0 +1,110 @@
+"""Truncation masks: which tokens a row keeps. ``True`` = kept.
+
+Tie rules (documented, tested):
+- ``top_k`` keeps exactly ``k`` tokens; among equal logits at the boundary the lower token
+  ids win. So ``top_k = 1`` is exactly greedy (``argmax`` also returns the first maximum).
+- ``top_p`` and ``min_p`` are thresholds on the value: a token tied with a kept token is kept.
+
+All masks are computed for every row; callers restrict them to active rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+# Partial selection size for top_p: rows whose top candidates already hold mass p (the
+# usual case for real models) never pay for a full-vocabulary sort.
+_TOP_P_CANDIDATES = 256
+
+
+def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Keep the ``k[b]`` highest logits of row ``b`` (``k[b] >= V`` keeps all).
+
+    ``k_max`` is the host-side maximum of ``k`` (known when parameters are packed), so no
+    device sync is needed to size the selection.
+
+    >>> x = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
+    >>> top_k_mask(x, torch.tensor([2]), 2)
+    tensor([[False,  True,  True, False]])
+    >>> top_k_mask(x, torch.tensor([1]), 1)   # tie at the top: the lower id wins
+    tensor([[False,  True, False, False]])
+    """
+    vocab = logits.shape[-1]
+    k_sel = min(max(k_max, 1), vocab)
+    kth = logits.topk(k_sel, dim=-1).values
+    k_eff = k.clamp(min=1, max=k_sel)
+    threshold = kth.gather(-1, (k_eff - 1).unsqueeze(-1))                   # [B, 1]
+    above = logits > threshold
+    at = logits == threshold
+    # Tokens equal to the threshold fill the remaining slots, lowest ids first.
+    slots = k_eff.unsqueeze(-1) - above.sum(-1, keepdim=True)              # >= 1
+    if bool((at.sum(-1, keepdim=True) > slots).any()):
+        rank_among_ties = at.to(torch.int32).cumsum(-1)
+        at = at & (rank_among_ties <= slots)
+    return above | at
+
+
+def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the smallest set of highest-probability tokens whose mass reaches ``p``
+    (plus any token tied with the last one kept).
+
+    With probabilities sorted descending, token ``j`` is kept iff the mass strictly before it
+    is below ``p``: ``sum_{i<j} p_(i) < p``. Exact without a full sort in the common case:
+    the top ``min(V, 256)`` candidates are selected first, and only rows whose candidates
+    hold less than ``p`` of the mass fall back to the full sort (:func:`top_p_mask_reference`).
+    Both paths compute the same float32 values, so they keep identical sets.
+
+    >>> x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    >>> top_p_mask(x, torch.tensor([0.8]))
+    tensor([[ True,  True, False, False]])
+    >>> top_p_mask(x, torch.tensor([0.81]))
+    tensor([[ True,  True,  True, False]])
+    """
+    vocab = logits.shape[-1]
+    n_cand = min(vocab, _TOP_P_CANDIDATES)
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, _ = logits.topk(n_cand, dim=-1)                                 # sorted descending
+    threshold, covered = _nucleus_threshold(values, log_norm, p)
+    if n_cand < vocab and not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(-1)
+        full_values, _ = logits.index_select(0, rows).sort(dim=-1, descending=True)
+        full_threshold, _ = _nucleus_threshold(full_values, log_norm.index_select(0, rows), p.index_select(0, rows))
+        threshold = threshold.index_copy(0, rows, full_threshold)
+    return logits >= threshold
+
+
+def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The straightforward full-sort nucleus mask (the definition :func:`top_p_mask` must match)."""
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, _ = logits.sort(dim=-1, descending=True)
+    threshold, _ = _nucleus_threshold(values, log_norm, p)
+    return logits >= threshold
+
+
+def _nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor):
+    """Given the top logits of each row sorted descending, return ``(threshold [B,1], covered [B])``:
+    the logit of the last kept token, and whether the candidates were enough to decide."""
+    probs = (sorted_values - log_norm).exp()
+    mass_before = probs.cumsum(-1) - probs
+    n_keep = (mass_before < p.unsqueeze(-1)).sum(-1, keepdim=True).clamp(min=1)   # a prefix
+    threshold = sorted_values.gather(-1, n_keep - 1)
+    # Decided when a candidate is dropped (the prefix ended inside the candidates) or the
+    # candidates are the whole vocabulary.
+    covered = n_keep.squeeze(-1) < sorted_values.shape[-1]
+    return threshold, covered
+
+
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top probability.
+
+    Computed on probabilities (softmax in float32) as transformers does, so the kept sets agree.
+
+    >>> x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    >>> min_p_mask(x, torch.tensor([0.3]))
+    tensor([[ True,  True,  True, False]])
+    """
+    probs = logits.softmax(dim=-1)
+    top = probs.amax(dim=-1, keepdim=True)
+    return probs >= min_p.unsqueeze(-1) * top

@@ -1,0 +1,190 @@
+"""Pipelines: an ordered chain of processors and exactly one sampler.
+
+A :class:`Pipeline` is the validated, batch-independent description. :meth:`Pipeline.bind`
+packs per-row parameters for one batch composition into a :class:`BoundPipeline`, whose
+``process``/``sample`` run on every token without per-row Python work. The pipeline knows
+nothing about backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from samplerkit.config import RunConfig, StepSpec
+from samplerkit.context import StepContext
+from samplerkit.errors import ConfigError, ConfigIssue, PluginError
+from samplerkit.steps import Processor, Sampler
+
+#: Per-row parameter overrides: step name -> {field: value}; applies to every step of that name.
+RowOverrides = Mapping[str, Mapping[str, Any]]
+
+
+class Pipeline:
+    """Processors applied in the given order, then one sampler.
+
+    Build one from a config (:func:`samplerkit.load_pipeline`) or from Python::
+
+        Pipeline([Temperature.spec(temperature=0.7), TopP.spec(top_p=0.9)],
+                 sampler=Categorical.spec(seed=1))
+    """
+
+    def __init__(self, processors: Sequence[StepSpec], sampler: StepSpec, *, device: torch.device | str = "cpu"):
+        for i, spec in enumerate(processors):
+            if not issubclass(spec.cls, Processor):
+                raise ConfigError(ConfigIssue(f"pipeline[{i}]", f"{spec.cls.__name__} is not a Processor"))
+        if not issubclass(sampler.cls, Sampler):
+            raise ConfigError(ConfigIssue("sampler", f"{sampler.cls.__name__} is not a Sampler"))
+        self.processors: tuple[StepSpec, ...] = tuple(
+            spec if spec.location else StepSpec(spec.cls, spec.params, f"pipeline[{i}] {spec.name}", spec.plugin)
+            for i, spec in enumerate(processors))
+        self.sampler: StepSpec = sampler if sampler.location else StepSpec(sampler.cls, sampler.params, f"sampler {sampler.name}", sampler.plugin)
+        self.device = torch.device(device)
+        self._uniform_cache: dict[int, BoundPipeline] = {}
+
+    @classmethod
+    def from_config(cls, config: RunConfig, *, device: torch.device | str = "cpu") -> Pipeline:
+        return cls(config.processors, config.sampler, device=device)
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """History the decode loop must keep for these steps."""
+        out: set[str] = set()
+        for spec in (*self.processors, self.sampler):
+            out |= spec.cls.uses
+        return frozenset(out)
+
+    def describe(self) -> str:
+        """``temperature(temperature=0.6) -> top_p(top_p=0.9) => categorical(seed=None)``"""
+        def one(spec: StepSpec) -> str:
+            args = ", ".join(f"{k}={v!r}" for k, v in spec.params.model_dump().items())
+            return f"{spec.name}({args})"
+        chain = " -> ".join(one(s) for s in self.processors)
+        return f"{chain} => {one(self.sampler)}" if chain else one(self.sampler)
+
+    # -- binding ----------------------------------------------------------------------
+    def bind(self, rows: int | Sequence[RowOverrides | None], *, seeds: Sequence[int | None] | None = None) -> BoundPipeline:
+        """Pack parameters for a batch: ``rows`` is a batch size, or one override mapping per row."""
+        if isinstance(rows, int):
+            if seeds is None and rows in self._uniform_cache and not self.sampler.cls.stochastic:
+                return self._uniform_cache[rows]
+            overrides: list[RowOverrides | None] = [None] * rows
+        else:
+            overrides = list(rows)
+        if seeds is not None and len(seeds) != len(overrides):
+            raise ValueError(f"seeds has {len(seeds)} entries for a batch of {len(overrides)} rows")
+        row_specs = [self._row_specs(o, i) for i, o in enumerate(overrides)]
+        if seeds is not None:
+            if "seed" not in self.sampler.cls.Params.model_fields:
+                if any(s is not None for s in seeds):
+                    raise ConfigError(ConfigIssue("seeds", f"sampler {self.sampler.name!r} takes no seed"))
+            else:
+                row_specs = [
+                    (procs, samp if seed is None else samp.with_params({"seed": seed}, f"seeds[{i}]"))
+                    for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
+        bound = BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
+        if isinstance(rows, int) and seeds is None and not self.sampler.cls.stochastic:
+            self._uniform_cache[rows] = bound
+        return bound
+
+    def _row_specs(self, overrides: RowOverrides | None, row: int) -> tuple[list[StepSpec], StepSpec]:
+        if not overrides:
+            return list(self.processors), self.sampler
+        known = {s.name for s in self.processors} | {self.sampler.name}
+        unknown = [k for k in overrides if k not in known]
+        if unknown:
+            raise ConfigError(ConfigIssue(f"rows[{row}]", f"overrides name steps not in this pipeline: "
+                                                         f"{', '.join(map(repr, unknown))}; steps: {', '.join(sorted(known))}"))
+        procs = [s.with_params(overrides.get(s.name, {}), f"rows[{row}] {s.name}") for s in self.processors]
+        samp = self.sampler.with_params(overrides.get(self.sampler.name, {}), f"rows[{row}] {self.sampler.name}")
+        return procs, samp
+
+    # -- one-shot library calls -------------------------------------------------------
+    def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
+        return self.bind(logits.shape[0]).process(logits, ctx)
+
+    def sample(self, logits: torch.Tensor, seeds: Sequence[int | None] | None = None,
+               ctx: StepContext | None = None) -> torch.Tensor:
+        """Token ids ``[B]`` int64; ``seeds`` gives one optional seed per row."""
+        return self.bind(logits.shape[0], seeds=seeds).sample(logits, ctx)
+
+
+class BoundPipeline:
+    """A pipeline with step instances built for one batch composition."""
+
+    def __init__(self, pipeline: Pipeline, row_processors: Sequence[Sequence[StepSpec]], row_samplers: Sequence[StepSpec]):
+        self.pipeline = pipeline
+        self._row_processors = [list(r) for r in row_processors]
+        self._row_samplers = list(row_samplers)
+        device = pipeline.device
+        self.steps: list[tuple[StepSpec, Processor]] = []
+        for j, spec in enumerate(pipeline.processors):
+            step = spec.cls([row[j].params for row in self._row_processors], device)
+            if step.any_active:                    # host flag: all-neutral steps are skipped
+                self.steps.append((spec, step))
+        self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
+        # A greedy-style sampler after argmax-invariant processors needs none of them.
+        self._skip_for_sampling = (not self.sampler.stochastic and pipeline.sampler.cls.name == "greedy"
+                                   and all(s.argmax_invariant for _, s in self.steps))
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def select_rows(self, keep: Sequence[int]) -> BoundPipeline:
+        """The same per-row parameters for a subset (or fan-out) of the rows."""
+        bound = BoundPipeline(self.pipeline, [self._row_processors[i] for i in keep], [self._row_samplers[i] for i in keep])
+        if hasattr(self.sampler, "seeds"):   # unseeded rows keep the seed drawn for them
+            bound.sampler.seeds = self.sampler.seeds[torch.as_tensor(list(keep), dtype=torch.int64, device=self.sampler.seeds.device)]
+        return bound
+
+    def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        """Run every active processor in order on a float32 copy of ``logits``."""
+        self._check_batch(logits)
+        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
+        x = logits.to(torch.float32, copy=True)
+        for spec, step in self.steps:
+            x = _run_step(spec, step, x, ctx)
+        return x
+
+    def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
+               processed: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``[B]``; pass ``processed`` when :meth:`process` already ran this step."""
+        self._check_batch(logits)
+        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
+        if processed is None:
+            if self._skip_for_sampling or not self.steps:
+                processed = logits if logits.dtype == torch.float32 else logits.float()
+            else:
+                processed = self.process(logits, ctx)
+        try:
+            ids = self.sampler.sample(processed, ctx)
+        except Exception as exc:
+            raise _plugin_failure(self.pipeline.sampler, exc) from exc
+        return ids
+
+    def _check_batch(self, logits: torch.Tensor) -> None:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        if logits.shape[0] != self.batch_size:
+            raise ValueError(f"logits have {logits.shape[0]} rows but the pipeline was bound for {self.batch_size}")
+
+
+def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    shape = x.shape
+    try:
+        out = step.apply(x, ctx)
+    except Exception as exc:
+        raise _plugin_failure(spec, exc) from exc
+    if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != torch.float32:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
+                          f"processors must return float32 logits of shape {tuple(shape)}")
+    return out
+
+
+def _plugin_failure(spec: StepSpec, exc: Exception) -> PluginError:
+    return PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) failed: {type(exc).__name__}: {exc}")

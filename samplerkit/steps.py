@@ -1,0 +1,106 @@
+"""Base classes for pipeline steps: :class:`Processor` (logits -> logits) and
+:class:`Sampler` (logits -> token ids).
+
+A step instance is built for one *batch composition*: it receives one validated
+``Params`` per row and packs every numeric field into a ``[B]`` tensor once (``self.p``), so
+the per-token hot path does no Python work per row. Host-side flags (``any_active``) let the
+pipeline skip a step whose rows are all neutral without touching the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import ClassVar
+
+import torch
+
+from samplerkit.context import StepContext
+from samplerkit.params import NoParams, StepParams
+
+
+class Step:
+    """Shared machinery of processors and samplers: parameters packed per row."""
+
+    #: Key of this step in YAML and in the registry (snake_case).
+    name: ClassVar[str]
+    #: The parameters, declared once; every default is the step's neutral value.
+    Params: ClassVar[type[StepParams]] = NoParams
+    #: History the decode loop must keep for this step: any of ``{"generated", "counts"}``.
+    uses: ClassVar[frozenset[str]] = frozenset()
+    #: True when the step never changes which token has the highest logit (lets a greedy
+    #: pipeline skip it, as vLLM's ``is_argmax_invariant``).
+    argmax_invariant: ClassVar[bool] = False
+
+    def __init__(self, rows: Sequence[StepParams], device: torch.device | str = "cpu"):
+        if not rows:
+            raise ValueError(f"{type(self).__name__} needs parameters for at least one row")
+        self.rows: tuple[StepParams, ...] = tuple(rows)
+        self.device = torch.device(device)
+        neutral = [row.is_neutral() for row in self.rows]
+        #: Host-side flags, computed once per batch composition.
+        self.any_active: bool = not all(neutral)
+        self.all_active: bool = not any(neutral)
+        #: ``[B]`` bool: rows this step changes.
+        self.active = torch.tensor([not n for n in neutral], dtype=torch.bool, device=self.device)
+        #: Numeric parameters packed as ``[B]`` tensors: ``self.p.top_p`` and so on.
+        self.p = SimpleNamespace(**_pack_numeric_fields(self.rows, self.device))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def for_batch(cls, params: StepParams, batch_size: int, device: torch.device | str = "cpu"):
+        """The step with the same parameters on every row."""
+        return cls([params] * batch_size, device)
+
+
+class Processor(Step):
+    """Transforms logits: ``[B, V]`` float32 in, ``[B, V]`` float32 out.
+
+    Implement :meth:`apply`. It may modify ``logits`` in place and return it: the pipeline
+    hands it a tensor the pipeline owns, never the caller's. Removed tokens become ``-inf``;
+    every row must keep at least one finite logit; neutral rows must come out unchanged.
+    """
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Sampler(Step):
+    """Selects one token per row: ``[B, V]`` float32 logits in, ``[B]`` int64 ids out.
+
+    Samplers always run (they have no neutral state). ``seeds`` (one optional int per row)
+    make a row's draws reproducible independently of the rest of the batch.
+    """
+
+    #: Whether this sampler draws at random (the pipeline passes seeds only to those).
+    stochastic: ClassVar[bool] = False
+
+    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _pack_numeric_fields(rows: Sequence[StepParams], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pack each field whose value is a bool/int/float on every row into a ``[B]`` tensor."""
+    packed: dict[str, torch.Tensor] = {}
+    for name in type(rows[0]).model_fields:
+        values = [getattr(row, name) for row in rows]
+        if all(isinstance(v, bool) for v in values):
+            packed[name] = torch.tensor(values, dtype=torch.bool, device=device)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            packed[name] = torch.tensor(values, dtype=torch.int64, device=device)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            packed[name] = torch.tensor(values, dtype=torch.float32, device=device)
+    return packed
+
+
+def _spec(cls, **params):
+    from samplerkit.config import StepSpec
+
+    return StepSpec(cls, cls.Params(**params), "", cls.__module__)
+
+
+# ``Temperature.spec(temperature=0.7)``: a validated step for building pipelines in Python.
+Step.spec = classmethod(_spec)
