@@ -16,6 +16,7 @@ import torch
 from samplerkit.config import RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, PluginError
+from samplerkit.ops.candidates import densify
 from samplerkit.steps import Processor, Sampler
 
 #: Per-row parameter overrides: step name -> {field: value}; applies to every step of that name.
@@ -145,26 +146,52 @@ class BoundPipeline:
         """Run every active processor in order on a float32 copy of ``logits``."""
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
-        x = logits.to(torch.float32, copy=True)
-        for spec, step in self.steps:
-            x = _run_step(spec, step, x, ctx)
-        return x
+        dense, candidates = self._run(logits, ctx)
+        return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
                processed: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``[B]``; pass ``processed`` when :meth:`process` already ran this step."""
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
+        candidates = None
         if processed is None:
             if self._skip_for_sampling or not self.steps:
                 processed = logits if logits.dtype == torch.float32 else logits.float()
             else:
-                processed = self.process(logits, ctx)
+                processed, candidates = self._run(logits, ctx)
         try:
-            ids = self.sampler.sample(processed, ctx)
+            ids = None
+            if candidates is not None:
+                ids = self.sampler.sample_candidates(*candidates, ctx)
+                if ids is None:
+                    processed = densify(*candidates, logits.shape[-1])
+            if ids is None:
+                ids = self.sampler.sample(processed, ctx)
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
         return ids
+
+    def _run(self, logits: torch.Tensor, ctx: StepContext):
+        """Processors in order. Once a truncation leaves a short candidate list, later steps
+        that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
+        gets dense logits back. Returns ``(dense, None)`` or ``(None, (values, ids))``."""
+        vocab = logits.shape[-1]
+        dense: torch.Tensor | None = logits.to(torch.float32, copy=True)
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        for spec, step in self.steps:
+            if candidates is not None:
+                values = _call(spec, step.apply_candidates, *candidates, ctx)
+                if values is not None:
+                    candidates = (values, candidates[1])
+                    continue
+                dense, candidates = densify(*candidates, vocab), None
+            selected = _call(spec, step.select_candidates, dense, ctx)
+            if selected is not None:
+                dense, candidates = None, selected
+                continue
+            dense = _run_step(spec, step, dense, ctx)
+        return dense, candidates
 
     def _check_batch(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2:
@@ -184,6 +211,13 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
         raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
                           f"processors must return float32 logits of shape {tuple(shape)}")
     return out
+
+
+def _call(spec: StepSpec, method, *args):
+    try:
+        return method(*args)
+    except Exception as exc:
+        raise _plugin_failure(spec, exc) from exc
 
 
 def _plugin_failure(spec: StepSpec, exc: Exception) -> PluginError:

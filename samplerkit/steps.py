@@ -67,6 +67,18 @@ class Processor(Step):
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- optional fast path on candidate lists (see samplerkit.ops.candidates) -----------
+    def select_candidates(self, logits: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Apply this step to dense logits and return the survivors as ``(values, ids)``
+        (``[B, K]``, values sorted descending, ``-inf`` in unused slots), or ``None`` to use
+        :meth:`apply` instead. Must equal :meth:`apply` exactly."""
+        return None
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """Apply this step to a candidate list (every other token is ``-inf``); return the new
+        values, still sorted descending, or ``None`` if the step needs dense logits."""
+        return None
+
 
 class Sampler(Step):
     """Selects one token per row: ``[B, V]`` float32 logits in, ``[B]`` int64 ids out.
@@ -80,6 +92,11 @@ class Sampler(Step):
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """Sample from a candidate list (see :meth:`Processor.select_candidates`); ``None``
+        makes the pipeline densify and call :meth:`sample`. Must draw the same token."""
+        return None
 
 
 def _pack_numeric_fields(rows: Sequence[StepParams], device: torch.device) -> dict[str, torch.Tensor]:

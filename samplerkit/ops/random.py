@@ -68,12 +68,38 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def race_sample(logits: torch.Tensor, keys: torch.Tensor, candidate_limit: int | None = None) -> torch.Tensor:
-    """Draw one token per row from ``softmax(logits)`` by the Gumbel-max race.
+def uniform(keys: torch.Tensor, stream: int) -> torch.Tensor:
+    """One float64 uniform in ``[0, 1)`` per row key (53 bits), from an independent ``stream``."""
+    h = _mix(keys + _signed(stream * 0x632BE59BD9B4E019))
+    return _shift_right(h, 11).to(torch.float64) * (1.0 / (1 << 53))
 
-    Only finite logits can win. When every row has at most ``candidate_limit`` finite logits
-    (a truncation ran before), noise is computed for the candidates only; the result is the
-    same token as the full computation, because a token's noise depends only on its id.
+
+def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max race among candidates ``(values, ids)`` ``[B, K]``; returns token ids ``[B]``.
+
+    Each token's noise depends on its id only, so the winner is the token the race over the
+    whole vocabulary would pick when every non-candidate is ``-inf``.
+    """
+    winner = (values + gumbel_noise(keys, ids)).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, winner).squeeze(-1)
+
+
+# Dense sampling looks at this many top candidates first.
+DENSE_CANDIDATES = 64
+_TAIL_BRANCH_STREAM = 1
+_TAIL_DRAW_STREAM = 2
+
+
+def race_sample(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from ``softmax(logits)`` exactly, reading the vocabulary O(1) times.
+
+    Two levels, each exact: with ``C`` the top ``K = 64`` logits of a row and ``q`` the
+    probability mass outside them, the row draws from the tail with probability ``q`` and from
+    ``C`` otherwise. Within ``C`` it runs the Gumbel-max race; within the tail it inverts the
+    CDF in float64 (one cumulative sum, no sort). Then ``P(i) = (1 - q) p_i / (1 - q) = p_i`` for
+    ``i`` in ``C`` and ``q p_j / q = p_j`` in the tail. After a truncation (every finite logit
+    among the candidates) ``q = 0`` and only ``K`` noises are drawn. Small vocabularies run the
+    race over every token.
 
     >>> x = torch.tensor([[0.0, float('-inf'), 1.0]])
     >>> keys = row_keys(torch.tensor([7]), torch.tensor([0]))
@@ -81,9 +107,46 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, candidate_limit: int |
     True
     """
     vocab = logits.shape[-1]
-    if candidate_limit is not None and candidate_limit < vocab // 4:
-        values, ids = logits.topk(max(candidate_limit, 1), dim=-1)
-        winner = (values + gumbel_noise(keys, ids)).argmax(dim=-1, keepdim=True)
-        return ids.gather(-1, winner).squeeze(-1)
-    ids = torch.arange(vocab, device=logits.device)
-    return (logits + gumbel_noise(keys, ids)).argmax(dim=-1)
+    if vocab <= 4 * DENSE_CANDIDATES:
+        return race_candidates(logits, torch.arange(vocab, device=logits.device).expand_as(logits), keys)
+    values, ids = logits.topk(DENSE_CANDIDATES, dim=-1)
+    log_norm = torch.logsumexp(logits, dim=-1)
+    return _two_level(values, ids, keys, log_norm, lambda rows: logits.index_select(0, rows).scatter(
+        -1, ids.index_select(0, rows), float("-inf")))
+
+
+def race_sample_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """:func:`race_sample` on a candidate list sorted descending (all else ``-inf``): the same
+    token as on the dense row, except when the 64th-largest logit is tied."""
+    if values.shape[-1] <= DENSE_CANDIDATES or vocab_size <= 4 * DENSE_CANDIDATES:
+        return race_candidates(values, ids, keys)
+    head_v, head_i = values[:, :DENSE_CANDIDATES], ids[:, :DENSE_CANDIDATES]
+    rest_v, rest_i = values[:, DENSE_CANDIDATES:], ids[:, DENSE_CANDIDATES:]
+    log_norm = torch.logsumexp(values, dim=-1)
+
+    def tail(rows: torch.Tensor) -> torch.Tensor:
+        # The dense tail in vocabulary order, restricted to its only finite entries.
+        order = rest_i.index_select(0, rows).argsort(dim=-1)
+        return rest_v.index_select(0, rows).gather(-1, order), rest_i.index_select(0, rows).gather(-1, order)
+
+    return _two_level(head_v, head_i, keys, log_norm, tail)
+
+
+def _two_level(values, ids, keys, log_norm, tail_of):
+    tokens = race_candidates(values, ids, keys)
+    has_tail = values[:, -1] > float("-inf")
+    if not bool(has_tail.any()):
+        return tokens
+    tail_mass = -torch.expm1(torch.logsumexp(values, dim=-1) - log_norm).double().clamp(min=0.0)
+    use_tail = has_tail & (uniform(keys, _TAIL_BRANCH_STREAM) < tail_mass)
+    if not bool(use_tail.any()):
+        return tokens
+    rows = use_tail.nonzero().squeeze(-1)
+    tail = tail_of(rows)
+    tail_values, tail_ids = tail if isinstance(tail, tuple) else (tail, None)
+    probs = (tail_values.double() - log_norm.index_select(0, rows).double().unsqueeze(-1)).exp()
+    cdf = probs.cumsum(dim=-1)
+    target = uniform(keys.index_select(0, rows), _TAIL_DRAW_STREAM) * cdf[:, -1]
+    position = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+    drawn = position.squeeze(-1) if tail_ids is None else tail_ids.gather(-1, position).squeeze(-1)
+    return tokens.index_copy(0, rows, drawn)

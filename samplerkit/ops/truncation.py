@@ -16,7 +16,7 @@ NEG_INF = float("-inf")
 
 # Partial selection size for top_p: rows whose top candidates already hold mass p (the
 # usual case for real models) never pay for a full-vocabulary sort.
-_TOP_P_CANDIDATES = 256
+TOP_P_CANDIDATES = 256
 
 
 def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     tensor([[ True,  True,  True, False]])
     """
     vocab = logits.shape[-1]
-    n_cand = min(vocab, _TOP_P_CANDIDATES)
+    n_cand = min(vocab, TOP_P_CANDIDATES)
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     values, _ = logits.topk(n_cand, dim=-1)                                 # sorted descending
     threshold, covered = _nucleus_threshold(values, log_norm, p)
@@ -99,12 +99,16 @@ def _nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: t
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Keep tokens whose probability is at least ``min_p`` times the top probability.
 
-    Computed on probabilities (softmax in float32) as transformers does, so the kept sets agree.
+    ``p_i >= min_p * p_max`` is ``x_i >= x_max + log(min_p)`` in logit space: no softmax, and
+    the candidate fast path computes the very same numbers.
 
     >>> x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     >>> min_p_mask(x, torch.tensor([0.3]))
     tensor([[ True,  True,  True, False]])
     """
-    probs = logits.softmax(dim=-1)
-    top = probs.amax(dim=-1, keepdim=True)
-    return probs >= min_p.unsqueeze(-1) * top
+    return logits >= min_p_threshold(logits.amax(dim=-1, keepdim=True), min_p)
+
+
+def min_p_threshold(top_logit: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``x_max + log(min_p)`` as ``[B, 1]`` (``-inf`` for ``min_p = 0``: nothing removed)."""
+    return top_logit + min_p.unsqueeze(-1).log()

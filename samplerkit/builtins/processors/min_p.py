@@ -5,7 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from samplerkit.context import StepContext
+import torch
+
 from samplerkit.ops import NEG_INF, min_p_mask
+from samplerkit.ops.truncation import TOP_P_CANDIDATES, min_p_threshold
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -35,3 +38,19 @@ class MinP(Processor):
         if not self.all_active:
             keep |= ~self.active.unsqueeze(-1)
         return logits.masked_fill_(~keep, NEG_INF)
+
+    def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
+        vocab = logits.shape[-1]
+        if not self.all_active or vocab <= TOP_P_CANDIDATES:
+            return None
+        values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
+        keep = values >= min_p_threshold(values[:, :1], self.p.min_p)
+        if bool(keep[:, -1].any()):        # more survivors than candidates
+            return None
+        return values.masked_fill_(~keep, NEG_INF), ids
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        keep = values >= min_p_threshold(values[:, :1], self.p.min_p)
+        if not self.all_active:
+            keep |= ~self.active.unsqueeze(-1)
+        return values.masked_fill_(~keep, NEG_INF)

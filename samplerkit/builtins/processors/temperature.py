@@ -48,3 +48,18 @@ class Temperature(Processor):
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
             logits = logits.masked_fill_(self._greedy & ~is_top, NEG_INF)
         return logits
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        values = values.div_(self._divisor)           # T > 0 keeps the descending order
+        if self._any_greedy:
+            # Among candidates tied with the top value, the lowest token id survives.
+            tied = values == values[:, :1]
+            winner = torch.where(tied, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max)).argmin(-1, keepdim=True)
+            is_top = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, winner, True)
+            values = values.masked_fill_(self._greedy & ~is_top, NEG_INF)
+            # Keep the survivor first so the list stays sorted descending.
+            order = torch.where(self._greedy, (~is_top).to(torch.int8), torch.zeros_like(is_top, dtype=torch.int8))
+            perm = order.argsort(dim=-1, stable=True)
+            values = values.gather(-1, perm)
+            ids.copy_(ids.gather(-1, perm))
+        return values

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import NEG_INF, top_k_mask
+from samplerkit.ops.candidates import top_k_candidates
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -46,3 +47,9 @@ class TopK(Processor):
             truncating = self.active & (self.p.top_k < vocab)
             keep |= ~truncating.unsqueeze(-1)
         return logits.masked_fill_(~keep, NEG_INF)
+
+    def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
+        # Only when every row truncates: a neutral row cannot be a short candidate list.
+        if not self.all_active or self.k_max >= logits.shape[-1]:
+            return None
+        return top_k_candidates(logits, self.p.top_k, self.k_max)

@@ -7,6 +7,8 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import NEG_INF, top_p_mask
+from samplerkit.ops.candidates import top_p_on_sorted
+from samplerkit.ops.truncation import TOP_P_CANDIDATES
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -38,3 +40,20 @@ class TopP(Processor):
         if not self.all_active:
             keep |= ~self.active.unsqueeze(-1)
         return logits.masked_fill_(~keep, NEG_INF)
+
+    def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
+        vocab = logits.shape[-1]
+        if not self.all_active or vocab <= TOP_P_CANDIDATES:
+            return None
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
+        keep = top_p_on_sorted(values, self.p.top_p, log_norm)
+        if bool(keep[:, -1].any()):        # the nucleus may extend past the candidates
+            return None
+        return values.masked_fill_(~keep, NEG_INF), ids
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        keep = top_p_on_sorted(values, self.p.top_p)
+        if not self.all_active:
+            keep |= ~self.active.unsqueeze(-1)
+        return values.masked_fill_(~keep, NEG_INF)

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
+from samplerkit.ops.random import race_sample_candidates
 from samplerkit.params import StepParams
 from samplerkit.steps import Sampler
 
@@ -42,7 +43,8 @@ class Categorical(Sampler):
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        keys = row_keys(self.seeds, ctx.num_generated)
-        # After a truncation few logits are finite: the race then only needs their noise.
-        candidates = int(torch.isfinite(logits).sum(dim=-1).max())
-        return race_sample(logits, keys, candidate_limit=candidates)
+        return race_sample(logits, row_keys(self.seeds, ctx.num_generated))
+
+    def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62
+        return race_sample_candidates(values, ids, row_keys(self.seeds, ctx.num_generated), vocab)

@@ -23,3 +23,9 @@ class Greedy(Sampler):
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return logits.argmax(dim=-1)
+
+    def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # Lowest id among the top-valued candidates, as argmax over the dense row would pick.
+        tied = values == values[:, :1]
+        masked = torch.where(tied, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max))
+        return masked.amin(dim=-1)

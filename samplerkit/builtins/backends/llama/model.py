@@ -37,7 +37,9 @@ _CACHE_CHUNK = 256
 
 
 class _Layer:
-    """One decoder block's weights, fused for fewer, larger matmuls."""
+    """One decoder block's weights, fused for fewer, larger matmuls and stored transposed
+    (``[in, out]``): ``x @ W_t`` measured faster than ``F.linear(x, W)`` for decode-sized ``x``
+    on CPU (MKL picks a better kernel for the skinny-times-wide product), never slower."""
 
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
 
@@ -79,8 +81,8 @@ class LlamaModel:
         def take(name: str) -> torch.Tensor:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
 
-        def fuse(*names: str) -> torch.Tensor:
-            return torch.cat([take(n) for n in names], dim=0).contiguous()
+        def fuse_t(*names: str) -> torch.Tensor:
+            return torch.cat([take(n) for n in names], dim=0).t().contiguous()
 
         self.embed = take("embed")
         self.layers: list[_Layer] = []
@@ -88,11 +90,11 @@ class LlamaModel:
             p = f"layers.{i}."
             self.layers.append(_Layer(
                 attn_norm=take(p + "attn_norm"),
-                wqkv=fuse(p + "wq", p + "wk", p + "wv"),
-                wo=take(p + "wo"),
+                wqkv=fuse_t(p + "wq", p + "wk", p + "wv"),
+                wo=fuse_t(p + "wo"),
                 ffn_norm=take(p + "ffn_norm"),
-                w_gate_up=fuse(p + "w_gate", p + "w_up"),
-                w_down=take(p + "w_down"),
+                w_gate_up=fuse_t(p + "w_gate", p + "w_up"),
+                w_down=fuse_t(p + "w_down"),
             ))
         self.norm = take("norm")
         self.lm_head = take("lm_head") if "lm_head" in weights else self.embed
@@ -218,14 +220,14 @@ class LlamaModel:
         h = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.wqkv)
+            qkv = torch.matmul(x, layer.wqkv)
             q, k = self._rotate(qkv, rope)
             v = qkv[..., self._n_qk:].view(B, L, c.num_kv_heads, c.head_dim)
             k, v = k.transpose(1, 2), v.transpose(1, 2)                     # [B, KVH, L, D]
             self._k_layers[i][:, :, :L] = k
             self._v_layers[i][:, :, :L] = v
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
-            h = h + F.linear(a.transpose(1, 2).reshape(B, L, self._n_q), layer.wo)
+            h = h + torch.matmul(a.transpose(1, 2).reshape(B, L, self._n_q), layer.wo)
             h = h + self._mlp(layer, h)
         self._len = L
 
@@ -239,8 +241,8 @@ class LlamaModel:
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         c = self.config
         x = F.rms_norm(h, (c.hidden_size,), layer.ffn_norm, c.rms_norm_eps)
-        gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate).mul_(up), layer.w_down)
+        gate, up = torch.matmul(x, layer.w_gate_up).chunk(2, dim=-1)
+        return torch.matmul(F.silu(gate).mul_(up), layer.w_down)
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -258,7 +260,7 @@ class LlamaModel:
         h = F.embedding(next_ids.to(self.device).view(B, 1), self.embed)   # [B, 1, d]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.wqkv)
+            qkv = torch.matmul(x, layer.wqkv)
             q, k = self._rotate(qkv, rope)
             k_cache, v_cache = self._k_layers[i], self._v_layers[i]
             k_cache[:, :, t] = k[:, 0]
@@ -267,7 +269,7 @@ class LlamaModel:
             # "queries", so GQA needs neither repeat_kv nor a causal mask.
             q = q.view(B, kvh, self._n_rep, d)
             a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=mask)
-            h = h + F.linear(a.view(B, 1, self._n_q), layer.wo)
+            h = h + torch.matmul(a.view(B, 1, self._n_q), layer.wo)
             h = h + self._mlp(layer, h)
         self._len = t + 1
         h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)

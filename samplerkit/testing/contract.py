@@ -1,0 +1,406 @@
+"""The contract every processor and sampler must meet, as plain checks plugin authors run.
+
+:func:`check_processor` and :func:`check_sampler` raise :class:`AssertionError` with a message
+naming the class, the parameters and the row that broke the rule. The rules:
+
+- shape and dtype: processors map ``[B, V]`` float32 to ``[B, V]`` float32; samplers map it
+  to ``[B]`` int64 ids in ``[0, V)``, always of a finite logit;
+- neutral parameters (every field at its default) are the identity, bitwise, also for the
+  neutral rows of a batch whose other rows are active;
+- rows are independent: a row's output is the same alone as in a batch with other logits and
+  other parameters, at any position;
+- the pipeline never modifies the caller's logits (samplers must not modify their input at
+  all: without active processors they receive the caller's tensor);
+- every row keeps at least one finite logit, and no NaN appears;
+- seeded samplers are reproducible and batch-independent, and their streams advance with the
+  row's step counter.
+
+Example parameters: pass ``params_examples``; otherwise a class may define a classmethod
+``contract_examples()`` returning a list of dicts; otherwise only the neutral parameters (and
+for seeded samplers a few seeds) are checked. The built-ins' examples are in
+:data:`BUILTIN_EXAMPLES`.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from samplerkit.context import StepContext
+from samplerkit.params import StepParams
+from samplerkit.steps import Processor, Sampler
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: Non-neutral example parameters of the built-in steps, keyed by ``module.qualname`` (so a
+#: third-party class that reuses a built-in's ``name`` does not inherit them).
+BUILTIN_EXAMPLES: dict[str, list[dict[str, Any]]] = {
+    "samplerkit.builtins.processors.temperature.Temperature": [
+        {"temperature": 0.5}, {"temperature": 2.0}, {"temperature": 0.0}, {"temperature": 1e-3}],
+    "samplerkit.builtins.processors.top_k.TopK": [
+        {"top_k": 1}, {"top_k": 3}, {"top_k": 10}, {"top_k": 1000}],
+    "samplerkit.builtins.processors.top_p.TopP": [
+        {"top_p": 0.05}, {"top_p": 0.5}, {"top_p": 0.9}, {"top_p": 0.999}],
+    "samplerkit.builtins.processors.min_p.MinP": [
+        {"min_p": 0.05}, {"min_p": 0.5}, {"min_p": 1.0}],
+    "samplerkit.builtins.samplers.categorical.Categorical": [
+        {"seed": 0}, {"seed": 12345}, {"seed": 2**62 + 7}, {"seed": None}],
+    "samplerkit.builtins.samplers.greedy.Greedy": [],
+}
+
+_DEFAULT_SEEDS = (0, 1, 987654321)
+
+
+# -- examples and test data ---------------------------------------------------------------
+
+def examples_for(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The example parameter dicts to check ``cls`` with (the neutral ``{}`` not included)."""
+    if params_examples is not None:
+        return [dict(e) for e in params_examples]
+    own = getattr(cls, "contract_examples", None)
+    if callable(own):
+        return [dict(e) for e in own()]
+    return [dict(e) for e in BUILTIN_EXAMPLES.get(f"{cls.__module__}.{cls.__qualname__}", [])]
+
+
+def _logit_cases(vocab: int, seed: int) -> torch.Tensor:
+    """Ordinary and adversarial rows ``[C, V]``: random, flat, ties, mostly ``-inf``, huge and tiny."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.randn(vocab, generator=g) * 3,
+        torch.randn(vocab, generator=g),
+        torch.zeros(vocab),                                            # flat
+        torch.full((vocab,), -7.25),                                   # flat, negative
+        torch.randint(0, 3, (vocab,), generator=g).float(),            # many ties
+        torch.randn(vocab, generator=g) * 1e4,                         # huge magnitudes
+        torch.randn(vocab, generator=g) * 1e-6,                        # tiny differences
+    ]
+    tied_top = torch.randn(vocab, generator=g)
+    tied_top[[1, vocab // 2, vocab - 1]] = tied_top.max() + 2.0          # a 3-way tie at the top
+    rows.append(tied_top)
+    one_finite = torch.full((vocab,), float("-inf"))
+    one_finite[vocab // 3] = 0.5
+    rows.append(one_finite)
+    two_finite = torch.full((vocab,), float("-inf"))
+    two_finite[[0, vocab - 1]] = torch.tensor([1.0, 1.0])
+    rows.append(two_finite)
+    half_masked = torch.randn(vocab, generator=g) * 2
+    half_masked[torch.randperm(vocab, generator=g)[: vocab // 2]] = float("-inf")
+    rows.append(half_masked)
+    return torch.stack(rows).to(torch.float32)
+
+
+def _history(batch: int, vocab: int, steps: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, vocab, (batch, steps), generator=g)
+
+
+def _context(cls: type, history: torch.Tensor, vocab: int, prompts: list[list[int]]) -> StepContext:
+    """A context with ``history`` already generated (so steps that use history see some)."""
+    batch, steps = history.shape
+    ctx = StepContext(batch, vocab, prompt_ids=prompts, uses=frozenset(getattr(cls, "uses", frozenset())),
+                      max_new_tokens=steps + 8)
+    for t in range(steps):
+        ctx.append(history[:, t].contiguous())
+    return ctx
+
+
+def _prompts(batch: int, vocab: int) -> list[list[int]]:
+    return [[(7 * i + j) % vocab for j in range(1 + i % 4)] for i in range(batch)]
+
+
+def _describe(params: StepParams) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.model_dump().items()) or "no parameters"
+
+
+def _check_class(cls: Any, base: type) -> None:
+    assert isinstance(cls, type) and issubclass(cls, base), f"{cls!r} is not a subclass of samplerkit.{base.__name__}"
+    name = getattr(cls, "name", None)
+    assert isinstance(name, str) and _SNAKE.match(name), \
+        f"{cls.__qualname__}.name must be a snake_case string, got {name!r}"
+    params_cls = getattr(cls, "Params", None)
+    assert isinstance(params_cls, type) and issubclass(params_cls, StepParams), \
+        f"{cls.__qualname__}.Params must be a subclass of samplerkit.StepParams"
+    try:
+        neutral = params_cls()
+    except Exception as exc:  # pragma: no cover - message only
+        raise AssertionError(f"{cls.__qualname__}.Params() must be valid with every default "
+                             f"(the defaults are the neutral values): {exc}") from None
+    assert neutral.is_neutral(), f"{cls.__qualname__}.Params().is_neutral() must be True"
+    for field_name, field in params_cls.model_fields.items():
+        assert field.description, f"{cls.__qualname__}.Params.{field_name} needs a description (it is the documentation)"
+
+
+def _validated(cls: type, examples: list[dict[str, Any]]) -> list[StepParams]:
+    out = []
+    for ex in examples:
+        try:
+            out.append(cls.Params(**ex))
+        except Exception as exc:
+            raise AssertionError(f"{cls.name}: example parameters {ex!r} do not validate: {exc}") from None
+    return out
+
+
+# -- processors ---------------------------------------------------------------------------
+
+def _apply(cls: type, rows: Sequence[StepParams], logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    step = cls(list(rows), "cpu")
+    out = step.apply(logits, ctx)
+    where = f"{cls.name}.apply with [{'; '.join(_describe(r) for r in rows[:3])}{'; ...' if len(rows) > 3 else ''}]"
+    assert isinstance(out, torch.Tensor), f"{where} returned {type(out).__name__}, not a tensor"
+    assert out.shape == logits.shape, f"{where} returned shape {tuple(out.shape)}, expected {tuple(logits.shape)}"
+    assert out.dtype == torch.float32, f"{where} returned {out.dtype}, expected torch.float32"
+    return out
+
+
+def _assert_rows_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, *, exact: bool) -> None:
+    kept_a, kept_e = torch.isfinite(actual), torch.isfinite(expected)
+    assert torch.equal(kept_a, kept_e), (
+        f"{what}: kept tokens differ: {kept_a.nonzero()[:, -1].tolist()} vs {kept_e.nonzero()[:, -1].tolist()}")
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
+    if exact:
+        same = (actual == expected) | (actual.isnan() & expected.isnan())
+        assert bool(same.all()), f"{what}: values differ (max abs diff {float((actual - expected)[kept_a].abs().max()):g})"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None, *,
+                    vocab_size: int = 32, seed: int = 0, exact: bool = True) -> None:
+    """Check that processor class ``cls`` meets the contract (raises AssertionError).
+
+    ``params_examples``: non-neutral parameter dicts to try (see :func:`examples_for`).
+    ``exact``: rows must be *bitwise* independent of their batch (turn off for processors
+    whose float arithmetic depends on the batch shape; kept sets must still match exactly).
+    """
+    _check_class(cls, Processor)
+    examples = examples_for(cls, params_examples)
+    neutral = cls.Params()
+    params = [neutral, *_validated(cls, examples)]
+    logits = _logit_cases(vocab_size, seed)
+    batch = logits.shape[0]
+    prompts = _prompts(batch, vocab_size)
+    history = _history(batch, vocab_size, 3, seed)
+
+    def ctx_for(rows: Sequence[int] | None = None) -> StepContext:
+        ctx = _context(cls, history, vocab_size, prompts)
+        if rows is not None:
+            ctx.select_rows(list(rows))
+        return ctx
+
+    # Neutral parameters: the identity, bitwise.
+    out = _apply(cls, [neutral] * batch, logits.clone(), ctx_for())
+    _assert_rows_equal(out, logits, f"{cls.name} with neutral parameters must be the identity", exact=True)
+
+    # Each example on every kind of row: finite survivors, no NaN.
+    for p in params:
+        out = _apply(cls, [p] * batch, logits.clone(), ctx_for())
+        for i in range(batch):
+            what = f"{cls.name}({_describe(p)}) on test row {i}"
+            assert not bool(out[i].isnan().any()), f"{what}: produced NaN"
+            assert bool(torch.isfinite(out[i]).any()), f"{what}: removed every token (at least one must stay finite)"
+
+    # Rows independent: a mixed batch vs each row alone, and the batch reversed.
+    assignments = [[params[(i + shift) % len(params)] for i in range(batch)] for shift in range(min(len(params), 3))]
+    for rows in assignments:
+        mixed = _apply(cls, rows, logits.clone(), ctx_for())
+        order = list(reversed(range(batch)))
+        flipped = _apply(cls, [rows[i] for i in order], logits[order].clone(), ctx_for(order))
+        for i in range(batch):
+            alone = _apply(cls, [rows[i]], logits[i:i + 1].clone(), ctx_for([i]))
+            what = f"{cls.name}({_describe(rows[i])}) row {i}"
+            if rows[i].is_neutral():
+                _assert_rows_equal(mixed[i:i + 1], logits[i:i + 1],
+                                   f"{what}: a neutral row in a batch with active rows must be unchanged", exact=True)
+            _assert_rows_equal(mixed[i:i + 1], alone, f"{what}: output in a mixed batch differs from the row alone",
+                               exact=exact)
+            j = order.index(i)
+            _assert_rows_equal(flipped[j:j + 1], alone, f"{what}: output depends on the row's position", exact=exact)
+
+    # Through the pipeline: the caller's tensor is never modified; process == apply.
+    from samplerkit.builtins.samplers.greedy import Greedy
+    from samplerkit.pipeline import Pipeline
+
+    for p in params:
+        pipe = Pipeline([cls.spec(**p.model_dump())], sampler=Greedy.spec())
+        caller = logits.clone()
+        ctx = ctx_for()
+        processed = pipe.bind(batch).process(caller, ctx)
+        assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): the pipeline modified the caller's logits"
+        expected = _apply(cls, [p] * batch, logits.clone(), ctx_for())
+        _assert_rows_equal(processed, expected, f"{cls.name}({_describe(p)}): pipeline.process differs from apply",
+                           exact=exact)
+        pipe.bind(batch).sample(caller, ctx_for())
+        assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
+
+
+# -- samplers -----------------------------------------------------------------------------
+
+def _sample(cls: type, rows: Sequence[StepParams], logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    step = cls(list(rows), "cpu")
+    before = logits.clone()
+    ids = step.sample(logits, ctx)
+    where = f"{cls.name}.sample with [{'; '.join(_describe(r) for r in rows[:3])}{'; ...' if len(rows) > 3 else ''}]"
+    assert torch.equal(logits, before), f"{where} modified its input logits (it may be the caller's tensor)"
+    assert isinstance(ids, torch.Tensor), f"{where} returned {type(ids).__name__}, not a tensor"
+    assert ids.shape == (logits.shape[0],), f"{where} returned shape {tuple(ids.shape)}, expected ({logits.shape[0]},)"
+    assert ids.dtype == torch.int64, f"{where} returned {ids.dtype}, expected torch.int64"
+    assert bool(((ids >= 0) & (ids < logits.shape[1])).all()), f"{where} returned ids outside [0, {logits.shape[1]}): {ids.tolist()}"
+    chosen = logits.gather(1, ids.unsqueeze(1)).squeeze(1)
+    bad = (~torch.isfinite(chosen)).nonzero().squeeze(-1).tolist()
+    assert not bad, f"{where} chose a -inf (removed) token in rows {bad}: ids {ids[bad].tolist()}"
+    return ids
+
+
+def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None, *,
+                  vocab_size: int = 32, seed: int = 0, steps: int = 4) -> None:
+    """Check that sampler class ``cls`` meets the contract (raises AssertionError)."""
+    _check_class(cls, Sampler)
+    examples = examples_for(cls, params_examples)
+    params = [cls.Params(), *_validated(cls, examples)]
+    logits = _logit_cases(vocab_size, seed)
+    batch = logits.shape[0]
+    prompts = _prompts(batch, vocab_size)
+    history = _history(batch, vocab_size, steps, seed)
+    seeded = "seed" in cls.Params.model_fields
+
+    def ctx_at(t: int, rows: Sequence[int] | None = None) -> StepContext:
+        ctx = _context(cls, history[:, :t], vocab_size, prompts)
+        if rows is not None:
+            ctx.select_rows(list(rows))
+        return ctx
+
+    # Shape, dtype, range, finite choice, input untouched; a single finite token is chosen.
+    for p in params:
+        for t in range(steps):
+            ids = _sample(cls, [p] * batch, logits.clone(), ctx_at(t))
+            assert int(ids[8]) == vocab_size // 3, \
+                f"{cls.name}({_describe(p)}): the only finite token of a row is {vocab_size // 3}, got {int(ids[8])}"
+
+    def reproducible(p: StepParams) -> bool:
+        return not cls.stochastic or (seeded and getattr(p, "seed", None) is not None)
+
+    # Rows independent (deterministic samplers and seeded rows): alone, in a batch, reversed.
+    fixed = [p for p in params if reproducible(p)]
+    if seeded and cls.stochastic:
+        fixed += [cls.Params(seed=s) for s in _DEFAULT_SEEDS]
+    if fixed:
+        rows = [fixed[i % len(fixed)] for i in range(batch)]
+        order = list(reversed(range(batch)))
+        for t in range(steps):
+            mixed = _sample(cls, rows, logits.clone(), ctx_at(t))
+            again = _sample(cls, rows, logits.clone(), ctx_at(t))
+            assert torch.equal(mixed, again), f"{cls.name}: the same parameters and seeds drew {mixed.tolist()} then {again.tolist()}"
+            flipped = _sample(cls, [rows[i] for i in order], logits[order].clone(), ctx_at(t, order))
+            for i in range(batch):
+                alone = _sample(cls, [rows[i]], logits[i:i + 1].clone(), ctx_at(t, [i]))
+                what = f"{cls.name}({_describe(rows[i])}) row {i} at step {t}"
+                assert int(mixed[i]) == int(alone[0]), f"{what}: drew {int(mixed[i])} in a batch but {int(alone[0])} alone"
+                assert int(flipped[order.index(i)]) == int(alone[0]), f"{what}: the draw depends on the row's position"
+
+    if cls.stochastic and seeded:
+        flat = torch.zeros(1, vocab_size)
+        # The stream advances with the row's step counter ...
+        draws = set()
+        for t in range(16):
+            ctx = StepContext(1, vocab_size, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=16)
+            ctx.num_generated.fill_(t)
+            draws.add(int(_sample(cls, [cls.Params(seed=_DEFAULT_SEEDS[0])], flat.clone(), ctx)[0]))
+        assert len(draws) > 1, f"{cls.name}: a seeded row drew {draws} at 16 consecutive steps of a flat distribution"
+        # ... and different seeds give different streams.
+        many = _sample(cls, [cls.Params(seed=s) for s in range(16)], flat.expand(16, -1).clone(),
+                       StepContext(16, vocab_size, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=1))
+        assert len(set(many.tolist())) > 1, f"{cls.name}: seeds 0..15 all drew {many.tolist()} on a flat distribution"
+
+    # Through the pipeline: the caller's tensor is never modified.
+    from samplerkit.pipeline import Pipeline
+
+    for p in params:
+        pipe = Pipeline([], sampler=cls.spec(**p.model_dump()))
+        caller = logits.clone()
+        pipe.sample(caller)
+        assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
+
+
+def check_step(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
+    """:func:`check_processor` or :func:`check_sampler`, whichever ``cls`` is."""
+    if isinstance(cls, type) and issubclass(cls, Sampler):
+        check_sampler(cls, params_examples, **kwargs)
+    else:
+        check_processor(cls, params_examples, **kwargs)
+
+
+# -- registries and temporary plugins -------------------------------------------------------
+
+def registered_classes(kind: str, registry: Any = None) -> list[type]:
+    """Every class of ``kind`` (``"processor"``, ``"sampler"``, ``"backend"``) in ``registry``
+    (default: the default registry, installed plugins included)."""
+    if registry is None:
+        from samplerkit.registry import default_registry
+        registry = default_registry()
+    return [entry.cls for entry in registry.entries(kind)]
+
+
+def parametrize_registered(kind: str, registry: Any = None, argname: str = "cls"):
+    """``@parametrize_registered("processor")``: a pytest parametrization over the registry's classes."""
+    import pytest
+
+    classes = registered_classes(kind, registry)
+    return pytest.mark.parametrize(argname, classes, ids=[c.name for c in classes])
+
+
+def _plugin_from_classes(classes: Iterable[type], name: str) -> types.ModuleType:
+    from samplerkit.backend import Backend
+    from samplerkit.hookspecs import hookimpl
+
+    groups: dict[str, list[type]] = {"register_processors": [], "register_samplers": [], "register_backends": []}
+    for cls in classes:
+        if issubclass(cls, Processor):
+            groups["register_processors"].append(cls)
+        elif issubclass(cls, Sampler):
+            groups["register_samplers"].append(cls)
+        elif issubclass(cls, Backend):
+            groups["register_backends"].append(cls)
+        else:
+            raise TypeError(f"{cls!r} is not a Processor, Sampler or Backend subclass")
+    module = types.ModuleType(name)
+    for hook, found in groups.items():
+        if found:
+            def impl(found=tuple(found)):
+                return list(found)
+            impl.__name__ = hook
+            setattr(module, hook, hookimpl(impl))
+    return module
+
+
+@contextmanager
+def temporary_plugin(plugin: Any, name: str | None = None, *, block: Iterable[str] = (),
+                     load_entry_points: bool = True) -> Iterator[Any]:
+    """A registry built with ``plugin`` registered as an extra plugin named ``name``.
+
+    ``plugin`` is a module (or any object) with ``@hookimpl`` functions, or a step/backend
+    class, or a list of them. Registries are immutable snapshots built from a fresh plugin
+    manager, so no global state changes; the manager still unregisters the plugin on exit::
+
+        with temporary_plugin(MyProcessor) as registry:
+            pipe = samplerkit.load_pipeline({"pipeline": ["my_processor"]}, registry=registry)
+    """
+    from samplerkit.plugins import make_plugin_manager
+    from samplerkit.registry import build_registry
+
+    if isinstance(plugin, type) or (isinstance(plugin, (list, tuple)) and all(isinstance(c, type) for c in plugin)):
+        classes = [plugin] if isinstance(plugin, type) else list(plugin)
+        name = name or f"temporary_{classes[0].name}"
+        plugin = _plugin_from_classes(classes, name)
+    name = name or getattr(plugin, "__name__", None) or f"temporary_plugin_{id(plugin)}"
+    loaded = make_plugin_manager(block=block, load_entry_points=load_entry_points, extra=[(name, plugin)])
+    try:
+        yield build_registry(loaded)
+    finally:
+        if loaded.manager.is_registered(plugin):
+            loaded.manager.unregister(plugin)
