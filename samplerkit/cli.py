@@ -97,7 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for completion in generator.generate(args.prompts):
             print(json.dumps(asdict(completion), ensure_ascii=False))
         return 0
+    # Completions are shown after their prompt, except in chat mode (the reply alone).
+    echo_prompt = not config.generation.chat
     if n_rows == 1 and not args.no_stream:
+        if echo_prompt:
+            sys.stdout.write(args.prompts[0])
         for delta in generator.stream(args.prompts):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
@@ -108,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if config.generation.n > 1:
             header += f", sample {completion.sample_index}"
         print(f"{header} (finish: {completion.finish_reason})")
-        print(completion.prompt + completion.text)
+        print((completion.prompt if echo_prompt else "") + completion.text)
     return 0
 
 

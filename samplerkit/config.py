@@ -53,7 +53,6 @@ class GenerationConfig(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=100, description="return the chosen token's log-probability and this many top alternatives; null for none")
     echo: bool = Field(False, description="also return the prompt tokens with their log-probabilities")
     chat: bool = Field(False, description="wrap each prompt in the model's chat template")
-    seed: int | None = Field(None, ge=0, description="base seed: row i of prompt j gets a seed derived from (seed, j, i)")
 
 
 class PluginsConfig(BaseModel):
@@ -242,17 +241,16 @@ def _issues_from_pydantic(exc: ValidationError, where: str, cls: type) -> list[C
         field = loc[0] if loc else ""
         suffix = "" if not field or field == step_name else "." + ".".join(loc)
         location = where + suffix
-        issues.append(ConfigIssue(location, _message(err, cls.Params.model_fields.get(field), cls)))
+        issues.append(ConfigIssue(location, _message(err, cls.Params.model_fields.get(field), list(cls.Params.model_fields))))
     return issues
 
 
-def _message(err: Mapping[str, Any], field: Any, cls: type | None) -> str:
+def _message(err: Mapping[str, Any], field: Any, known: list[str]) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
         import difflib
         name = str(err["loc"][-1])
-        known = list(cls.Params.model_fields) if cls else []
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else "."
         return f"unknown parameter {name!r}{hint} Parameters: {', '.join(known) or '(none)'}"
@@ -262,7 +260,8 @@ def _message(err: Mapping[str, Any], field: Any, cls: type | None) -> str:
         return f"must be {_range_text(field)}, got {value!r}"
     if kind == "missing":
         return "is required"
-    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
+    text = f"{err['msg'][0].lower()}{err['msg'][1:]}"
+    return text if "got" in text else f"{text}, got {value!r}"
 
 
 def _range_text(field: Any) -> str:
@@ -277,12 +276,19 @@ def _range_text(field: Any) -> str:
                 else:
                     hi, hi_open = v, is_open
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {_num(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
+        return f"{'<' if hi_open else '<='} {_num(hi)}"
     return "in range"
+
+
+def _num(value: float | int) -> str:
+    """``1.0`` -> ``1``, ``0.5`` -> ``0.5``, ``2**63`` -> ``2**63``."""
+    if isinstance(value, int):
+        return "2**63" if value == 2**63 else str(value)
+    return f"{value:g}"
 
 
 def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
@@ -294,12 +300,10 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
         hint = f"; did you mean {close[0]!r}?" if close else "."
         return ConfigIssue(loc[0], f"unknown section{hint} Sections: {', '.join(known)}")
     location = ".".join(p for p in loc if not re.fullmatch(r"str|dict\[.*\]", p))
-    field = None
-    if len(loc) >= 2 and loc[0] == "generation":
-        field = GenerationConfig.model_fields.get(loc[1])
-    elif len(loc) >= 2 and loc[0] == "plugins":
-        field = PluginsConfig.model_fields.get(loc[1])
-    return ConfigIssue(location, _message(err, field, None))
+    section = {"generation": GenerationConfig, "plugins": PluginsConfig}.get(loc[0] if loc else "")
+    known = list(section.model_fields) if section else []
+    field = section.model_fields.get(loc[1]) if section and len(loc) >= 2 else None
+    return ConfigIssue(location, _message(err, field, known))
 
 
 # -- overrides (--set) ------------------------------------------------------------------

@@ -145,7 +145,7 @@ class BoundPipeline:
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Run every active processor in order on a float32 copy of ``logits``."""
         self._check_batch(logits)
-        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
+        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
         dense, candidates = self._run(logits, ctx)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
@@ -153,13 +153,13 @@ class BoundPipeline:
                processed: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``[B]``; pass ``processed`` when :meth:`process` already ran this step."""
         self._check_batch(logits)
-        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1])
+        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
         candidates = None
         if processed is None:
             if self._skip_for_sampling or not self.steps:
                 processed = logits if logits.dtype == torch.float32 else logits.float()
             else:
-                processed, candidates = self._run(logits, ctx)
+                processed, candidates = self._run(logits, ctx, copy_out=False)
         try:
             ids = None
             if candidates is not None:
@@ -172,12 +172,13 @@ class BoundPipeline:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
         return ids
 
-    def _run(self, logits: torch.Tensor, ctx: StepContext):
+    def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True):
         """Processors in order. Once a truncation leaves a short candidate list, later steps
         that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
         gets dense logits back. Returns ``(dense, None)`` or ``(None, (values, ids))``."""
         vocab = logits.shape[-1]
-        dense: torch.Tensor | None = logits.to(torch.float32, copy=True)
+        dense: torch.Tensor | None = logits.float()
+        owned = dense is not logits          # a float32 copy was made: ours to modify
         candidates: tuple[torch.Tensor, torch.Tensor] | None = None
         for spec, step in self.steps:
             if candidates is not None:
@@ -185,12 +186,18 @@ class BoundPipeline:
                 if values is not None:
                     candidates = (values, candidates[1])
                     continue
-                dense, candidates = densify(*candidates, vocab), None
+                dense, candidates, owned = densify(*candidates, vocab), None, True
             selected = _call(spec, step.select_candidates, dense, ctx)
             if selected is not None:
                 dense, candidates = None, selected
                 continue
+            if step.inplace and not owned:
+                dense, owned = dense.clone(), True
+            before = dense
             dense = _run_step(spec, step, dense, ctx)
+            owned = owned or dense is not before
+        if copy_out and dense is not None and not owned:
+            dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates
 
     def _check_batch(self, logits: torch.Tensor) -> None:

@@ -37,11 +37,12 @@ class PluginInfo:
     name: str
     distribution: str | None = None
     version: str | None = None
+    builtin: bool = False
 
     def describe(self) -> str:
         if self.distribution:
             return f"{self.name} ({self.distribution} {self.version})"
-        return f"{self.name} (built-in)"
+        return f"{self.name} ({'built-in' if self.builtin else 'registered in code'})"
 
 
 @dataclass
@@ -83,7 +84,7 @@ def make_plugin_manager(
         if module_name in blocked:
             continue
         pm.register(importlib.import_module(module_name), module_name)
-        loaded.info[module_name] = PluginInfo(module_name)
+        loaded.info[module_name] = PluginInfo(module_name, builtin=True)
 
     if load_entry_points:
         for dist in importlib.metadata.distributions():

@@ -59,10 +59,15 @@ class Step:
 class Processor(Step):
     """Transforms logits: ``[B, V]`` float32 in, ``[B, V]`` float32 out.
 
-    Implement :meth:`apply`. It may modify ``logits`` in place and return it: the pipeline
-    hands it a tensor the pipeline owns, never the caller's. Removed tokens become ``-inf``;
-    every row must keep at least one finite logit; neutral rows must come out unchanged.
+    Implement :meth:`apply`. With ``inplace = True`` (the default) it may modify ``logits``
+    in place and return it: the pipeline then hands it a tensor the pipeline owns, never the
+    caller's. A step that always returns a new tensor sets ``inplace = False`` and saves the
+    pipeline that copy. Removed tokens become ``-inf``; every row must keep at least one
+    finite logit; neutral rows must come out unchanged.
     """
+
+    #: Whether :meth:`apply` may write into its input (then the pipeline copies the caller's).
+    inplace: ClassVar[bool] = True
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

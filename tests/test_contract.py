@@ -191,3 +191,35 @@ def test_temporary_plugin_with_a_class_is_checked_through_the_registry():
         assert registry.has("processor", "fine")
         check_processor(registry.get("processor", "fine"), [{"scale": 3.0}])
     assert not default_registry().has("processor", "fine")      # nothing global changed
+
+
+class _OffByOneTopK(__import__("samplerkit.builtins.processors.top_k", fromlist=["TopK"]).TopK):
+    """A fast path that disagrees with apply(): keeps one token fewer."""
+
+    name = "off_by_one_top_k"
+
+    def select_candidates(self, logits, ctx):
+        got = super().select_candidates(logits, ctx)
+        if got is None:
+            return None
+        values, ids = got
+        return values.clone().index_fill_(1, torch.tensor([values.shape[1] - 1]), NEG_INF), ids
+
+
+class _SortedWrongSampler(Sampler):
+    """Deterministic, but its candidate path picks the last candidate instead of the argmax."""
+
+    name = "sorted_wrong"
+
+    def sample(self, logits, ctx):
+        return logits.argmax(-1)
+
+    def sample_candidates(self, values, ids, ctx):
+        return ids[:, -1]
+
+
+def test_contract_checks_the_candidate_fast_paths():
+    with pytest.raises(AssertionError, match="select_candidates differs from apply"):
+        check_processor(_OffByOneTopK, [{"top_k": 5}])
+    with pytest.raises(AssertionError, match="sample_candidates"):
+        check_sampler(_SortedWrongSampler)

@@ -10,12 +10,37 @@ import pytest
 import torch
 
 import samplerkit
+from samplerkit.registry import default_registry
+from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
+from samplerkit.ops.random import race_sample_candidates
 
 N = 50_000
 ALPHA = 1e-6
 LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.7, 0.4, 0.1, -0.2, -0.5, -0.9, -1.3, -2.0], dtype=torch.float64)
 V = LOGITS.numel()
+
+REGISTRY = default_registry()        # one snapshot for the module (building one scans entry points)
+
+
+def load_pipeline(config):
+    return samplerkit.load_pipeline(config, registry=REGISTRY)
+
+
+ROWS = 5_000          # N draws = ROWS seeded rows x N // ROWS steps of their streams
+
+
+def draw(pipe, row: torch.Tensor, n: int = N, seed0: int = 0) -> torch.Tensor:
+    """``n`` independent draws for one logit row: distinct seeds, several stream steps each
+    (a (seed, step) pair keys an independent stream, so this is ``n`` i.i.d. draws)."""
+    logits = row.to(torch.float32).expand(ROWS, -1)
+    bound = pipe.bind(ROWS, seeds=list(range(seed0, seed0 + ROWS)))
+    out = []
+    for t in range(n // ROWS):
+        ctx = StepContext(ROWS, logits.shape[-1])
+        ctx.num_generated.fill_(t)
+        out.append(bound.sample(logits, ctx))
+    return torch.cat(out)
 
 
 def chi2_sf(stat: float, df: int) -> float:
@@ -85,9 +110,9 @@ def test_categorical_frequencies_match_the_filtered_distribution(case):
     kept = expected > 0
     if steps:       # every case except "plain" must actually filter or reshape
         assert not torch.allclose(expected, softmax(LOGITS))
-    pipe = samplerkit.load_pipeline({"pipeline": steps, "sampler": "categorical"})
-    logits = LOGITS.to(torch.float32).expand(N, V)
-    ids = pipe.sample(logits, seeds=list(range(N)))
+    pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
+    ids = draw(pipe, LOGITS)
+    assert ids.numel() == N
     counts = torch.bincount(ids, minlength=V).to(torch.float64)
     outside = counts[~kept]
     assert outside.sum() == 0, f"drew removed tokens: {(~kept).nonzero().squeeze(-1).tolist()} counts {outside.tolist()}"
@@ -103,8 +128,8 @@ def test_categorical_frequencies_match_the_filtered_distribution(case):
 
 def test_the_chi_square_check_detects_a_wrong_distribution():
     """The same statistic rejects frequencies from a slightly different temperature."""
-    pipe = samplerkit.load_pipeline({"pipeline": [{"temperature": 0.9}], "sampler": "categorical"})
-    ids = pipe.sample(LOGITS.to(torch.float32).expand(N, V), seeds=list(range(N)))
+    pipe = load_pipeline({"pipeline": [{"temperature": 0.9}], "sampler": "categorical"})
+    ids = draw(pipe, LOGITS)
     counts = torch.bincount(ids, minlength=V).to(torch.float64)
     wrong = softmax(LOGITS) * N                           # temperature 1.0 instead of 0.9
     stat = float(((counts - wrong) ** 2 / wrong).sum())
@@ -112,7 +137,7 @@ def test_the_chi_square_check_detects_a_wrong_distribution():
 
 
 def test_seeded_draws_are_reproducible_and_independent_of_batch_size():
-    pipe = samplerkit.load_pipeline({"pipeline": [{"top_p": 0.9}], "sampler": "categorical"})
+    pipe = load_pipeline({"pipeline": [{"top_p": 0.9}], "sampler": "categorical"})
     logits = LOGITS.to(torch.float32).expand(1000, V)
     a = pipe.sample(logits, seeds=list(range(1000)))
     b = pipe.sample(logits[:10], seeds=list(range(10)))
@@ -121,46 +146,78 @@ def test_seeded_draws_are_reproducible_and_independent_of_batch_size():
     assert len(set(a.tolist())) > 1
 
 
-@pytest.mark.parametrize("vocab, limit", [(1000, 5), (4096, 64), (300, 1), (64, 15)])
-def test_race_sample_candidate_fast_path_matches_the_full_path(vocab, limit):
-    g = torch.Generator().manual_seed(vocab + limit)
-    rows = 512
+def _truncated(rows, vocab, limit, seed):
+    """Random logits with 1..limit random survivors per row, and their sorted candidate list."""
+    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g) * 2
-    # Truncate each row to a random number (1..limit) of random survivors.
     keep_n = torch.randint(1, limit + 1, (rows,), generator=g)
-    order = torch.rand(rows, vocab, generator=g).argsort(-1)
-    ranks = order.argsort(-1)
+    ranks = torch.rand(rows, vocab, generator=g).argsort(-1).argsort(-1)
     logits = logits.masked_fill(ranks >= keep_n.unsqueeze(-1), float("-inf"))
+    values, ids = logits.topk(limit, dim=-1)
     keys = row_keys(torch.arange(rows) * 7919 + 3, torch.randint(0, 100, (rows,), generator=g))
+    return logits, values, ids, keys
+
+
+@pytest.mark.parametrize("vocab, limit", [(1000, 5), (4096, 64), (300, 1), (2000, 200), (64, 15)])
+def test_race_sample_candidate_fast_path_matches_the_full_path(vocab, limit):
+    logits, values, ids, keys = _truncated(512, vocab, limit, vocab + limit)
     full = race_sample(logits, keys)
-    assert limit < vocab // 4                             # the fast path really runs
-    fast = race_sample(logits, keys, candidate_limit=limit)
+    fast = race_sample_candidates(values, ids, keys, vocab)
     assert torch.equal(fast, full)
     assert bool(torch.isfinite(logits.gather(1, full.unsqueeze(1))).all())
 
 
-def test_race_sample_fast_path_when_only_some_rows_are_truncated():
-    # The limit comes from the batch's widest row; narrower rows pad with -inf candidates.
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(64, 2048, generator=g)
-    logits[:, 40:] = float("-inf")
-    logits[::2, 3:] = float("-inf")
-    keys = row_keys(torch.arange(64), torch.zeros(64, dtype=torch.int64))
-    assert torch.equal(race_sample(logits, keys, candidate_limit=40), race_sample(logits, keys))
+def test_race_sample_candidates_with_a_long_list_uses_the_tail():
+    """K > 64 candidates: the two-level draw (race among the top 64, CDF in the tail) on a
+    flat list must still equal the dense draw, and must sometimes land in the tail."""
+    rows, vocab, k = 2000, 3000, 500
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(rows, vocab, generator=g) * 0.1
+    values, ids = logits.topk(k, dim=-1)
+    dense = torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
+    keys = row_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.int64))
+    full = race_sample(dense, keys)
+    fast = race_sample_candidates(values, ids, keys, vocab)
+    assert torch.equal(fast, full)
+    rank = (ids == full.unsqueeze(-1)).int().argmax(-1)
+    assert int((rank >= 64).sum()) > rows // 2          # most of the mass is outside the top 64
 
 
-def test_categorical_uses_the_fast_path_without_changing_draws():
-    """Through the pipeline: top_k truncation (fast path) vs the same survivors given as
-    already-masked logits to a pipeline without processors (full path) draw the same ids."""
+def test_categorical_pipeline_candidate_path_matches_dense_sampling():
+    """top_k / top_p / min_p truncation hands the sampler a candidate list; sampling the
+    densified processed logits with no processors must draw the very same tokens."""
     g = torch.Generator().manual_seed(11)
-    logits = torch.randn(256, 2000, generator=g)
-    truncated = samplerkit.load_pipeline({"pipeline": [{"top_k": 20}], "sampler": "categorical"})
+    logits = torch.randn(256, 2000, generator=g) * 3
     seeds = list(range(1000, 1256))
-    ids = truncated.sample(logits, seeds=seeds)
-    masked = truncated.process(logits)
-    # Add one finite token far below the rest so the batch is not "truncated" for the sampler:
-    # full path, and that token essentially never wins.
-    wide = masked.clone()
-    wide[:, 1000:1999] = torch.where(torch.isfinite(wide[:, 1000:1999]), wide[:, 1000:1999], torch.tensor(-1e30))
-    plain = samplerkit.load_pipeline({"pipeline": [], "sampler": "categorical"})
-    assert torch.equal(plain.sample(wide, seeds=seeds), ids)
+    plain = load_pipeline({"pipeline": [], "sampler": "categorical"})
+    for steps in ([{"top_k": 20}], [{"top_k": 150}], [{"top_p": 0.5}], [{"min_p": 0.1}],
+                  [{"top_k": 100}, {"temperature": 0.7}, {"top_p": 0.9}, {"min_p": 0.02}]):
+        pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
+        ids = pipe.sample(logits, seeds=seeds)
+        processed = pipe.bind(256).process(logits)
+        assert torch.equal(plain.sample(processed, seeds=seeds), ids), steps
+        assert bool(torch.isfinite(processed.gather(1, ids.unsqueeze(1))).all())
+
+
+# Large vocabulary: the two-level race (top 64 by Gumbel-max, the tail by CDF inversion).
+BIG_V = 1500
+BIG_LOGITS = (torch.randn(BIG_V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3)
+
+
+@pytest.mark.parametrize("case", ["plain", "top_k_300", "top_p_0.15"])
+def test_categorical_frequencies_on_a_large_vocabulary(case):
+    steps, ref = {"plain": ([], lambda x: x),
+                  "top_k_300": ([{"top_k": 300}], lambda x: top_k(x, 300)),
+                  # within the 256 top_p candidates: the candidate list (K > 64) reaches the sampler
+                  "top_p_0.15": ([{"top_p": 0.15}], lambda x: top_p(x, 0.15))}[case]
+    expected = softmax(ref(BIG_LOGITS.clone()))
+    kept = expected > 0
+    pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
+    ids = draw(pipe, BIG_LOGITS, seed0=7)
+    counts = torch.bincount(ids, minlength=BIG_V).to(torch.float64)
+    assert counts[~kept].sum() == 0
+    exp_counts = expected[kept] * N
+    assert float(exp_counts.min()) > 5
+    stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
+    p_value = chi2_sf(stat, int(kept.sum()) - 1)
+    assert p_value > ALPHA, f"{case}: chi2={stat:.1f} p={p_value:.2e}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from samplerkit.ops.truncation import nucleus_keep_sorted
+
 NEG_INF = float("-inf")
 
 
@@ -49,8 +51,6 @@ def top_p_on_sorted(values: torch.Tensor, p: torch.Tensor, log_norm: torch.Tenso
     """
     if log_norm is None:
         log_norm = torch.logsumexp(values, dim=-1, keepdim=True)
-    probs = (values - log_norm).exp()
-    mass_before = probs.cumsum(-1) - probs
-    n_keep = (mass_before < p.unsqueeze(-1)).sum(-1, keepdim=True).clamp(min=1)
-    threshold = values.gather(-1, n_keep - 1)
+    keep = nucleus_keep_sorted(values, log_norm, p)
+    threshold = values.gather(-1, keep.sum(-1, keepdim=True) - 1)
     return values >= threshold

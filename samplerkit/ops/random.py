@@ -137,7 +137,7 @@ def _two_level(values, ids, keys, log_norm, tail_of):
     has_tail = values[:, -1] > float("-inf")
     if not bool(has_tail.any()):
         return tokens
-    tail_mass = -torch.expm1(torch.logsumexp(values, dim=-1) - log_norm).double().clamp(min=0.0)
+    tail_mass = (-torch.expm1(torch.logsumexp(values, dim=-1) - log_norm)).double().clamp(min=0.0)   # negate, then clamp
     use_tail = has_tail & (uniform(keys, _TAIL_BRANCH_STREAM) < tail_mass)
     if not bool(use_tail.any()):
         return tokens

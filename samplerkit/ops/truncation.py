@@ -69,10 +69,52 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     threshold, covered = _nucleus_threshold(values, log_norm, p)
     if n_cand < vocab and not bool(covered.all()):
         rows = (~covered).nonzero().squeeze(-1)
+        row_threshold = nucleus_threshold_histogram(
+            logits.index_select(0, rows), log_norm.index_select(0, rows), p.index_select(0, rows),
+            values.index_select(0, rows)[:, :1])
+        threshold = threshold.index_copy(0, rows, row_threshold)
+    return logits >= threshold
+
+
+# Histogram fallback of the nucleus: bins of logit distance below the row maximum.
+_BINS = 2048
+_SPAN = 64.0     # nats; tokens further below the maximum share the last ("underflow") bin
+
+
+def nucleus_threshold_histogram(logits: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor,
+                                top: torch.Tensor) -> torch.Tensor:
+    """The nucleus threshold ``[R, 1]`` of each row without sorting the vocabulary.
+
+    Tokens are binned by ``top - x`` (bins sorted by value, descending); one scatter-add gives
+    each bin's probability mass, a cumulative sum over 2048 bins finds the bin where the
+    running mass crosses ``p``, and only that bin's tokens are sorted to place the boundary
+    exactly. Same definition and float64 accumulation as :func:`top_p_mask_reference`; rows
+    whose boundary falls among tokens more than 64 nats below the maximum (mass < V e^-64)
+    use the full sort.
+    """
+    scale = _BINS / _SPAN
+    bins = ((top - logits) * scale).clamp_(max=_BINS).to(torch.int64)        # -inf -> underflow bin
+    probs = (logits.double() - log_norm.double()).exp()
+    mass = torch.zeros(logits.shape[0], _BINS + 1, dtype=torch.float64, device=logits.device)
+    mass.scatter_add_(1, bins, probs)
+    through = mass.cumsum(-1)
+    boundary = (through < p.double().unsqueeze(-1)).sum(-1, keepdim=True).clamp(max=_BINS)
+    mass_before_bin = through.gather(-1, boundary) - mass.gather(-1, boundary)
+    in_bin = bins == boundary
+    width = int(in_bin.sum(-1).max())
+    bin_values = logits.masked_fill(~in_bin, NEG_INF).topk(width, dim=-1).values
+    bin_probs = (bin_values.double() - log_norm.double()).exp()
+    mass_before = mass_before_bin + bin_probs.cumsum(-1) - bin_probs
+    keep = mass_before < p.double().unsqueeze(-1)
+    keep[:, 0] = True
+    threshold = bin_values.gather(-1, keep.sum(-1, keepdim=True) - 1)
+    underflow = (boundary == _BINS).squeeze(-1)
+    if bool(underflow.any()):
+        rows = underflow.nonzero().squeeze(-1)
         full_values, _ = logits.index_select(0, rows).sort(dim=-1, descending=True)
         full_threshold, _ = _nucleus_threshold(full_values, log_norm.index_select(0, rows), p.index_select(0, rows))
         threshold = threshold.index_copy(0, rows, full_threshold)
-    return logits >= threshold
+    return threshold
 
 
 def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -86,14 +128,28 @@ def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor):
     """Given the top logits of each row sorted descending, return ``(threshold [B,1], covered [B])``:
     the logit of the last kept token, and whether the candidates were enough to decide."""
-    probs = (sorted_values - log_norm).exp()
-    mass_before = probs.cumsum(-1) - probs
-    n_keep = (mass_before < p.unsqueeze(-1)).sum(-1, keepdim=True).clamp(min=1)   # a prefix
+    keep = nucleus_keep_sorted(sorted_values, log_norm, p)
+    n_keep = keep.sum(-1, keepdim=True)
     threshold = sorted_values.gather(-1, n_keep - 1)
     # Decided when a candidate is dropped (the prefix ended inside the candidates) or the
     # candidates are the whole vocabulary.
     covered = n_keep.squeeze(-1) < sorted_values.shape[-1]
     return threshold, covered
+
+
+def nucleus_keep_sorted(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Kept prefix ``[B, K]`` of logits sorted descending: position ``j`` is kept iff the mass
+    strictly before it is below ``p`` (at least one is kept).
+
+    Probabilities are accumulated in float64: a float32 running sum over 10^5 tokens drifts
+    by about 1e-4, enough to move the boundary; float64 makes the fast paths and the sort-based
+    reference agree however they sum.
+    """
+    probs = (sorted_values.double() - log_norm.double()).exp()
+    mass_before = probs.cumsum(-1) - probs
+    keep = mass_before < p.double().unsqueeze(-1)
+    keep[:, 0] = True
+    return keep
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

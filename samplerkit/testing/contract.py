@@ -238,6 +238,71 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
         pipe.bind(batch).sample(caller, ctx_for())
         assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
 
+    _check_processor_candidates(cls, params, seed)
+
+
+def _overrides(cls: type, base: type, method: str) -> bool:
+    return getattr(cls, method) is not getattr(base, method)
+
+
+def _candidate_logits(seed: int, batch: int = 8, vocab: int = 1024) -> torch.Tensor:
+    """Large-vocabulary rows from flat to peaked, so fast paths both engage and decline."""
+    g = torch.Generator().manual_seed(seed + 2)
+    scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0])[:batch].unsqueeze(-1)
+    x = torch.randn(batch, vocab, generator=g) * scales
+    x[-1, 100:] = float("-inf")          # a row that is already truncated
+    return x
+
+
+def _candidate_list(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, ids = x.topk(k, dim=-1)
+    return values, ids
+
+
+def _check_processor_candidates(cls: type, params: list[StepParams], seed: int) -> None:
+    """``select_candidates`` / ``apply_candidates`` (optional fast paths) must equal ``apply`` exactly."""
+    from samplerkit.ops.candidates import densify
+
+    if not (_overrides(cls, Processor, "select_candidates") or _overrides(cls, Processor, "apply_candidates")):
+        return
+    logits = _candidate_logits(seed)
+    batch, vocab = logits.shape
+    active = [p for p in params if not p.is_neutral()]
+    batches = [[p] * batch for p in params]
+    if len(active) > 1:
+        batches.append([active[i % len(active)] for i in range(batch)])
+    if active:
+        batches.append([params[i % len(params)] for i in range(batch)])      # neutral rows mixed in
+    for rows in batches:
+        label = f"{cls.name}([{'; '.join(_describe(r) for r in rows[:3])}{'; ...' if len(rows) > 3 else ''}])"
+        ctx = lambda: StepContext(batch, vocab, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=4)  # noqa: E731
+        expected = cls(rows, "cpu").apply(logits.clone(), ctx())
+        selected = cls(rows, "cpu").select_candidates(logits.clone(), ctx())
+        if selected is not None:
+            values, ids = selected
+            assert values.shape == ids.shape and values.dim() == 2 and values.shape[0] == batch, \
+                f"{label}.select_candidates returned shapes {tuple(values.shape)} and {tuple(ids.shape)}"
+            assert values.dtype == torch.float32 and ids.dtype == torch.int64, \
+                f"{label}.select_candidates returned {values.dtype}/{ids.dtype}, expected float32/int64"
+            assert bool((values[:, :-1] >= values[:, 1:]).all()), f"{label}.select_candidates: values not sorted descending"
+            _assert_rows_equal(densify(values, ids, vocab), expected,
+                               f"{label}.select_candidates differs from apply", exact=True)
+        for k in (1, 5, 64, 300):
+            values, ids = _candidate_list(logits, k)
+            dense = densify(values, ids, vocab)
+            expected = cls(rows, "cpu").apply(dense.clone(), ctx())
+            ids_in = ids.clone()
+            got = cls(rows, "cpu").apply_candidates(values.clone(), ids_in, ctx())
+            if got is None:
+                continue
+            assert got.shape == values.shape and got.dtype == torch.float32, \
+                f"{label}.apply_candidates returned {tuple(got.shape)} {got.dtype}, expected {tuple(values.shape)} float32"
+            finite = torch.isfinite(got)
+            ordered = (got[:, :-1] >= got[:, 1:]) | ~finite[:, 1:]
+            assert bool(ordered.all()), f"{label}.apply_candidates (K={k}): values not sorted descending"
+            _assert_rows_equal(densify(got, ids_in, vocab), expected,
+                               f"{label}.apply_candidates (K={k}) differs from apply on the dense row", exact=True)
+
 
 # -- samplers -----------------------------------------------------------------------------
 
@@ -316,6 +381,25 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
         many = _sample(cls, [cls.Params(seed=s) for s in range(16)], flat.expand(16, -1).clone(),
                        StepContext(16, vocab_size, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=1))
         assert len(set(many.tolist())) > 1, f"{cls.name}: seeds 0..15 all drew {many.tolist()} on a flat distribution"
+
+    # The optional candidate fast path draws what sample() draws on the dense row.
+    if _overrides(cls, Sampler, "sample_candidates"):
+        from samplerkit.ops.candidates import densify
+
+        big = _candidate_logits(seed)
+        batch_big, vocab_big = big.shape
+        for p in fixed:               # reproducible rows only
+            for k in (1, 7, 64, 65, 300):
+                values, ids = _candidate_list(big, k)
+                for t in (0, 3):
+                    ctx = StepContext(batch_big, vocab_big, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=4)
+                    ctx.num_generated.fill_(t)
+                    got = cls([p] * batch_big, "cpu").sample_candidates(values.clone(), ids.clone(), ctx)
+                    if got is None:
+                        continue
+                    dense = _sample(cls, [p] * batch_big, densify(values, ids, vocab_big), ctx)
+                    assert torch.equal(got, dense), (f"{cls.name}({_describe(p)}).sample_candidates (K={k}, step {t}) "
+                                                     f"drew {got.tolist()} but sample() on the dense rows drew {dense.tolist()}")
 
     # Through the pipeline: the caller's tensor is never modified.
     from samplerkit.pipeline import Pipeline

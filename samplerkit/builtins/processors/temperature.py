@@ -11,12 +11,17 @@ from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
 
+#: Temperatures below this are treated as 0 (greedy).
+GREEDY_BELOW = 1e-5
+
+
 class Temperature(Processor):
     """Divide logits by a temperature: ``x_i / T``, so ``p_i ∝ exp(x_i / T)``.
 
     ``T < 1`` sharpens, ``T > 1`` flattens, ``T = 1`` is neutral. ``T = 0`` means greedy for
     that row: only the highest logit is kept (the lowest token id among ties), as in vLLM and
-    llama.cpp (transformers raises instead). Usually followed by ``top_k``/``top_p``/``min_p``
+    llama.cpp (transformers raises instead). Temperatures below ``1e-5`` are greedy too (as
+    vLLM's clamp): dividing by them overflows float32 to ``inf`` and NaN. Usually followed by ``top_k``/``top_p``/``min_p``
     (transformers and vLLM order) or placed last (llama.cpp order).
 
     >>> import torch
@@ -29,6 +34,7 @@ class Temperature(Processor):
 
     name = "temperature"
     argmax_invariant = True
+    inplace = False        # the division writes a new tensor: no defensive copy needed
 
     class Params(StepParams):
         temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1 is neutral, 0 means greedy")
@@ -36,13 +42,14 @@ class Temperature(Processor):
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
         t = self.p.temperature
-        self._any_greedy = bool((t == 0).any())
-        self._greedy = (t == 0).unsqueeze(-1)
+        greedy = t < GREEDY_BELOW
+        self._any_greedy = bool(greedy.any())
+        self._greedy = greedy.unsqueeze(-1)
         # Greedy rows divide by 1 (their other logits are masked below).
-        self._divisor = torch.where(t == 0, torch.ones_like(t), t).unsqueeze(-1)
+        self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = logits.div_(self._divisor)
+        logits = logits / self._divisor
         if self._any_greedy:
             top = logits.argmax(dim=-1, keepdim=True)
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)

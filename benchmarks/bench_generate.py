@@ -1,0 +1,189 @@
+"""New tokens per second: samplerkit's ``llama`` backend vs transformers ``generate``.
+
+Same SmolLM2-135M-Instruct weights (the embedded Q4_1 GGUF, dequantized to float32; the
+transformers model is built by transformers' own GGUF reader), same greedy decoding, same
+machine, one run. Each configuration is measured ``--repeats`` times, alternating the two
+implementations so background load hits both alike; the median is reported.
+
+    python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
+    python benchmarks/bench_generate.py --batches 1 8 --new-tokens 128 --repeats 5
+
+Also prints load time and peak RSS for float32 and bfloat16 (each in a fresh subprocess), and
+how close batch 1 gets to the memory-bandwidth cap (bytes of weights read per step / copy
+bandwidth measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SAMPLERKIT_QUIET", "1")
+
+PROMPT = "The capital of France is"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_probe(dtype: str) -> None:
+    """Child process: load the backend, run one short generation, print JSON."""
+    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
+
+    t = time.perf_counter()
+    backend = LlamaBackend(LlamaParams(dtype=dtype))
+    load_s = time.perf_counter() - t
+    ids = backend.tokenize(PROMPT)
+    nxt = backend.prefill([ids] * 8).last.argmax(-1)
+    for _ in range(16):
+        nxt = backend.step(nxt).argmax(-1)
+    print(json.dumps({"dtype": dtype, "load_s": load_s, "peak_rss_mb": peak_rss_mb()}))
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read+write bandwidth of a large copy (bytes read per second), best of a few."""
+    src = torch.empty(512 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads (every matrix once; the embedding row is negligible)."""
+    n = model.lm_head.numel() + model.norm.numel()
+    for layer in model.layers:
+        n += sum(getattr(layer, s).numel() for s in layer.__slots__)
+    return n * model.lm_head.element_size()
+
+
+def time_backend(backend, batch: int, new_tokens: int) -> float:
+    """Seconds for prefill + ``new_tokens`` greedy tokens per row (own loop, no sampling pipeline)."""
+    ids = backend.tokenize(PROMPT)
+    t = time.perf_counter()
+    nxt = backend.prefill([ids] * batch).last.argmax(-1)
+    for _ in range(new_tokens - 1):
+        nxt = backend.step(nxt).argmax(-1)
+    return time.perf_counter() - t
+
+
+def time_hf(model, tok, batch: int, new_tokens: int) -> float:
+    enc = tok([PROMPT] * batch, return_tensors="pt")
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t
+    assert out.shape[1] - enc.input_ids.shape[1] == new_tokens
+    return dt
+
+
+def time_generate_api(backend, batch: int, new_tokens: int) -> float | None:
+    """Through ``samplerkit.Generator`` (greedy pipeline), if the package provides it."""
+    try:
+        import samplerkit
+
+        gen = samplerkit.Generator({"backend": {"name": "llama"}, "pipeline": [], "sampler": "greedy",
+                                    "generation": {"max_new_tokens": new_tokens, "ignore_eos": True}},
+                                   backend=backend)
+        t = time.perf_counter()
+        out = gen.generate([PROMPT] * batch)
+        dt = time.perf_counter() - t
+        assert sum(len(c.token_ids) for c in out) == batch * new_tokens
+        return dt
+    except Exception as e:  # noqa: BLE001 - the API is optional here; report why it was skipped
+        print(f"  (samplerkit.Generator not timed: {type(e).__name__}: {e})")
+        return None
+
+
+def load_hf(path):
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(**load_gguf_checkpoint(str(path))["config"])
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"],
+                          strict=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.padding_side = "left"
+    return model, tok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-load-probe", action="store_true")
+    ap.add_argument("--_load-probe", dest="probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        load_probe(args.probe)
+        return
+
+    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
+    from samplerkit.builtins.backends.llama.default_model import find_default_model
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    if not args.skip_load_probe:
+        for dtype in ("float32", "bfloat16"):
+            r = subprocess.run([sys.executable, __file__, "--_load-probe", dtype], capture_output=True, text=True,
+                               check=True)
+            info = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"load {dtype:8s}: {info['load_s']:.2f} s, peak RSS {info['peak_rss_mb']:.0f} MB "
+                  "(load + batch-8 prefill + 16 steps)")
+
+    path = find_default_model()
+    backend = LlamaBackend(LlamaParams())
+    bf16 = LlamaBackend(LlamaParams(dtype="bfloat16"))
+    model, tok = load_hf(path)
+    bw = copy_bandwidth_gbs()
+    wbytes = weight_bytes(backend.model)
+    cap = bw * 1e9 / wbytes
+    print(f"copy bandwidth {bw:.1f} GB/s; float32 weights read per step {wbytes / 1e6:.0f} MB "
+          f"-> batch-1 cap {cap:.1f} tok/s")
+
+    n = args.new_tokens
+    for batch in args.batches:
+        runs: dict[str, list[float]] = {"transformers": [], "llama fp32": [], "llama bf16": [], "Generator fp32": []}
+        time_backend(backend, batch, 4)   # warm-up (first-call allocations, kernel selection)
+        time_backend(bf16, batch, 4)
+        time_hf(model, tok, batch, 4)
+        for _ in range(args.repeats):
+            runs["transformers"].append(time_hf(model, tok, batch, n))
+            runs["llama fp32"].append(time_backend(backend, batch, n))
+            runs["llama bf16"].append(time_backend(bf16, batch, n))
+            g = time_generate_api(backend, batch, n)
+            if g is not None:
+                runs["Generator fp32"].append(g)
+        print(f"batch {batch}, {n} new tokens/row, greedy, median of {args.repeats}:")
+        base = batch * n / statistics.median(runs["transformers"])
+        for name, ts in runs.items():
+            if not ts:
+                continue
+            rate = batch * n / statistics.median(ts)
+            extra = f"  ({rate / cap:.0%} of the bandwidth cap)" if batch == 1 and name == "llama fp32" else ""
+            print(f"  {name:15s} {rate:7.1f} tok/s  {rate / base:5.2f}x transformers"
+                  f"  [runs: {', '.join(f'{batch * n / t:.1f}' for t in ts)}]{extra}")
+
+
+if __name__ == "__main__":
+    main()

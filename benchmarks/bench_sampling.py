@@ -1,0 +1,130 @@
+"""Time one sampling step: samplerkit's pipeline vs transformers' processors vs the seed's top-p.
+
+    python benchmarks/bench_sampling.py                 # the whole grid (a few minutes on 2 cores)
+    python benchmarks/bench_sampling.py --batch 64 --vocab 128256 --device cuda
+
+All three draw one token per row from the same logits, in one process, so ratios are
+comparable even on a noisy machine. Logit kinds: "peaked" (Zipf-like, like a language model's
+next-token distribution: a top-p 0.9 nucleus of tens to hundreds of tokens) and "flat"
+(standard normal: a nucleus of most of the vocabulary, the worst case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import samplerkit
+
+PIPELINES = {
+    "temperature+top_k+top_p": ([{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}], (0.7, 50, 0.9, None)),
+    "temperature+top_p": ([{"temperature": 0.7}, {"top_p": 0.9}], (0.7, None, 0.9, None)),
+    "min_p": ([{"min_p": 0.05}], (None, None, None, 0.05)),
+}
+
+
+def make_logits(kind: str, batch: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        x = torch.randn(batch, vocab, generator=g)
+    else:
+        # Zipf(1) probabilities over a random permutation, with a little jitter: after
+        # temperature 0.7 the top-p 0.9 nucleus holds about a hundred tokens.
+        ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+        base = -ranks.log()
+        x = torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(batch)])
+        x = x + 0.1 * torch.randn(batch, vocab, generator=g)
+    return x.to(device)
+
+
+def transformers_step(logits: torch.Tensor, processors) -> torch.Tensor:
+    scores = processors(None, logits)
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+
+
+def seed_step(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """meta-llama/llama generation.py: softmax(logits / T) then sample_top_p (sort-based)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > top_p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token).squeeze(-1)
+
+
+def timeit(fn, reps: int, device: str) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_transformers(params):
+    try:
+        from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+    except ImportError:
+        return None
+    temperature, top_k, top_p, min_p = params
+    procs = []
+    if temperature is not None:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        procs.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        procs.append(MinPLogitsWarper(min_p))
+    return LogitsProcessorList(procs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
+    ap.add_argument("--vocab", type=int, nargs="*", default=[32000, 128256])
+    ap.add_argument("--kind", nargs="*", default=["peaked", "flat"], choices=["peaked", "flat"])
+    ap.add_argument("--pipeline", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print(f"{'pipeline':<24} {'kind':<6} {'B':>3} {'V':>7} {'nucleus':>8} {'samplerkit':>11} "
+          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8}")
+    for name in args.pipeline:
+        steps, params = PIPELINES[name]
+        tf = build_transformers(params)
+        for kind in args.kind:
+            for vocab in args.vocab:
+                for batch in args.batch:
+                    x = make_logits(kind, batch, vocab, args.device)
+                    pipe = samplerkit.load_pipeline({"backend": "bigram", "pipeline": steps,
+                                                     "sampler": {"name": "categorical"}}, device=args.device)
+                    bound = pipe.bind(batch, seeds=list(range(batch)))
+                    nucleus = float(torch.isfinite(bound.process(x)).sum(-1).float().mean())
+                    t_sk = timeit(lambda: bound.sample(x), args.reps, args.device)
+                    t_tf = timeit(lambda: transformers_step(x, tf), args.reps, args.device) if tf else float("nan")
+                    temperature, top_k, top_p, _ = params
+                    if top_p is not None and top_k is None:
+                        t_seed = timeit(lambda: seed_step(x, temperature, top_p), args.reps, args.device)
+                    else:
+                        t_seed = float("nan")
+                    print(f"{name:<24} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
+                          f"{t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x {t_seed / t_sk:>7.1f}x",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The decode loop on the built-in bigram backend (no model files)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samplerkit import GenerationError, Generator
+from samplerkit.builtins.backends.bigram import BOS_ID, EOS_ID, BigramBackend
+from samplerkit.registry import default_registry
+
+REGISTRY = default_registry()
+FRENCH = ("le café crème est très bon. la crème brûlée est très sucrée. "
+          "le thé vert est léger. où est le café? à côté du thé.")
+
+
+def make(pipeline=(), sampler="greedy", backend=None, **generation):
+    config = {"backend": "bigram", "pipeline": list(pipeline), "sampler": sampler,
+              "generation": {"max_new_tokens": 40, **generation}}
+    return Generator(config, backend=backend or BigramBackend(), registry=REGISTRY)
+
+
+def sampling(seed=None, temperature=1.5, **kw):
+    sampler = {"name": "categorical"} if seed is None else {"name": "categorical", "seed": seed}
+    return make([{"temperature": temperature}], sampler, **kw)
+
+
+def text_of(completion):
+    return completion.text
+
+
+# -- finish reasons and stop strings -----------------------------------------------------------
+
+def test_finish_stop_on_eos():
+    backend = BigramBackend(BigramBackend.Params(text="ab"))        # BOS a b EOS
+    out = make(backend=backend).generate("a")
+    assert out[0].finish_reason == "stop"
+    assert out[0].token_ids == [ord("b")] and out[0].text == "b"
+    assert EOS_ID not in out[0].token_ids
+
+
+def test_ignore_eos_runs_to_length():
+    backend = BigramBackend(BigramBackend.Params(text="ab"))
+    out = make(backend=backend, ignore_eos=True, max_new_tokens=7).generate("a")
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 7
+
+
+def test_finish_length():
+    out = make(max_new_tokens=5).generate("The capital")
+    assert out[0].finish_reason == "length"
+    assert len(out[0].token_ids) == 5
+    assert out[0].text == bytes(out[0].token_ids).decode()
+
+
+def test_stop_token_ids():
+    out = make(stop_token_ids=[ord(" ")], max_new_tokens=50).generate("The q")
+    assert out[0].finish_reason == "stop" and " " not in out[0].text and ord(" ") not in out[0].token_ids
+
+
+def _unstopped(gen_kwargs, prompt):
+    backend = BigramBackend(BigramBackend.Params(text=FRENCH))
+    return make(backend=backend, **gen_kwargs).generate(prompt)[0].text
+
+
+@pytest.mark.parametrize("prompt", ["le c", "la cr", "où"])
+def test_multibyte_stop_string_across_token_boundaries(prompt):
+    full = _unstopped({"max_new_tokens": 60}, prompt)
+    # A stop string that starts mid-text and contains a 2-byte character: several tokens.
+    idx = next(i for i, ch in enumerate(full) if ord(ch) > 127 and i > 0)
+    stop = full[idx - 1: idx + 2]
+    assert len(stop.encode()) > len(stop)                         # spans byte tokens inside one char too
+    backend = BigramBackend(BigramBackend.Params(text=FRENCH))
+    gen = make(backend=backend, max_new_tokens=60, stop=[stop, "zzz"])
+    out = gen.generate(prompt)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[:full.index(stop)]
+    assert stop not in out.text
+    deltas = list(gen.stream(prompt))
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == out.text and stop not in streamed
+    assert deltas[-1].finish_reason == "stop"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_stop_string_at_the_very_start_gives_empty_text():
+    full = _unstopped({"max_new_tokens": 10}, "le c")
+    backend = BigramBackend(BigramBackend.Params(text=FRENCH))
+    out = make(backend=backend, stop=[full[:2]]).generate("le c")[0]
+    assert out.text == "" and out.finish_reason == "stop"
+
+
+def test_stream_deltas_concatenate_to_the_final_text():
+    prompts = ["The", "She sells", "A bird", "Peter"]
+    for kw in ({}, {"stop": ["e t", "s."]}):
+        gen = sampling(seed=3, max_new_tokens=50, **kw)
+        final = gen.generate(prompts)
+        pieces = {}
+        finishes = {}
+        for d in gen.stream(prompts):
+            pieces.setdefault(d.prompt_index, []).append(d.text)
+            if d.finish_reason:
+                assert d.prompt_index not in finishes
+                finishes[d.prompt_index] = d.finish_reason
+        for c in final:
+            assert "".join(pieces[c.prompt_index]) == c.text
+            assert finishes[c.prompt_index] == c.finish_reason
+            for s in kw.get("stop", []):
+                assert s not in c.text
+
+
+# -- n samples, batches, seeds -----------------------------------------------------------------
+
+def test_n_samples_per_prompt():
+    gen = sampling(seed=11, n=4, max_new_tokens=30)
+    out = gen.generate(["The", "She"])
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(p, s) for p in range(2) for s in range(4)]
+    for p in range(2):
+        texts = [c.text for c in out if c.prompt_index == p]
+        assert len(set(texts)) == 4
+    single = sampling(seed=11, max_new_tokens=30).generate(["The", "She"])
+    assert out[0].token_ids == single[0].token_ids
+    assert out[4].token_ids == single[1].token_ids
+
+
+def test_n_with_explicit_seeds_sample_zero_matches_n1():
+    many = sampling(n=3, max_new_tokens=25).generate(["The", "A"], seeds=[5, 6])
+    one = sampling(max_new_tokens=25).generate(["The", "A"], seeds=[5, 6])
+    assert many[0].token_ids == one[0].token_ids and many[3].token_ids == one[1].token_ids
+    assert many[1].token_ids != many[2].token_ids
+
+
+def test_prompts_of_different_lengths_match_single_runs():
+    prompts = ["T", "The capital of France is", "She sells sea", "Peter Piper picked a peck of pickled"]
+    gen = sampling(max_new_tokens=30)
+    seeds = [101, 102, 103, 104]
+    batch = gen.generate(prompts, seeds=seeds)
+    for i, p in enumerate(prompts):
+        alone = gen.generate([p], seeds=[seeds[i]])[0]
+        assert batch[i].token_ids == alone.token_ids
+        assert batch[i].prompt_token_ids == [BOS_ID, *p.encode()]
+
+
+def test_seeded_row_is_independent_of_batch_and_position():
+    prompts = ["The sun", "Time flies", "A bird in", "The capital", "She", "Pe", "The quick brown"]
+    gen = sampling(max_new_tokens=40, temperature=1.3)
+    alone = gen.generate(["The sun"], seeds=[77])[0]
+    seeds = [77 if i == 0 else 1000 + i for i in range(len(prompts))]
+    # The same row at another position, among other prompts (other lengths, other finishes).
+    order = list(range(1, len(prompts))) + [0]
+    batch = gen.generate([prompts[i] for i in order], seeds=[seeds[i] for i in order])
+    assert batch[-1].token_ids == alone.token_ids
+    assert batch[-1].text == alone.text
+
+
+def test_unseeded_rows_differ():
+    gen = sampling(max_new_tokens=40)
+    a, b = gen.generate(["The", "The"])
+    c = gen.generate(["The"])[0]
+    assert len({tuple(a.token_ids), tuple(b.token_ids), tuple(c.token_ids)}) == 3
+
+
+def test_seeded_runs_are_reproducible():
+    gen = sampling(seed=9, max_new_tokens=30)
+    assert [c.token_ids for c in gen.generate(["The", "A"])] == [c.token_ids for c in gen.generate(["The", "A"])]
+
+
+# -- finished rows leave the batch --------------------------------------------------------------
+
+def test_finished_rows_are_dropped_from_the_backend():
+    backend = BigramBackend()
+    calls, step_sizes = [], []
+    real_select, real_step = backend.select_rows, backend.step
+
+    def select_rows(keep):
+        calls.append(list(keep))
+        real_select(keep)
+
+    def step(ids):
+        step_sizes.append(int(ids.shape[0]))
+        return real_step(ids)
+
+    backend.select_rows, backend.step = select_rows, step
+    gen = make(backend=backend, stop_token_ids=[ord(" ")], max_new_tokens=30)
+    prompts = ["The", "Th", "Peter Pipe", "A bir"]
+    out = gen.generate(prompts)
+    lengths = [len(c.token_ids) for c in out]
+    assert len(set(lengths)) > 1                            # rows finish at different steps
+    assert calls, "select_rows never called"
+    assert all(len(k) < b for k, b in zip(calls, [4] + [len(c) for c in calls]))
+    assert step_sizes == sorted(step_sizes, reverse=True) and step_sizes[-1] < 4
+    # Each row stepped exactly as often as it generated tokens beyond the first (finished rows not).
+    assert sum(step_sizes) == sum(min(n + 1, 30) for n in lengths) - len(prompts)
+    solo = [make(stop_token_ids=[ord(" ")], max_new_tokens=30).generate(p)[0].token_ids for p in prompts]
+    assert [c.token_ids for c in out] == solo
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+def test_logprobs_raw_processed_and_top():
+    backend = BigramBackend()
+    gen = make([{"temperature": 0.5}, {"top_k": 5}], {"name": "categorical", "seed": 4}, backend=backend,
+               logprobs=3, max_new_tokens=20)
+    out = gen.generate(["The c"])[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    prev = ord("c")
+    for lp, token in zip(out.logprobs, out.token_ids):
+        raw = torch.log_softmax(backend.table[prev], -1)
+        assert lp.token_id == token and lp.text == bytes([token]).decode()
+        assert lp.logprob == pytest.approx(float(raw[token]), abs=1e-5)
+        proc = backend.table[prev] / 0.5
+        top5 = proc.argsort(descending=True, stable=True)[:5]          # ties: lower ids win
+        proc = torch.full_like(proc, float("-inf")).index_copy(0, top5, proc[top5])
+        assert lp.processed_logprob == pytest.approx(float(torch.log_softmax(proc, -1)[token]), abs=1e-5)
+        top_v, top_i = raw.topk(3)
+        assert [t for t, _, _ in lp.top] == top_i.tolist()
+        assert [v for _, _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-5)
+        prev = token
+
+
+def test_no_logprobs_by_default():
+    assert make(max_new_tokens=3).generate("The")[0].logprobs is None
+
+
+def test_echo_prompt_logprobs():
+    backend = BigramBackend()
+    prompt = "The cat"
+    out = make(backend=backend, echo=True, max_new_tokens=2).generate(prompt)[0]
+    ids = [BOS_ID, *prompt.encode()]
+    assert out.prompt_token_ids == ids
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for prev, lp, token in zip(ids, out.prompt_logprobs[1:], ids[1:]):
+        assert lp.token_id == token
+        assert lp.logprob == pytest.approx(float(torch.log_softmax(backend.table[prev], -1)[token]), abs=1e-5)
+
+
+def test_echo_with_max_new_tokens_zero():
+    out = make(echo=True, max_new_tokens=0).generate(["ab", "The"])
+    assert [c.token_ids for c in out] == [[], []] and all(c.finish_reason == "length" for c in out)
+    assert len(out[1].prompt_logprobs) == 4
+
+
+# -- edge cases ------------------------------------------------------------------------------------
+
+def test_max_new_tokens_zero():
+    gen = make(max_new_tokens=0)
+    out = gen.generate(["The", "A"])
+    assert [(c.text, c.token_ids, c.finish_reason) for c in out] == [("", [], "length")] * 2
+    assert [d.finish_reason for d in gen.stream(["The"])] == ["length"]
+
+
+def test_empty_prompt_gets_bos():
+    out = make(max_new_tokens=5).generate("")[0]
+    assert out.prompt_token_ids == [BOS_ID]
+    assert len(out.token_ids) == 5 or out.finish_reason == "stop"
+    assert out.token_ids[0] == int(BigramBackend().table[BOS_ID].argmax())
+
+
+def test_prompt_longer_than_context_is_an_error():
+    backend = BigramBackend(BigramBackend.Params(max_context=8))
+    with pytest.raises(GenerationError, match="prompt 1 has 11 tokens"):
+        make(backend=backend).generate(["ok", "0123456789"])
+
+
+def test_context_limit_ends_rows_with_length():
+    backend = BigramBackend(BigramBackend.Params(max_context=10))
+    out = make(backend=backend, max_new_tokens=100, ignore_eos=True).generate(["abc", "a"])
+    assert [len(c.token_ids) for c in out] == [6, 8]
+    assert all(c.finish_reason == "length" for c in out)
+
+
+def test_no_prompts_is_an_error():
+    with pytest.raises(GenerationError):
+        make().generate([])
+
+
+def test_seeds_length_mismatch_is_an_error():
+    with pytest.raises(GenerationError, match="seeds has 1 entries for 2 prompts"):
+        sampling().generate(["a", "b"], seeds=[1])
+
+
+def test_per_row_overrides():
+    gen = make([{"top_k": 0}, {"temperature": 1.5}], {"name": "categorical"}, max_new_tokens=25)
+    greedy = make(max_new_tokens=25).generate(["The", "The"])
+    out = gen.generate(["The", "The"], rows=[{"top_k": {"top_k": 1}}, None], seeds=[1, 2])
+    assert out[0].token_ids == greedy[0].token_ids             # top_k 1 on that row only: greedy
+    assert out[1].token_ids != greedy[1].token_ids
+    from samplerkit import ConfigError
+    with pytest.raises(ConfigError, match="rows\\[0\\]"):
+        gen.generate(["The"], rows=[{"top_p": {"top_p": 0.5}}])
+    with pytest.raises(ConfigError, match="rows\\[0\\] top_k"):
+        gen.generate(["The"], rows=[{"top_k": {"top_k": -1}}])
