@@ -308,7 +308,7 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
 
 # -- overrides (--set) ------------------------------------------------------------------
 
-_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
