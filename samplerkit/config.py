@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from samplerkit.errors import ConfigError, ConfigIssue
 from samplerkit.params import StepParams
 from samplerkit.registry import Kind, Registry
+
+#: What a pipeline does with a row whose logits are unusable (NaN, +inf, nothing left):
+#: ``raise`` an error naming the row and stage; ``mark_invalid`` (the row ends with finish
+#: reason ``invalid``); ``fallback_greedy`` (argmax over the row's finite input logits).
+InvalidPolicy = Literal["raise", "mark_invalid", "fallback_greedy"]
 
 DEFAULT_BACKEND = "llama"
 DEFAULT_SAMPLER = "categorical"
@@ -71,6 +76,7 @@ class _Structure(BaseModel):
     sampler: str | dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_SAMPLER})
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    on_invalid: InvalidPolicy = "raise"
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class RunConfig:
     generation: GenerationConfig
     plugins: PluginsConfig
     raw: Mapping[str, Any]
+    on_invalid: InvalidPolicy = "raise"
 
 
 # -- loading ----------------------------------------------------------------------------
@@ -165,7 +172,8 @@ def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = No
     sampler = _resolve_named(structure.sampler, "sampler", registry, issues, DEFAULT_SAMPLER)
     if issues:
         raise ConfigError(issues, source)
-    return RunConfig(backend, tuple(processors), sampler, structure.generation, structure.plugins, dict(data))
+    return RunConfig(backend, tuple(processors), sampler, structure.generation, structure.plugins, dict(data),
+                     structure.on_invalid)
 
 
 def _resolve_pipeline_entry(index: int, entry: Any, registry: Registry, issues: list[ConfigIssue]) -> StepSpec | None:

@@ -60,3 +60,8 @@ class ModelNotFoundError(SamplerkitError):
 
 class GenerationError(SamplerkitError):
     """A request that cannot be generated as given (prompt longer than the context, ...)."""
+
+
+class InvalidLogitsError(SamplerkitError):
+    """A row's logits became unusable (NaN, +inf, or nothing left after masking) under the
+    ``on_invalid: raise`` policy; the message names the row and the stage responsible."""

@@ -50,7 +50,7 @@ class Completion:
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str                       # "stop" (EOS or stop string) or "length"
+    finish_reason: str                       # "stop" (EOS or stop string), "length" or "invalid"
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -229,14 +229,20 @@ class _Run:
 
         while running:
             processed = bound.process(logits, ctx) if want_logprobs else None
-            ids = bound.sample(logits, ctx, processed=processed)
+            ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
             ctx.append(ids)
             id_list = ids.tolist()
+            invalid = set() if self.pipeline.on_invalid != "mark_invalid" else {
+                slot for slot, ok in enumerate(valid.tolist()) if not ok}
             if want_logprobs:
                 lp = self._step_logprobs(logits, processed, ids)
             keep: list[int] = []
             for slot, (r, token) in enumerate(zip(running, id_list)):
                 row = self.rows[r]
+                if slot in invalid:            # on_invalid: mark_invalid ends the row here
+                    row.finish_reason = "invalid"
+                    yield Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], "invalid")
+                    continue
                 delta, finished = self._advance(row, token, stop_ids, budget[r])
                 if want_logprobs and not (token in stop_ids):
                     row.logprobs.append(lp(slot, token))

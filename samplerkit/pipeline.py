@@ -13,11 +13,15 @@ from typing import Any
 
 import torch
 
-from samplerkit.config import RunConfig, StepSpec
+from typing import get_args
+
+from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
-from samplerkit.errors import ConfigError, ConfigIssue, PluginError
+from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError
 from samplerkit.ops.candidates import densify
 from samplerkit.steps import Processor, Sampler
+
+INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
 
 #: Per-row parameter overrides: step name -> {field: value}; applies to every step of that name.
 RowOverrides = Mapping[str, Mapping[str, Any]]
@@ -32,7 +36,8 @@ class Pipeline:
                  sampler=Categorical.spec(seed=1))
     """
 
-    def __init__(self, processors: Sequence[StepSpec], sampler: StepSpec, *, device: torch.device | str = "cpu"):
+    def __init__(self, processors: Sequence[StepSpec], sampler: StepSpec, *, device: torch.device | str = "cpu",
+                 on_invalid: InvalidPolicy = "raise"):
         for i, spec in enumerate(processors):
             if not issubclass(spec.cls, Processor):
                 raise ConfigError(ConfigIssue(f"pipeline[{i}]", f"{spec.cls.__name__} is not a Processor"))
@@ -43,11 +48,15 @@ class Pipeline:
             for i, spec in enumerate(processors))
         self.sampler: StepSpec = sampler if sampler.location else StepSpec(sampler.cls, sampler.params, f"sampler {sampler.name}", sampler.plugin)
         self.device = torch.device(device)
+        if on_invalid not in INVALID_POLICIES:
+            raise ConfigError(ConfigIssue("on_invalid", f"must be one of {', '.join(INVALID_POLICIES)}, got {on_invalid!r}"))
+        #: What happens to rows whose logits are unusable; see :data:`samplerkit.config.InvalidPolicy`.
+        self.on_invalid = on_invalid
         self._uniform_cache: dict[int, BoundPipeline] = {}
 
     @classmethod
     def from_config(cls, config: RunConfig, *, device: torch.device | str = "cpu") -> Pipeline:
-        return cls(config.processors, config.sampler, device=device)
+        return cls(config.processors, config.sampler, device=device, on_invalid=config.on_invalid)
 
     @property
     def uses(self) -> frozenset[str]:
@@ -152,6 +161,14 @@ class BoundPipeline:
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
                processed: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``[B]``; pass ``processed`` when :meth:`process` already ran this step."""
+        return self.sample_with_validity(logits, ctx, processed)[0]
+
+    def sample_with_validity(self, logits: torch.Tensor, ctx: StepContext | None = None,
+                             processed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``[B]`` and a ``[B]`` bool flag: False where the row's logits were unusable
+        (NaN, +inf, nothing left) and the pipeline's ``on_invalid`` policy substituted the argmax
+        of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
+        rows are never affected: invalid rows are neutralised before the sampler runs."""
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
         candidates = None
@@ -160,6 +177,15 @@ class BoundPipeline:
                 processed = logits if logits.dtype == torch.float32 else logits.float()
             else:
                 processed, candidates = self._run(logits, ctx, copy_out=False)
+        valid = _valid_rows(processed, candidates)
+        all_valid = bool(valid.all())
+        if not all_valid:
+            if self.pipeline.on_invalid == "raise":
+                raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
+            if candidates is not None:
+                processed, candidates = densify(*candidates, logits.shape[-1]), None
+            # A uniform row in place of each invalid one: the sampler never sees NaN.
+            processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
         try:
             ids = None
             if candidates is not None:
@@ -170,7 +196,33 @@ class BoundPipeline:
                 ids = self.sampler.sample(processed, ctx)
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
-        return ids
+        if not all_valid:
+            raw = logits.float()
+            finite_argmax = raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
+            ids = torch.where(valid, ids, finite_argmax)
+        return ids, valid
+
+    def _diagnose(self, logits: torch.Tensor, ctx: StepContext, valid: torch.Tensor) -> str:
+        """Re-run the steps densely to name the first stage that made each invalid row invalid."""
+        bad_rows = (~valid).nonzero().squeeze(-1).tolist()
+        x = logits.float().clone()
+        found: dict[int, str] = {}
+        for row in bad_rows:
+            if (what := _what_is_wrong(x[row])) is not None:
+                found[row] = f"the input logits (before any processor) have {what}"
+        for spec, step in self.steps:
+            if len(found) == len(bad_rows):
+                break
+            try:
+                x = step.apply(x.clone(), ctx)
+            except Exception:
+                break
+            for row in bad_rows:
+                if row not in found and (what := _what_is_wrong(x[row])) is not None:
+                    found[row] = f"{spec.location} (plugin {spec.plugin or 'unknown'}) produced {what}"
+        details = "; ".join(f"row {row}: {found.get(row, 'the sampler input was invalid')}" for row in bad_rows)
+        return (f"invalid logits in {len(bad_rows)} row(s) of {len(valid)}: {details}. Set `on_invalid: "
+                f"mark_invalid` or `on_invalid: fallback_greedy` in the config to keep generating.")
 
     def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True):
         """Processors in order. Once a truncation leaves a short candidate list, later steps
@@ -218,6 +270,27 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
         raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
                           f"processors must return float32 logits of shape {tuple(shape)}")
     return out
+
+
+def _valid_rows(dense: torch.Tensor | None, candidates) -> torch.Tensor:
+    """``[B]`` bool: the row has a finite maximum (so no NaN, no +inf, something left).
+
+    One read pass on dense logits (``amax`` propagates NaN); free on candidate lists, where
+    ``topk`` ranks NaN and +inf first."""
+    if candidates is not None:
+        values = candidates[0]
+        return torch.isfinite(values[:, 0]) & ~values.isnan().any(dim=-1)
+    return torch.isfinite(dense.amax(dim=-1))
+
+
+def _what_is_wrong(row: torch.Tensor) -> str | None:
+    if bool(row.isnan().any()):
+        return "NaN"
+    if bool((row == float("inf")).any()):
+        return "+inf"
+    if not bool(torch.isfinite(row).any()):
+        return "no token left (every logit is -inf)"
+    return None
 
 
 def _call(spec: StepSpec, method, *args):
