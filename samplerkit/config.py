@@ -16,6 +16,7 @@ The format::
     sampler: {name: categorical, seed: 1234}
     generation: {max_new_tokens: 128, stop: ["\\n\\n"]}
     plugins: {block: [some_plugin]}
+    preset: llama_cpp                      # optional: start from a shipped preset (samplerkit.presets)
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def parse_yaml(text: str, source: str = "<string>") -> dict[str, Any]:
 def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = None) -> RunConfig:
     """Validate a config mapping in two phases and resolve every name in ``registry``."""
     issues: list[ConfigIssue] = []
+    data = _expand_preset(data, issues)
     try:
         structure = _Structure.model_validate(dict(data))
     except ValidationError as exc:
@@ -174,6 +176,20 @@ def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = No
         raise ConfigError(issues, source)
     return RunConfig(backend, tuple(processors), sampler, structure.generation, structure.plugins, dict(data),
                      structure.on_invalid)
+
+
+def _expand_preset(data: Mapping[str, Any], issues: list[ConfigIssue]) -> Mapping[str, Any]:
+    """``preset: NAME`` at the top level: the preset's mapping merged under the document's own
+    keys (see :mod:`samplerkit.presets`). An unknown name is collected with the other problems."""
+    if "preset" not in data:
+        return data
+    from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
+
+    name = data["preset"]
+    if not isinstance(name, str) or name not in list_presets():
+        issues.append(ConfigIssue("preset", unknown_preset_message(name)))
+        return {k: v for k, v in data.items() if k != "preset"}
+    return apply_preset(data)
 
 
 def _resolve_pipeline_entry(index: int, entry: Any, registry: Registry, issues: list[ConfigIssue]) -> StepSpec | None:
@@ -319,6 +335,15 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 
+def validate_generation(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
+    """``base`` with some options replaced; errors are a located :class:`ConfigError`."""
+    try:
+        return GenerationConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        issues = [_issue_for_section({**err, "loc": ("generation", *err["loc"])}) for err in exc.errors()]
+        raise ConfigError(issues) from None
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     """Apply ``key.path=value`` (the CLI's ``--set``); the value is parsed as YAML.
 
@@ -361,10 +386,14 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
         if child is None or (not isinstance(child, (dict, list))):
             # Expand shorthands so the path can go deeper: `sampler: greedy` ->
             # {name: greedy}; `- top_p: 0.9` -> {top_p: 0.9}.
-            if tok in ("backend", "sampler") and isinstance(child, str):
+            in_pipeline_step = depth == 2 and tokens[0] == "pipeline" and isinstance(tokens[1], int)
+            if tok in ("backend", "sampler") and depth == 0 and isinstance(child, str):
                 child = {"name": child}
-            elif child is not None:
+            elif child is not None and in_pipeline_step:
                 child = {tok: child}
+            elif child is not None:
+                path = key[:key.index(str(tok)) + len(str(tok))]
+                raise ConfigError(ConfigIssue(f"--set {key}", f"{path} is a value ({child!r}), not a mapping to set keys in"))
             else:
                 child = [] if isinstance(tokens[depth + 1], int) else {}
             node[tok] = child

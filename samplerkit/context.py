@@ -25,13 +25,17 @@ class StepContext:
             a step ``uses`` ``"counts"``; otherwise ``None``).
         state: per-row tensors owned by steps (first dimension ``B``), e.g. mirostat's ``mu``;
             kept aligned with rows by the loop.
+        eos_token_ids: the ids that end a row (the backend's EOS ids plus the run's
+            ``stop_token_ids``), filled by the decode loop; empty when unknown (``min_tokens``
+            reads it).
     """
 
     def __init__(self, batch_size: int, vocab_size: int | None = None, *,
                  prompt_ids: Sequence[Sequence[int]] | None = None,
                  uses: frozenset[str] = frozenset(), max_new_tokens: int = 0,
-                 device: torch.device | str = "cpu"):
+                 eos_token_ids: Sequence[int] = (), device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(set(eos_token_ids)))
         self.vocab_size = vocab_size
         self.prompt_ids: list[list[int]] = [list(p) for p in prompt_ids] if prompt_ids else [[] for _ in range(batch_size)]
         self.num_generated = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
@@ -41,6 +45,7 @@ class StepContext:
         self.counts = (torch.zeros(batch_size, vocab_size, dtype=torch.int32, device=self.device)
                        if "counts" in uses and vocab_size else None)
         self.state: dict[str, torch.Tensor] = {}
+        self._prompt_tensor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +60,45 @@ class StepContext:
             self.counts.scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=torch.int32).unsqueeze(1))
         self.num_generated += 1
 
+    def prompt_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts as ``([B, P] int64 ids right-padded with -1, [B] int64 lengths)``.
+
+        Built from :attr:`prompt_ids` on first use and then kept (and row-selected) with the
+        context, so steps that need the prompt on the device pay for it once per batch.
+        """
+        if self._prompt_tensor is None:
+            lengths = [len(p) for p in self.prompt_ids]
+            ids = torch.full((len(lengths), max(lengths, default=0)), -1, dtype=torch.int64)
+            for i, p in enumerate(self.prompt_ids):
+                ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.int64)
+            self._prompt_tensor = (ids.to(self.device), torch.tensor(lengths, dtype=torch.int64, device=self.device))
+        return self._prompt_tensor
+
+    def context_ids(self, include_prompt: bool = True) -> torch.Tensor:
+        """Each row's history ``[B, L]`` int64, **right-aligned**: the prompt (if
+        ``include_prompt``) then the generated tokens, the newest in column ``L - 1``; ``-1``
+        pads the left. ``L`` is a bound known without a device sync (prompt width plus the
+        ``generated`` buffer's width), so some columns may be padding in every row. Aligning
+        the ends lets suffix matches (n-grams, DRY) run as whole-batch tensor ops. Without a
+        ``generated`` buffer (no step declared ``uses = {"generated"}``), only the prompt.
+        """
+        batch = self.batch_size
+        gen = self.generated if self.generated is not None else torch.full((batch, 0), -1, dtype=torch.int64, device=self.device)
+        n_gen = self.num_generated.clamp(max=gen.shape[1]) if self.generated is not None else torch.zeros_like(self.num_generated)
+        if include_prompt:
+            prompt, p_len = self.prompt_tensor()
+        else:
+            prompt = gen.new_full((batch, 0), -1)
+            p_len = torch.zeros_like(n_gen)
+        width = prompt.shape[1]
+        joined = torch.cat([prompt, gen], dim=1)
+        cols = joined.shape[1]
+        if cols == 0:
+            return joined
+        pos = torch.arange(cols, device=self.device) - (cols - (p_len + n_gen)).unsqueeze(1)   # index in the row's sequence
+        src = torch.where(pos < p_len.unsqueeze(1), pos, pos - p_len.unsqueeze(1) + width).clamp_(0, cols - 1)
+        return joined.gather(1, src).masked_fill_(pos < 0, -1)
+
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep these rows, in this order (repeats duplicate a row): mirrors the backend."""
         index = torch.as_tensor(list(keep), dtype=torch.int64, device=self.device)
@@ -65,3 +109,5 @@ class StepContext:
         if self.counts is not None:
             self.counts = self.counts.index_select(0, index)
         self.state = {k: v.index_select(0, index) for k, v in self.state.items()}
+        if self._prompt_tensor is not None:
+            self._prompt_tensor = tuple(t.index_select(0, index) for t in self._prompt_tensor)

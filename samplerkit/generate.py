@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from samplerkit.backend import Backend
-from samplerkit.config import RunConfig, read_yaml, resolve
+from samplerkit.config import RunConfig, read_yaml, resolve, validate_generation
 from samplerkit.context import StepContext
 from samplerkit.detokenize import IncrementalDetokenizer, StopMatcher
 from samplerkit.errors import GenerationError, SamplerkitError
@@ -151,7 +151,7 @@ class _Run:
         self.pipeline = owner.pipeline
         gen = owner.config.generation
         if overrides:
-            gen = gen.model_validate({**gen.model_dump(), **overrides})
+            gen = validate_generation(gen, overrides)
         self.gen = gen
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts:
@@ -220,7 +220,8 @@ class _Run:
         overrides = None if self.row_overrides is None else [self.row_overrides[i] for i in fan_out]
         bound = self.pipeline.bind(overrides if overrides is not None else len(self.rows), seeds=self._row_seed_list())
         ctx = StepContext(len(self.rows), logits.shape[-1], prompt_ids=[self.prompt_ids[i] for i in fan_out],
-                          uses=self.pipeline.uses, max_new_tokens=gen.max_new_tokens, device=logits.device)
+                          uses=self.pipeline.uses, max_new_tokens=gen.max_new_tokens,
+                          eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids], device=logits.device)
         stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
         stop_ids |= set(gen.stop_token_ids)
         budget = [self._budget(self.prompt_ids[i]) for i in fan_out]

@@ -92,7 +92,7 @@ class Pipeline:
                     raise ConfigError(ConfigIssue("seeds", f"sampler {self.sampler.name!r} takes no seed"))
             else:
                 row_specs = [
-                    (procs, samp if seed is None else samp.with_params({"seed": seed}, f"seeds[{i}]"))
+                    (procs, samp if seed is None else _with_seed(samp, seed, i))
                     for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
         bound = BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
         if isinstance(rows, int) and seeds is None and not self.sampler.cls.stochastic:
@@ -270,6 +270,16 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
         raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
                           f"processors must return float32 logits of shape {tuple(shape)}")
     return out
+
+
+def _with_seed(spec: StepSpec, seed: int, row: int) -> StepSpec:
+    """``spec`` with another seed; checked here and copied without re-validating the rest,
+    since binding large batches row by row through pydantic is slow."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(ConfigIssue(f"seeds[{row}]", f"must be an integer or None, got {seed!r}"))
+    if not 0 <= seed < 2**63:             # out of range: the validator's own message
+        return spec.with_params({"seed": seed}, f"seeds[{row}]")
+    return StepSpec(spec.cls, spec.params.model_copy(update={"seed": seed}), spec.location, spec.plugin)
 
 
 def _valid_rows(dense: torch.Tensor | None, candidates) -> torch.Tensor:

@@ -37,7 +37,10 @@ class Step:
             raise ValueError(f"{type(self).__name__} needs parameters for at least one row")
         self.rows: tuple[StepParams, ...] = tuple(rows)
         self.device = torch.device(device)
-        neutral = [row.is_neutral() for row in self.rows]
+        # Rows usually share one params object: ask each distinct object once.
+        neutral_by_id: dict[int, bool] = {}
+        neutral = [neutral_by_id.setdefault(id(row), row.is_neutral()) if id(row) not in neutral_by_id
+                   else neutral_by_id[id(row)] for row in self.rows]
         #: Host-side flags, computed once per batch composition.
         self.any_active: bool = not all(neutral)
         self.all_active: bool = not any(neutral)
