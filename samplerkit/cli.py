@@ -1,4 +1,4 @@
-"""The ``samplerkit`` command: generate, plugins, validate, schema.
+"""The ``samplerkit`` command: generate, plugins, validate, presets, schema.
 
 User errors (bad config, unknown names, missing model) print one clear message on stderr
 and exit with status 2; no tracebacks (``SAMPLERKIT_DEBUG=1`` shows them).
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "pipeline (temperature 0.6 -> top_p 0.9, categorical).")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
     _config_args(g)
+    g.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`); "
+                                                     "the config file and --set override it")
     g.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model)")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     g.add_argument("--seed", type=int, help="sampler seed (sets sampler.seed)")
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("config_file", metavar="FILE")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
 
+    sub.add_parser("presets", help="list the shipped presets with their pipelines")
+
     s = sub.add_parser("schema", help="print the JSON Schema of the run config (plugins included)")
     s.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
     return parser
@@ -56,10 +60,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set sampler.seed=3 or --set pipeline[1].top_p=0.5 (repeatable)")
 
 
-def _build_config_data(config_file: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+def _build_config_data(config_file: str | None, overrides: Sequence[str], preset: str | None = None) -> tuple[dict[str, Any], str | None]:
     from samplerkit.config import apply_override, read_yaml
+    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
 
     data = read_yaml(config_file) if config_file else {}
+    if preset is not None:
+        data = {**data, PRESET_KEY: preset}
+    # Expand a known preset before --set, so `--set pipeline[1].top_p=0.5` edits its pipeline
+    # (an unknown name stays for resolve() to report with every other problem).
+    if data.get(PRESET_KEY) in list_presets():
+        data = apply_preset(data)
     for assignment in overrides:
         data = apply_override(data, assignment)
     return data, config_file
@@ -89,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overrides.append(f"generation.n={args.n}")
     if args.chat:
         overrides.append("generation.chat=true")
-    data, source = _build_config_data(args.config, overrides)
+    data, source = _build_config_data(args.config, overrides, args.preset)
     config, registry = _resolve(data, source)
     generator = Generator(config, registry=registry)
     n_rows = len(args.prompts) * config.generation.n
@@ -156,6 +167,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from samplerkit.pipeline import Pipeline
+    from samplerkit.presets import describe_preset, list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name}  {describe_preset(name)}")
+        try:
+            config, _ = _resolve(load_preset(name), f"preset {name}")
+            print(f"    {Pipeline.from_config(config).describe()}")
+        except SamplerkitError as exc:            # e.g. a step's plugin is blocked
+            print(f"    (unavailable: {exc})")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from samplerkit.registry import default_registry
     from samplerkit.schema import run_config_schema
@@ -164,7 +189,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "validate": cmd_validate, "schema": cmd_schema}
+COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "validate": cmd_validate, "presets": cmd_presets,
+            "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,8 +147,14 @@ class BoundPipeline:
     def select_rows(self, keep: Sequence[int]) -> BoundPipeline:
         """The same per-row parameters for a subset (or fan-out) of the rows."""
         bound = BoundPipeline(self.pipeline, [self._row_processors[i] for i in keep], [self._row_samplers[i] for i in keep])
-        if hasattr(self.sampler, "seeds"):   # unseeded rows keep the seed drawn for them
-            bound.sampler.seeds = self.sampler.seeds[torch.as_tensor(list(keep), dtype=torch.int64, device=self.sampler.seeds.device)]
+        # Random streams follow their rows: a row without a seed keeps the one drawn for it
+        # when the batch was formed (steps keep their per-row seeds in a `seeds` tensor).
+        index = torch.as_tensor(list(keep), dtype=torch.int64)
+        before = {id(spec): step for spec, step in self.steps}
+        pairs = [(before.get(id(spec)), step) for spec, step in bound.steps] + [(self.sampler, bound.sampler)]
+        for old, new in pairs:
+            if isinstance(getattr(old, "seeds", None), torch.Tensor) and isinstance(getattr(new, "seeds", None), torch.Tensor):
+                new.seeds = old.seeds.index_select(0, index.to(old.seeds.device))
         return bound
 
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:

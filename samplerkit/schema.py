@@ -6,9 +6,10 @@ starts with ``# yaml-language-server: $schema=samplerkit.schema.json``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
-from samplerkit.config import GenerationConfig, PluginsConfig
+
+from samplerkit.config import GenerationConfig, InvalidPolicy, PluginsConfig
 from samplerkit.registry import Registry
 
 
@@ -59,8 +60,18 @@ def run_config_schema(registry: Registry) -> dict[str, Any]:
             "sampler": _named_section(registry, "sampler"),
             "generation": generation,
             "plugins": plugins,
+            "on_invalid": {"enum": list(get_args(InvalidPolicy)), "default": "raise",
+                           "description": "what to do with rows whose logits are NaN, +inf or empty"},
+            "preset": {"type": "string", "enum": _preset_names(),
+                       "description": "start from this shipped preset; the document's own sections override it"},
         },
     }
+
+
+def _preset_names() -> list[str]:
+    from samplerkit.presets import list_presets
+
+    return list_presets()
 
 
 def _first_line(doc: str | None) -> str:

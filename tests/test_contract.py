@@ -8,7 +8,9 @@ import torch
 from pydantic import Field
 
 from samplerkit import Processor, Sampler, StepParams
+from samplerkit.builtins.penalties import BUILTIN_PENALTIES
 from samplerkit.builtins.processors import BUILTIN_PROCESSORS
+from samplerkit.builtins.shaping import BUILTIN_SHAPING
 from samplerkit.builtins.samplers import BUILTIN_SAMPLERS
 from samplerkit.ops import NEG_INF
 from samplerkit.registry import default_registry
@@ -35,7 +37,7 @@ def test_sampler_contract(cls):
     check_sampler(cls)
 
 
-@pytest.mark.parametrize("cls", [*BUILTIN_PROCESSORS, *BUILTIN_SAMPLERS], ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", [*BUILTIN_PROCESSORS, *BUILTIN_PENALTIES, *BUILTIN_SHAPING, *BUILTIN_SAMPLERS], ids=lambda c: c.name)
 def test_builtins_have_non_neutral_examples(cls):
     assert f"{cls.__module__}.{cls.__qualname__}" in BUILTIN_EXAMPLES
     examples = examples_for(cls)

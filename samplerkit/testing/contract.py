@@ -48,9 +48,45 @@ BUILTIN_EXAMPLES: dict[str, list[dict[str, Any]]] = {
         {"top_p": 0.05}, {"top_p": 0.5}, {"top_p": 0.9}, {"top_p": 0.999}],
     "samplerkit.builtins.processors.min_p.MinP": [
         {"min_p": 0.05}, {"min_p": 0.5}, {"min_p": 1.0}],
+    "samplerkit.builtins.penalties.repetition_penalty.RepetitionPenalty": [
+        {"repetition_penalty": 1.3}, {"repetition_penalty": 0.7, "last_n": 2},
+        {"repetition_penalty": 5.0, "include_prompt": False}],
+    "samplerkit.builtins.penalties.frequency_presence.FrequencyPenalty": [
+        {"frequency_penalty": 0.5}, {"frequency_penalty": -2.0}, {"frequency_penalty": 2.0}],
+    "samplerkit.builtins.penalties.frequency_presence.PresencePenalty": [
+        {"presence_penalty": 0.5}, {"presence_penalty": -2.0}, {"presence_penalty": 2.0}],
+    "samplerkit.builtins.penalties.logit_bias.LogitBias": [
+        {"bias": {0: 5.0, 31: -100.0}}, {"bias": {3: 0.5}}, {"bias": {10: 100.0, 11: -0.25}}],
+    "samplerkit.builtins.penalties.bad_words.BadWords": [
+        {"bad_words": [[0], [5, 6]]}, {"bad_words": [[1, 2, 3], [31], [10]]}, {"bad_words": [[7, 8], [14]]}],
+    "samplerkit.builtins.penalties.allowed_tokens.AllowedTokens": [
+        {"allowed_tokens": [0, 1, 2]}, {"allowed_tokens": [31]}, {"allowed_tokens": [10, 16]}],
+    "samplerkit.builtins.penalties.min_tokens.MinTokens": [
+        {"min_tokens": 5, "eos_token_ids": [0, 31]}, {"min_tokens": 1, "eos_token_ids": [10]},
+        {"min_tokens": 100, "eos_token_ids": [10, 11]}],
+    "samplerkit.builtins.penalties.no_repeat_ngram.NoRepeatNgram": [
+        {"no_repeat_ngram": 1}, {"no_repeat_ngram": 2}, {"no_repeat_ngram": 3}],
+    "samplerkit.builtins.penalties.dry.Dry": [
+        {"multiplier": 0.8}, {"multiplier": 2.0, "base": 3.0, "allowed_length": 1, "sequence_breakers": [0]},
+        {"multiplier": 1e30, "base": 100.0, "allowed_length": 1, "penalty_last_n": 4}],
     "samplerkit.builtins.samplers.categorical.Categorical": [
         {"seed": 0}, {"seed": 12345}, {"seed": 2**62 + 7}, {"seed": None}],
     "samplerkit.builtins.samplers.greedy.Greedy": [],
+    "samplerkit.builtins.shaping.typical.TypicalP": [
+        {"typical_p": 0.2}, {"typical_p": 0.9}, {"typical_p": 0.5, "min_tokens_to_keep": 3}],
+    "samplerkit.builtins.shaping.cutoffs.EpsilonCutoff": [
+        {"epsilon_cutoff": 3e-4}, {"epsilon_cutoff": 0.05}, {"epsilon_cutoff": 0.9, "min_tokens_to_keep": 2}],
+    "samplerkit.builtins.shaping.cutoffs.EtaCutoff": [
+        {"eta_cutoff": 2e-3}, {"eta_cutoff": 0.1}, {"eta_cutoff": 0.9, "min_tokens_to_keep": 3}],
+    "samplerkit.builtins.shaping.top_a.TopA": [{"top_a": 0.2}, {"top_a": 1.0}],
+    "samplerkit.builtins.shaping.tfs.TailFree": [{"tfs": 0.95}, {"tfs": 0.5}, {"tfs": 0.0, "min_keep": 2}],
+    "samplerkit.builtins.shaping.top_n_sigma.TopNSigma": [{"top_n_sigma": 1.0}, {"top_n_sigma": 0.1}, {"top_n_sigma": 3.0}],
+    "samplerkit.builtins.shaping.dynamic_temperature.DynamicTemperature": [
+        {"low": 0.5, "high": 1.5}, {"low": 0.0, "high": 2.0, "exponent": 0.5}, {"low": 0.7, "high": 0.7}],
+    "samplerkit.builtins.shaping.smoothing.Smoothing": [
+        {"smoothing_factor": 0.3}, {"smoothing_factor": 2.0, "smoothing_curve": 2.5}],
+    "samplerkit.builtins.shaping.xtc.Xtc": [
+        {"threshold": 0.1, "probability": 1.0, "seed": 0}, {"threshold": 0.05, "probability": 0.5, "seed": 7}],
 }
 
 _DEFAULT_SEEDS = (0, 1, 987654321)

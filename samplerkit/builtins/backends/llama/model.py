@@ -82,7 +82,9 @@ class LlamaModel:
             return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
 
         def fuse_t(*names: str) -> torch.Tensor:
-            return torch.cat([take(n) for n in names], dim=0).t().contiguous()
+            # [W1; W2; ...]^T written in one copy: cat of the transposed views along dim 1.
+            parts = [weights.pop(n).to(device=self.device, dtype=dtype) for n in names]
+            return torch.cat([w.t() for w in parts], dim=1)
 
         self.embed = take("embed")
         self.layers: list[_Layer] = []
@@ -157,7 +159,7 @@ class LlamaModel:
         idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
             raise IndexError(f"select_rows: index out of range for batch of {self.batch_size}")
-        n, cap = self._len, self._k.shape[3]
+        n = self._len
         k = self._k.new_zeros(self._k.shape[0], idx.numel(), *self._k.shape[2:])
         v = torch.zeros_like(k)
         k[:, :, :, :n] = self._k[:, :, :, :n].index_select(1, idx)
@@ -166,7 +168,6 @@ class LlamaModel:
         self._pad = self._pad.index_select(0, idx)
         self._key_ok = self._key_ok.index_select(0, idx)
         self._any_pad = bool(self._pad.any()) if idx.numel() else False
-        assert self._k.shape[3] == cap
         self._layer_views()
 
     # -- compute ----------------------------------------------------------------------
@@ -269,8 +270,8 @@ class LlamaModel:
             # "queries", so GQA needs neither repeat_kv nor a causal mask.
             q = q.view(B, kvh, self._n_rep, d)
             a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=mask)
-            h = h + torch.matmul(a.view(B, 1, self._n_q), layer.wo)
-            h = h + self._mlp(layer, h)
+            h.add_(torch.matmul(a.view(B, 1, self._n_q), layer.wo))  # h is ours: add in place
+            h.add_(self._mlp(layer, h))
         self._len = t + 1
         h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -1,0 +1,32 @@
+"""Top-n-sigma truncation."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from samplerkit.builtins.shaping._base import MaskProcessor
+from samplerkit.ops.shaping import top_n_sigma_mask
+from samplerkit.params import StepParams
+
+
+class TopNSigma(MaskProcessor):
+    """Keep logits within ``n`` standard deviations of the top: ``x_i >= max(x) - n * std(x)``.
+
+    llama.cpp's ``top_n_sigma`` (Tang et al. 2024): mean and population standard deviation over
+    the row's finite logits, on raw logits (so it is temperature-invariant in what it keeps when
+    placed before ``temperature``). ``top_n_sigma = 0`` is neutral (llama.cpp disables it with
+    any value ``<= 0``; its default is ``-1``). Usually followed by ``temperature``.
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> TopNSigma([TopNSigma.Params(top_n_sigma=1.0)]).apply(torch.tensor([[4.0, 3.0, 1.0, 0.0]]), StepContext(1))
+    tensor([[4., 3., -inf, -inf]])
+    """
+
+    name = "top_n_sigma"
+
+    class Params(StepParams):
+        top_n_sigma: float = Field(0.0, ge=0.0, description="standard deviations below the top logit kept; 0 disables")
+
+    def keep(self, logits, ctx):
+        return top_n_sigma_mask(logits, self.p.top_n_sigma)

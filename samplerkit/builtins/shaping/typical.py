@@ -1,0 +1,43 @@
+"""Locally typical sampling."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from samplerkit.builtins.shaping._base import MaskProcessor
+from samplerkit.ops.shaping import typical_mask
+from samplerkit.params import StepParams
+
+
+class TypicalP(MaskProcessor):
+    """Keep the tokens whose surprise ``-log p_i`` is closest to the entropy ``H``, up to mass ``typical_p``.
+
+    Tokens ranked by ``|-log p_i - H|`` ascending; the smallest prefix whose probability reaches
+    ``typical_p`` is kept (transformers' ``TypicalLogitsWarper``, Meister et al. 2022), and at
+    least ``min_tokens_to_keep`` tokens. ``typical_p = 1`` is neutral. Usually combined with
+    ``temperature`` (transformers applies it after ``top_k``/``top_p``/``min_p``).
+
+    >>> import torch
+    >>> from samplerkit.context import StepContext
+    >>> x = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    >>> TypicalP([TypicalP.Params(typical_p=0.45)]).apply(x, StepContext(1)).exp()
+    tensor([[0.0000, 0.3000, 0.2000, 0.0000]])
+    """
+
+    name = "typical_p"
+    # The most probable token may be atypical and removed.
+    argmax_invariant = False
+
+    class Params(StepParams):
+        typical_p: float = Field(1.0, gt=0.0, le=1.0, description="probability mass of the most typical tokens kept; 1 disables")
+        min_tokens_to_keep: int = Field(1, ge=1, description="keep at least this many tokens (first in the typicality ranking)")
+
+        def is_neutral(self) -> bool:
+            return self.typical_p >= 1.0
+
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        self._min_keep_max = max(row.min_tokens_to_keep for row in self.rows)
+
+    def keep(self, logits, ctx):
+        return typical_mask(logits, self.p.typical_p, self.p.min_tokens_to_keep, self._min_keep_max)

@@ -1,0 +1,182 @@
+"""Truncation and shaping math shared by :mod:`samplerkit.builtins.shaping` (pure functions).
+
+Every function takes ``[B, V]`` float32 logits (``-inf`` = already removed) and per-row
+``[B]`` parameter tensors, and returns a kept mask (``True`` = kept) or new logits. They are
+computed for every row; the processors restrict them to their active rows. Tokens that are
+already ``-inf`` count as absent, as in llama.cpp where earlier samplers shrink the candidate
+list: statistics (entropy, standard deviation, candidate counts) are over finite logits only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats ``[B]`` of ``softmax(logits)``, in float64 (``0 log 0 = 0``).
+
+    >>> entropy(torch.log(torch.tensor([[0.5, 0.5, 0.0]]))).item() == math.log(2)
+    True
+    """
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    p = logp.exp()
+    return -(p * logp).nan_to_num(nan=0.0).sum(-1)
+
+
+def keep_top_count(logits: torch.Tensor, count: torch.Tensor, count_max: int) -> torch.Tensor:
+    """Tokens at or above the ``count[b]``-th highest logit of row ``b`` (transformers'
+    ``min_tokens_to_keep`` rule: ``scores >= topk(scores, k)[-1]``, ties included)."""
+    k = min(max(count_max, 1), logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values.gather(-1, (count.clamp(min=1, max=k) - 1).unsqueeze(-1))
+    return logits >= kth
+
+
+def typical_mask(logits: torch.Tensor, mass: torch.Tensor, min_keep: torch.Tensor, min_keep_max: int) -> torch.Tensor:
+    """Locally typical sampling (transformers ``TypicalLogitsWarper``).
+
+    Tokens are ranked by ``|-log p_i - H|`` (distance of their surprise from the entropy),
+    ascending; the smallest prefix whose probability reaches ``mass`` is kept, with every token
+    whose distance ties the last kept one, and at least the first ``min_keep`` of the ranking
+    (ties in the ranking: the lower token id first).
+
+    >>> x = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    >>> typical_mask(x, torch.tensor([0.45]), torch.tensor([1]), 1)
+    tensor([[False,  True,  True, False]])
+    """
+    normalized = torch.log_softmax(logits, dim=-1)
+    p = normalized.exp()
+    ent = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = ((-normalized) - ent).abs()
+    sorted_scores, order = shifted.sort(dim=-1, stable=True)
+    # float64 running mass (as the nucleus): a float32 cumsum drifts over large vocabularies.
+    cumulative = p.gather(-1, order).double().cumsum(-1)
+    last = (cumulative < mass.double().unsqueeze(-1)).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    keep_sorted = sorted_scores <= sorted_scores.gather(-1, last)
+    width = min(max(min_keep_max, 1), logits.shape[-1])
+    keep_sorted[:, :width] |= torch.arange(width, device=logits.device) < min_keep.unsqueeze(-1)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def epsilon_mask(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """Keep ``p_i >= epsilon`` (transformers ``EpsilonLogitsWarper``, before min-keep)."""
+    return logits.softmax(dim=-1) >= epsilon.unsqueeze(-1)
+
+
+def eta_threshold(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """``eta = min(epsilon, sqrt(epsilon) * exp(-H))`` as ``[B, 1]`` (transformers ``EtaLogitsWarper``,
+    float32 with its entropy: ``log p`` clamped to the float32 minimum so ``0 * -inf`` is 0)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    ent = -(logp.clamp(min=torch.finfo(logp.dtype).min) * logp.exp()).sum(-1)
+    return torch.minimum(epsilon, epsilon.sqrt() * torch.exp(-ent)).unsqueeze(-1)
+
+
+def top_a_mask(logits: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Keep ``p_i >= a * max_j(p_j)^2`` (text-generation-webui's top-a; the top token always stays)."""
+    p = logits.softmax(dim=-1)
+    p_max = p.amax(dim=-1, keepdim=True)
+    return p >= p_max * p_max * a.unsqueeze(-1)
+
+
+def tail_free_mask(logits: torch.Tensor, z: torch.Tensor, min_keep: torch.Tensor) -> torch.Tensor:
+    """Tail-free sampling (llama.cpp ``llama_sample_tail_free``) over each row's finite logits.
+
+    With ``p`` sorted descending over the ``n`` finite tokens, ``d_i = |p_i - 2 p_{i+1} + p_{i+2}|``
+    for ``i < n - 2``, normalised to sum 1 (uniform when the sum is ``<= 1e-6``); the cut is the
+    first ``i >= min_keep`` whose running sum exceeds ``z``, keeping the ``i`` most probable tokens.
+    Rows with ``n <= 2`` are unchanged. Position ties: the lower token id ranks first.
+
+    >>> x = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.06, 0.04]]))
+    >>> tail_free_mask(x, torch.tensor([0.5]), torch.tensor([1]))
+    tensor([[ True, False, False, False, False]])
+    """
+    values, order = logits.sort(dim=-1, descending=True, stable=True)
+    vocab = logits.shape[-1]
+    n = torch.isfinite(values).sum(-1, keepdim=True)
+    p = torch.softmax(values.double(), dim=-1).nan_to_num(nan=0.0)
+    if vocab < 3:
+        return torch.ones_like(logits, dtype=torch.bool)
+    second = (p[:, :-2] - 2 * p[:, 1:-1] + p[:, 2:]).abs()                  # [B, V-2]
+    pos = torch.arange(vocab - 2, device=logits.device)
+    valid = pos < (n - 2)
+    second = second.masked_fill(~valid, 0.0)
+    total = second.sum(-1, keepdim=True)
+    uniform = valid.double() / (n - 2).clamp(min=1).double()
+    weights = torch.where(total > 1e-6, second / total.clamp(min=1e-300), uniform)
+    over = (weights.cumsum(-1) > z.double().unsqueeze(-1)) & valid & (pos >= min_keep.unsqueeze(-1))
+    # First qualifying i, or keep everything (llama.cpp's last_idx = size) when none.
+    first = torch.where(over.any(-1, keepdim=True), over.to(torch.int8).argmax(-1, keepdim=True), torch.full_like(n, vocab))
+    keep_sorted = torch.arange(vocab, device=logits.device) < first
+    keep_sorted |= (n <= 2)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def top_n_sigma_mask(logits: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Keep ``x_i >= max(x) - n * std(x)`` (llama.cpp ``top_n_sigma``): mean and population
+    standard deviation over the row's finite logits, in float64.
+
+    >>> top_n_sigma_mask(torch.tensor([[4.0, 3.0, 1.0, 0.0]]), torch.tensor([1.0]))
+    tensor([[ True,  True, False, False]])
+    """
+    finite = torch.isfinite(logits)
+    x = logits.double().masked_fill(~finite, 0.0)
+    count = finite.sum(-1, keepdim=True).clamp(min=1).double()
+    mean = x.sum(-1, keepdim=True) / count
+    var = ((x - mean).masked_fill(~finite, 0.0) ** 2).sum(-1, keepdim=True) / count
+    top = logits.amax(dim=-1, keepdim=True).double()
+    return logits.double() >= top - n.double().unsqueeze(-1) * var.sqrt()
+
+
+def dynamic_temperature(logits: torch.Tensor, low: torch.Tensor, high: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """Per-row temperature ``[B]`` (float64) ``T = low + (high - low) * (H / log n)^exponent``,
+    with ``H`` the entropy and ``n`` the number of finite logits (llama.cpp ``temp_ext``);
+    ``T = 1`` for rows with fewer than two finite logits.
+
+    >>> dynamic_temperature(torch.zeros(1, 4), torch.tensor([0.5]), torch.tensor([1.5]), torch.tensor([1.0]))
+    tensor([1.5000], dtype=torch.float64)
+    """
+    n = torch.isfinite(logits).sum(-1)
+    h_max = n.clamp(min=2).double().log()
+    ratio = (entropy(logits) / h_max).clamp(min=0.0, max=1.0)
+    t = low.double() + (high.double() - low.double()) * ratio.pow(exponent.double())
+    return torch.where(n > 1, t, torch.ones_like(t))
+
+
+def quadratic_smoothing(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """text-generation-webui's quadratic sampling, per row (its ``max`` is over the row):
+    with ``d = x - max(x)``, ``k = (3 - curve) / 2``, ``s = (curve - 1) / 2``:
+    ``x' = max(x) - k f d^2 + s f d^3``; ``-inf`` stays ``-inf``.
+
+    >>> quadratic_smoothing(torch.tensor([[2.0, 1.0, float('-inf')]]), torch.tensor([0.5]), torch.tensor([1.0]))
+    tensor([[2.0000, 1.5000,   -inf]])
+    """
+    top = logits.amax(dim=-1, keepdim=True)
+    d = logits - top
+    f = factor.unsqueeze(-1)
+    c = curve.unsqueeze(-1)
+    k = (3 - c) / 2
+    s = (c - 1) / 2
+    out = -(k * f * d * d) + (s * f * d * d * d) + top
+    return torch.where(torch.isfinite(logits), out, logits)
+
+
+def xtc_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Exclude top choices (llama.cpp ``xtc``): when at least two tokens have ``p >= threshold``,
+    remove all of them but the least probable (tokens tied with it stay too).
+
+    >>> x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    >>> xtc_mask(x, torch.tensor([0.1]))
+    tensor([[False, False,  True,  True]])
+    """
+    p = logits.softmax(dim=-1)
+    above = torch.isfinite(logits) & (p >= threshold.unsqueeze(-1))
+    least = p.masked_fill(~above, float("inf")).amin(dim=-1, keepdim=True)
+    remove = above & (p > least) & (above.sum(-1, keepdim=True) >= 2)
+    return ~remove
+
+
+__all__ = ["dynamic_temperature", "entropy", "epsilon_mask", "eta_threshold", "keep_top_count", "quadratic_smoothing",
+           "tail_free_mask", "top_a_mask", "top_n_sigma_mask", "typical_mask", "xtc_mask"]
