@@ -65,7 +65,7 @@ def test_logits_match_transformers(smollm, hf_smollm):
         with torch.no_grad():
             ref = model(torch.tensor([seqs[i][:-1]])).logits[0, len(p) - 1:]
         diff = (torch.stack(got[i][:-1]) - ref).abs().max().item()
-        assert diff <= 1e-3, diff  # 30 layers, fp32: summation order differs from HF's
+        assert diff <= 1e-4, diff  # measured 5e-5 .. 6e-5 (30 layers, fp32)
 
 
 def test_tokenizer_matches_transformers(smollm, hf_smollm):

@@ -38,8 +38,9 @@ _CACHE_CHUNK = 256
 
 class _Layer:
     """One decoder block's weights, fused for fewer, larger matmuls and stored transposed
-    (``[in, out]``): ``x @ W_t`` measured faster than ``F.linear(x, W)`` for decode-sized ``x``
-    on CPU (MKL picks a better kernel for the skinny-times-wide product), never slower."""
+    (``[in, out]``): ``x @ W_t`` measured up to 2x faster than ``F.linear(x, W)`` for batch-8
+    decode shapes with cache-resident weights on CPU, and never slower; in the full model, where
+    weights stream from DRAM, the two are within noise."""
 
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
 
