@@ -136,6 +136,7 @@ class BoundPipeline:
             if step.any_active:                    # host flag: all-neutral steps are skipped
                 self.steps.append((spec, step))
         self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
+        self._workspace: torch.Tensor | None = None
         # A greedy-style sampler after argmax-invariant processors needs none of them.
         self._skip_for_sampling = (not self.sampler.stochastic and pipeline.sampler.cls.name == "greedy"
                                    and all(s.argmax_invariant for _, s in self.steps))
@@ -250,13 +251,24 @@ class BoundPipeline:
                 dense, candidates = None, selected
                 continue
             if step.inplace and not owned:
-                dense, owned = dense.clone(), True
+                dense, owned = self._owned_copy(dense, reuse=not copy_out), True
             before = dense
             dense = _run_step(spec, step, dense, ctx)
             owned = owned or dense is not before
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates
+
+    def _owned_copy(self, x: torch.Tensor, *, reuse: bool) -> torch.Tensor:
+        """A copy the processors may write into. While sampling, one workspace per bound
+        pipeline is reused from step to step: a fresh ``[B, V]`` allocation costs more in
+        page faults than the copy itself (about 6x on a 32 MB tensor here)."""
+        if not reuse:
+            return x.clone()
+        ws = self._workspace
+        if ws is None or ws.shape != x.shape or ws.device != x.device:
+            ws = self._workspace = torch.empty_like(x)
+        return ws.copy_(x)
 
     def _check_batch(self, logits: torch.Tensor) -> None:
         if logits.dim() != 2:

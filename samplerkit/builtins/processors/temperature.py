@@ -34,7 +34,6 @@ class Temperature(Processor):
 
     name = "temperature"
     argmax_invariant = True
-    inplace = False        # the division writes a new tensor: no defensive copy needed
 
     class Params(StepParams):
         temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1 is neutral, 0 means greedy")
@@ -49,7 +48,7 @@ class Temperature(Processor):
         self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = logits / self._divisor
+        logits = logits.div_(self._divisor)
         if self._any_greedy:
             top = logits.argmax(dim=-1, keepdim=True)
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
