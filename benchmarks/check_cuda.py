@@ -82,7 +82,64 @@ def main() -> int:
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64)))
     check("chi-square categorical after top_p on CUDA", p_value > 1e-6 and int(counts[~kept].sum()) == 0,
           f"(chi2={chi2:.2f}, dof={dof}, p={p_value:.3g}, outside kept set={int(counts[~kept].sum())})")
+    # The two-level sampler on a large vocabulary: most draws come from the tail.
+    vocab, n = 1000, 200_000
+    flat = torch.randn(vocab, generator=g).to(DEVICE) * 0.5
+    pipe = samplerkit.load_pipeline({"backend": "bigram", "pipeline": [], "sampler": "categorical"}, device=DEVICE)
+    ids = pipe.sample(flat.expand(n, -1).contiguous(), seeds=list(range(n)))
+    expected = flat.double().softmax(-1) * n
+    counts = torch.bincount(ids, minlength=vocab).double()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor((vocab - 1) / 2.0, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    check("chi-square categorical, V=1000 untruncated (tail path) on CUDA", p_value > 1e-6,
+          f"(chi2={chi2:.1f}, dof={vocab - 1}, p={p_value:.3g})")
+    check_llama_backend_on_cuda()
     return 1 if failures else 0
+
+
+def check_llama_backend_on_cuda() -> None:
+    """The llama backend on CUDA vs transformers on CUDA, on a tiny random Llama."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    try:
+        import transformers
+    except ImportError:
+        print("skip llama backend on CUDA: transformers is not installed", flush=True)
+        return
+    from samplerkit.builtins.backends.llama import LlamaBackend
+
+    conftest_path = Path(__file__).resolve().parents[1] / "tests" / "backends" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("llama_fixtures", conftest_path)
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**fixtures.TINY, bos_token_id=0, eos_token_id=1)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        fixtures.train_byte_level_bpe().save(str(Path(tmp) / "tokenizer.json"))
+        Path(tmp, "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}')
+        backend = LlamaBackend(LlamaBackend.Params(model=tmp, device=DEVICE))
+        cpu_backend = LlamaBackend(LlamaBackend.Params(model=tmp, device="cpu"))
+    hf = hf.to(DEVICE)
+    prompts = [[0, 5, 9, 33, 2], [0, 7], [0, 100, 101, 102, 103, 104, 105]]
+    out = backend.prefill(prompts).last
+    worst = 0.0
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            ref = hf(torch.tensor([prompt], device=DEVICE)).logits[0, -1].float()
+            worst = max(worst, float((out[row] - ref).abs().max()))
+    check("llama backend prefill on CUDA == transformers on CUDA", worst <= 1e-4, f"(max abs diff {worst:.2e})")
+    config = {"backend": "bigram", "pipeline": [], "sampler": "greedy",
+              "generation": {"max_new_tokens": 16, "ignore_eos": True}}
+    texts = ["The quick brown fox", "Sphinx of"]
+    on_gpu = samplerkit.Generator(config, backend=backend).generate(texts)
+    on_cpu = samplerkit.Generator(config, backend=cpu_backend).generate(texts)
+    same = [a.token_ids == b.token_ids for a, b in zip(on_gpu, on_cpu)]
+    check("greedy generation: CUDA tokens == CPU tokens", all(same), f"({sum(same)}/{len(same)} rows equal)")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,8 @@ class LlamaModel:
             # "queries", so GQA needs neither repeat_kv nor a causal mask.
             q = q.view(B, kvh, self._n_rep, d)
             a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=mask)
-            h.add_(torch.matmul(a.view(B, 1, self._n_q), layer.wo))  # h is ours: add in place
+            # reshape: on CUDA the attention output need not be contiguous.
+            h.add_(torch.matmul(a.reshape(B, 1, self._n_q), layer.wo))  # h is ours: add in place
             h.add_(self._mlp(layer, h))
         self._len = t + 1
         h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)
