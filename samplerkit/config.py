@@ -285,7 +285,7 @@ def _message(err: Mapping[str, Any], field: Any, known: list[str]) -> str:
     if kind == "missing":
         return "is required"
     text = f"{err['msg'][0].lower()}{err['msg'][1:]}"
-    return text if "got" in text else f"{text}, got {value!r}"
+    return f"{text} ({value!r})" if "got" in text else f"{text}, got {value!r}"
 
 
 def _range_text(field: Any) -> str:
@@ -319,7 +319,7 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
     loc = [str(p) for p in err["loc"]]
     if err["type"] == "extra_forbidden" and len(loc) == 1:
         import difflib
-        known = list(_Structure.model_fields)
+        known = [*_Structure.model_fields, "preset"]
         close = difflib.get_close_matches(loc[0], known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else "."
         return ConfigIssue(loc[0], f"unknown section{hint} Sections: {', '.join(known)}")
