@@ -73,8 +73,13 @@ def timeit(fn, reps: int, device: str) -> float:
 
 def build_transformers(params):
     try:
-        from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
+        from transformers import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
     except ImportError:
         return None
     temperature, top_k, top_p, min_p = params

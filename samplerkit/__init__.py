@@ -19,14 +19,21 @@ from typing import Any
 from samplerkit.backend import Backend, PrefillOutput
 from samplerkit.config import RunConfig, StepSpec
 from samplerkit.context import StepContext
-from samplerkit.errors import (ConfigError, GenerationError, InvalidLogitsError, ModelNotFoundError, PluginError,
-                               SamplerkitError, UnknownNameError)
+from samplerkit.errors import (
+    ConfigError,
+    GenerationError,
+    InvalidLogitsError,
+    ModelNotFoundError,
+    PluginError,
+    SamplerkitError,
+    UnknownNameError,
+)
 from samplerkit.generate import Completion, Delta, Generator, TokenLogprob, generate
 from samplerkit.hookspecs import hookimpl
 from samplerkit.params import StepParams
 from samplerkit.pipeline import BoundPipeline, Pipeline
 from samplerkit.registry import Registry, default_registry
-from samplerkit.steps import Processor, Sampler
+from samplerkit.steps import MaskProcessor, Processor, Sampler
 
 __version__ = "0.1.0"
 
@@ -44,7 +51,7 @@ def load_pipeline(source: str | Path | Mapping[str, Any] | RunConfig, *, registr
 
 
 __all__ = [
-    "Backend", "BoundPipeline", "Completion", "ConfigError", "Delta", "GenerationError", "Generator", "InvalidLogitsError",
+    "Backend", "BoundPipeline", "Completion", "ConfigError", "Delta", "GenerationError", "Generator", "InvalidLogitsError", "MaskProcessor",
     "ModelNotFoundError", "Pipeline", "PluginError", "PrefillOutput", "Processor", "Registry", "RunConfig",
     "Sampler", "SamplerkitError", "StepContext", "StepParams", "StepSpec", "TokenLogprob", "UnknownNameError",
     "default_registry", "generate", "hookimpl", "load_pipeline",

@@ -151,7 +151,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 default = default if len(default) <= 40 else default[:37] + "..."
                 print(f"      {f['name']}: {f['type']} = {default}{rng}  {f['description']}")
         print()
-    for name, why in registry.failed.items():
+    for why in registry.failed.values():
         print(f"failed to load: {why}", file=sys.stderr)
     return 0
 

@@ -245,7 +245,7 @@ class _Run:
                     yield Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], "invalid")
                     continue
                 delta, finished = self._advance(row, token, stop_ids, budget[r])
-                if want_logprobs and not (token in stop_ids):
+                if want_logprobs and token not in stop_ids:
                     row.logprobs.append(lp(slot, token))
                 if finished:
                     yield Delta(row.prompt_index, row.sample_index, delta, [token], row.finish_reason)

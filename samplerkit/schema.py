@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-
 from samplerkit.config import GenerationConfig, InvalidPolicy, PluginsConfig
 from samplerkit.registry import Registry
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from samplerkit.context import StepContext
+from samplerkit.ops.candidates import NEG_INF
 from samplerkit.params import NoParams, StepParams
 
 
@@ -86,6 +87,33 @@ class Processor(Step):
         """Apply this step to a candidate list (every other token is ``-inf``); return the new
         values, still sorted descending, or ``None`` if the step needs dense logits."""
         return None
+
+
+class MaskProcessor(Processor):
+    """A truncation written as a kept-token mask: implement :meth:`keep` (dense ``[B, V]``) and,
+    for the candidate-list fast path, optionally :meth:`keep_candidates`. Neutral rows are
+    left unchanged and removed tokens become ``-inf``; the base class does both."""
+
+    argmax_invariant = True
+
+    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """The kept mask ``[B, K]`` of a candidate list, or ``None`` to need dense logits."""
+        return None
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self._remove(logits, self.keep(logits, ctx))
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        keep = self.keep_candidates(values, ids, ctx)
+        return None if keep is None else self._remove(values, keep)
+
+    def _remove(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if not self.all_active:
+            keep = keep | ~self.active.unsqueeze(-1)
+        return x.masked_fill_(~keep, NEG_INF)
 
 
 class Sampler(Step):

@@ -10,8 +10,8 @@ from pydantic import Field
 from samplerkit import Processor, Sampler, StepParams
 from samplerkit.builtins.penalties import BUILTIN_PENALTIES
 from samplerkit.builtins.processors import BUILTIN_PROCESSORS
-from samplerkit.builtins.shaping import BUILTIN_SHAPING
 from samplerkit.builtins.samplers import BUILTIN_SAMPLERS
+from samplerkit.builtins.shaping import BUILTIN_SHAPING
 from samplerkit.ops import NEG_INF
 from samplerkit.registry import default_registry
 from samplerkit.testing import (

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import samplerkit
-from samplerkit.registry import default_registry
 from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
 from samplerkit.ops.random import race_sample_candidates
+from samplerkit.registry import default_registry
 
 N = 50_000
 ALPHA = 1e-6

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import samplerkit
 from samplerkit.cli import main as cli_main
-from samplerkit.config import apply_override, resolve
+from samplerkit.config import resolve
 from samplerkit.errors import SamplerkitError
 from samplerkit.registry import default_registry
 

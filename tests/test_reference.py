@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import samplerkit
-from samplerkit.registry import default_registry
 from samplerkit.builtins.processors import MinP, Temperature, TopK, TopP
 from samplerkit.builtins.samplers import Greedy
 from samplerkit.context import StepContext
 from samplerkit.ops import top_k_mask, top_p_mask, top_p_mask_reference
+from samplerkit.registry import default_registry
 
 INF = math.inf
 

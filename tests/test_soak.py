@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import samplerkit
-from samplerkit.builtins.backends.bigram import BigramBackend, EOS_ID
+from samplerkit.builtins.backends.bigram import EOS_ID, BigramBackend
 from samplerkit.errors import GenerationError
 
 

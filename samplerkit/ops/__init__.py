@@ -3,7 +3,13 @@
 Processors stay thin: they unpack their per-row parameters and call these.
 """
 
-from samplerkit.ops.random import gumbel_noise, race_candidates, race_sample, row_keys, uniform
+from samplerkit.ops.random import (
+    gumbel_noise,
+    race_candidates,
+    race_sample,
+    row_keys,
+    uniform,
+)
 from samplerkit.ops.truncation import (
     NEG_INF,
     min_p_mask,

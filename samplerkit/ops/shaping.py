@@ -9,8 +9,6 @@ list: statistics (entropy, standard deviation, candidate counts) are over finite
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 NEG_INF = float("-inf")
@@ -19,6 +17,7 @@ NEG_INF = float("-inf")
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats ``[B]`` of ``softmax(logits)``, in float64 (``0 log 0 = 0``).
 
+    >>> import math
     >>> entropy(torch.log(torch.tensor([[0.5, 0.5, 0.0]]))).item() == math.log(2)
     True
     """

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
-from samplerkit.builtins.backends.llama import default_model
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, default_model
 from samplerkit.errors import ModelNotFoundError, SamplerkitError
 
 SP_TEXT = ("Hello world. This is a tiny corpus for a tiny sentencepiece model.\n"

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from samplerkit_example import SuppressTokens
 
 import samplerkit
 from samplerkit import ConfigError, StepContext
 from samplerkit.cli import main as cli_main
-from samplerkit_example import SuppressTokens
 
 NEG_INF = float("-inf")
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from samplerkit_mirostat import MU_KEY, Mirostat, MirostatV2, mirostat_k
 
 import samplerkit
 from samplerkit import ConfigError, StepContext
 from samplerkit.ops import row_keys
 from samplerkit.ops.random import race_candidates
 from samplerkit.testing import check_sampler
-from samplerkit_mirostat import MU_KEY, Mirostat, MirostatV2, mirostat_k
 
 NEG_INF = float("-inf")
 
@@ -123,7 +123,7 @@ def test_observed_surprise_tracks_tau():
         step = sampler(cls, tau=4.0, eta=0.1, seed=7)
         ctx = StepContext(1, 256)
         surprises = []
-        for t in range(400):
+        for _ in range(400):
             mu = step.mu(ctx).clone()
             ctx.append(step.sample(x, ctx))
             surprises.append((mu - ctx.state[MU_KEY]).item() / 0.1 + 4.0)    # mu' = mu - eta (s - tau)

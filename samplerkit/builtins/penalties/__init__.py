@@ -3,7 +3,10 @@
 from samplerkit.builtins.penalties.allowed_tokens import AllowedTokens
 from samplerkit.builtins.penalties.bad_words import BadWords
 from samplerkit.builtins.penalties.dry import Dry
-from samplerkit.builtins.penalties.frequency_presence import FrequencyPenalty, PresencePenalty
+from samplerkit.builtins.penalties.frequency_presence import (
+    FrequencyPenalty,
+    PresencePenalty,
+)
 from samplerkit.builtins.penalties.logit_bias import LogitBias
 from samplerkit.builtins.penalties.min_tokens import MinTokens
 from samplerkit.builtins.penalties.no_repeat_ngram import NoRepeatNgram

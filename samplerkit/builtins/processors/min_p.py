@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
-import torch
-
 from samplerkit.ops import NEG_INF, min_p_mask
 from samplerkit.ops.truncation import TOP_P_CANDIDATES, min_p_threshold
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
+from samplerkit.steps import MaskProcessor
 
 
-class MinP(Processor):
+class MinP(MaskProcessor):
     """Keep tokens with ``p_i >= min_p * max_j p_j``; the rest become ``-inf``.
 
     ``min_p = 0`` is neutral. The cut scales with the model's confidence: strict when one
@@ -28,16 +27,12 @@ class MinP(Processor):
     """
 
     name = "min_p"
-    argmax_invariant = True
 
     class Params(StepParams):
         min_p: float = Field(0.0, ge=0.0, le=1.0, description="minimum probability relative to the top token; 0 disables")
 
-    def apply(self, logits, ctx: StepContext):
-        keep = min_p_mask(logits, self.p.min_p)
-        if not self.all_active:
-            keep |= ~self.active.unsqueeze(-1)
-        return logits.masked_fill_(~keep, NEG_INF)
+    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return min_p_mask(logits, self.p.min_p)
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
@@ -49,8 +44,5 @@ class MinP(Processor):
             return None
         return values.masked_fill_(~keep, NEG_INF), ids
 
-    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        keep = values >= min_p_threshold(values[:, :1], self.p.min_p)
-        if not self.all_active:
-            keep |= ~self.active.unsqueeze(-1)
-        return values.masked_fill_(~keep, NEG_INF)
+    def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return values >= min_p_threshold(values[:, :1], self.p.min_p)

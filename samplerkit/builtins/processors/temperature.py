@@ -10,7 +10,6 @@ from samplerkit.ops import NEG_INF
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
-
 #: Temperatures below this are treated as 0 (greedy).
 GREEDY_BELOW = 1e-5
 

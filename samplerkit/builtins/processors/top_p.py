@@ -10,10 +10,10 @@ from samplerkit.ops import NEG_INF, top_p_mask
 from samplerkit.ops.candidates import top_p_on_sorted
 from samplerkit.ops.truncation import TOP_P_CANDIDATES
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
+from samplerkit.steps import MaskProcessor
 
 
-class TopP(Processor):
+class TopP(MaskProcessor):
     """Keep the smallest set of most probable tokens whose total probability reaches ``p``.
 
     Token ``j`` (probabilities sorted descending) is kept iff ``sum_{i<j} p_(i) < p``; tokens
@@ -30,16 +30,12 @@ class TopP(Processor):
     """
 
     name = "top_p"
-    argmax_invariant = True
 
     class Params(StepParams):
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="cumulative probability kept; 1 disables")
 
-    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        keep = top_p_mask(logits, self.p.top_p)
-        if not self.all_active:
-            keep |= ~self.active.unsqueeze(-1)
-        return logits.masked_fill_(~keep, NEG_INF)
+    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return top_p_mask(logits, self.p.top_p)
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
@@ -52,8 +48,5 @@ class TopP(Processor):
             return None
         return values.masked_fill_(~keep, NEG_INF), ids
 
-    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        keep = top_p_on_sorted(values, self.p.top_p)
-        if not self.all_active:
-            keep |= ~self.active.unsqueeze(-1)
-        return values.masked_fill_(~keep, NEG_INF)
+    def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return top_p_on_sorted(values, self.p.top_p)

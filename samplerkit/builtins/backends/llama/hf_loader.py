@@ -13,8 +13,15 @@ from pathlib import Path
 
 import torch
 
-from samplerkit.builtins.backends.llama.config import LlamaConfig, permute_for_interleaved_rope
-from samplerkit.builtins.backends.llama.tokenizer import HFTokenizer, Tokenizer, load_sentencepiece_file
+from samplerkit.builtins.backends.llama.config import (
+    LlamaConfig,
+    permute_for_interleaved_rope,
+)
+from samplerkit.builtins.backends.llama.tokenizer import (
+    HFTokenizer,
+    Tokenizer,
+    load_sentencepiece_file,
+)
 from samplerkit.errors import ModelNotFoundError, SamplerkitError
 
 _LAYER_NAMES = {
