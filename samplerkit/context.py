@@ -7,7 +7,7 @@ here, including plugin state in :attr:`StepContext.state`, follows its row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,14 +28,19 @@ class StepContext:
         eos_token_ids: the ids that end a row (the backend's EOS ids plus the run's
             ``stop_token_ids``), filled by the decode loop; empty when unknown (``min_tokens``
             reads it).
+        tokenize: text to token ids without special tokens (the backend's tokenizer), set by
+            the decode loop; ``None`` outside it. Steps that take strings (``bad_words.words``)
+            tokenize through it once per batch.
     """
 
     def __init__(self, batch_size: int, vocab_size: int | None = None, *,
                  prompt_ids: Sequence[Sequence[int]] | None = None,
                  uses: frozenset[str] = frozenset(), max_new_tokens: int = 0,
-                 eos_token_ids: Sequence[int] = (), device: torch.device | str = "cpu"):
+                 eos_token_ids: Sequence[int] = (), tokenize: Callable[[str], list[int]] | None = None,
+                 device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(set(eos_token_ids)))
+        self.tokenize = tokenize
         self.vocab_size = vocab_size
         self.prompt_ids: list[list[int]] = [list(p) for p in prompt_ids] if prompt_ids else [[] for _ in range(batch_size)]
         self.num_generated = torch.zeros(batch_size, dtype=torch.int64, device=self.device)

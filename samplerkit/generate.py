@@ -221,7 +221,8 @@ class _Run:
         bound = self.pipeline.bind(overrides if overrides is not None else len(self.rows), seeds=self._row_seed_list())
         ctx = StepContext(len(self.rows), logits.shape[-1], prompt_ids=[self.prompt_ids[i] for i in fan_out],
                           uses=self.pipeline.uses, max_new_tokens=gen.max_new_tokens,
-                          eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids], device=logits.device)
+                          eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
+                          tokenize=lambda text: backend.tokenize(text, add_special=False), device=logits.device)
         stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
         stop_ids |= set(gen.stop_token_ids)
         budget = [self._budget(self.prompt_ids[i]) for i in fan_out]

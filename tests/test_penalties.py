@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import samplerkit
 from samplerkit import Generator
 from samplerkit.builtins.backends.bigram import EOS_ID, BigramBackend
 from samplerkit.builtins.penalties import (
@@ -355,3 +356,17 @@ def test_loop_min_tokens_also_delays_stop_token_ids():
     assert all(c.finish_reason == "stop" and len(c.token_ids) < 8 for c in plain)
     out = make([{"min_tokens": 8}], stop_token_ids=[ord(" ")]).generate(["The quick", "A bird"])
     assert all(len(c.token_ids) >= 8 and ord(" ") not in c.token_ids for c in out)
+
+
+def test_bad_words_strings_are_tokenized_by_the_backend_in_the_decode_loop():
+    config = {"backend": "bigram", "sampler": "greedy", "generation": {"max_new_tokens": 60}}
+    free = samplerkit.generate(["T"], {**config, "pipeline": []})[0].text
+    banned = samplerkit.generate(["T"], {**config, "pipeline": [{"bad_words": {"words": ["he", " is"]}}]})[0].text
+    assert "he" in free and " is" in free
+    assert "he" not in banned and " is" not in banned
+
+
+def test_bad_words_strings_outside_the_decode_loop_are_a_clear_error():
+    pipe = samplerkit.load_pipeline({"backend": "bigram", "pipeline": [{"bad_words": {"words": ["he"]}}]})
+    with pytest.raises(samplerkit.PluginError, match="needs the model's tokenizer"):
+        pipe.process(torch.zeros(1, 258))

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from samplerkit.builtins.penalties._common import ban_, check_vocab
 from samplerkit.context import StepContext
+from samplerkit.errors import SamplerkitError
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -21,13 +22,15 @@ class BadWords(Processor):
 
     A one-token sequence is always banned; ``[a, b, c]`` bans ``c`` only right after ``a b``
     (prompt and generated tokens both count, as transformers' ``NoBadWordsLogitsProcessor``).
-    ``bad_words: []`` is neutral. Sequences are **token ids**: processors have no tokenizer,
-    so tokenize words yourself (mind leading-space variants). Ids outside the vocabulary are
-    an error. A row whose every remaining token would be banned is left unchanged. Usually
+    ``bad_words: []`` and ``words: []`` are neutral. ``bad_words`` are token-id sequences;
+    ``words`` are strings, tokenized once per batch with the backend's tokenizer (no special
+    tokens; a word after a space is usually another sequence, so list ``" word"`` too). Ids
+    outside the vocabulary are an error. A row whose every remaining token would be banned is left unchanged. Usually
     first in the pipeline.
 
     >>> import torch
     >>> from samplerkit.context import StepContext
+from samplerkit.errors import SamplerkitError
     >>> ctx = StepContext(1, 4, prompt_ids=[[1]], uses=frozenset({"generated"}), max_new_tokens=2)
     >>> step = BadWords([BadWords.Params(bad_words=[[3], [1, 2], [0, 2]])])
     >>> step.apply(torch.zeros(1, 4), ctx)
@@ -41,10 +44,34 @@ class BadWords(Processor):
         bad_words: list[TokenSequence] = Field(
             default_factory=list,
             description="token-id sequences never completed; [[t]] bans t always; [] disables")
+        words: list[Annotated[str, Field(min_length=1)]] = Field(
+            default_factory=list,
+            description="strings never completed, tokenized with the model's tokenizer; [] disables")
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
-        words = [[list(s) for s in dict.fromkeys(tuple(s) for s in row.bad_words)] for row in self.rows]
+        self._needs_tokenizer = any(row.words for row in self.rows)
+        if not self._needs_tokenizer:
+            self._pack([row.bad_words for row in self.rows])
+
+    def _tokenized(self, tokenize) -> list[list[list[int]]]:
+        if tokenize is None:
+            raise SamplerkitError(
+                "bad_words.words needs the model's tokenizer, which only the decode loop "
+                "(samplerkit.generate) provides; outside it, give token ids in bad_words")
+        per_row = []
+        for row in self.rows:
+            sequences = [list(s) for s in row.bad_words]
+            for word in row.words:
+                ids = list(tokenize(word))
+                if not ids:
+                    raise SamplerkitError(f"bad_words.words: {word!r} tokenizes to no tokens")
+                sequences.append(ids)
+            per_row.append(sequences)
+        return per_row
+
+    def _pack(self, sequences_per_row) -> None:
+        words = [[list(s) for s in dict.fromkeys(tuple(s) for s in row)] for row in sequences_per_row]
         self._largest = max((t for ws in words for s in ws for t in s), default=-1)
         # Per row, one slot per sequence: the id it bans ([B, N]) and its prefix right-aligned
         # in a [B, N, M] table (padding -2 never matches; a one-token word has no prefix, so
@@ -62,6 +89,9 @@ class BadWords(Processor):
         self._last, self._valid, self._prefixes = last.to(self.device), valid.to(self.device), prefixes.to(self.device)
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self._needs_tokenizer:            # strings: tokenized once, on the first step
+            self._pack(self._tokenized(ctx.tokenize))
+            self._needs_tokenizer = False
         check_vocab(self.name, self._largest, logits.shape[-1])
         on = self._valid
         if self._width:
