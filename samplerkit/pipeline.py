@@ -50,7 +50,6 @@ class Pipeline:
             raise ConfigError(ConfigIssue("on_invalid", f"must be one of {', '.join(INVALID_POLICIES)}, got {on_invalid!r}"))
         #: What happens to rows whose logits are unusable; see :data:`samplerkit.config.InvalidPolicy`.
         self.on_invalid = on_invalid
-        self._uniform_cache: dict[int, BoundPipeline] = {}
 
     @classmethod
     def from_config(cls, config: RunConfig, *, device: torch.device | str = "cpu") -> Pipeline:
@@ -75,12 +74,7 @@ class Pipeline:
     # -- binding ----------------------------------------------------------------------
     def bind(self, rows: int | Sequence[RowOverrides | None], *, seeds: Sequence[int | None] | None = None) -> BoundPipeline:
         """Pack parameters for a batch: ``rows`` is a batch size, or one override mapping per row."""
-        if isinstance(rows, int):
-            if seeds is None and rows in self._uniform_cache and not self.sampler.cls.stochastic:
-                return self._uniform_cache[rows]
-            overrides: list[RowOverrides | None] = [None] * rows
-        else:
-            overrides = list(rows)
+        overrides: list[RowOverrides | None] = [None] * rows if isinstance(rows, int) else list(rows)
         if seeds is not None and len(seeds) != len(overrides):
             raise ValueError(f"seeds has {len(seeds)} entries for a batch of {len(overrides)} rows")
         row_specs = [self._row_specs(o, i) for i, o in enumerate(overrides)]
@@ -92,10 +86,7 @@ class Pipeline:
                 row_specs = [
                     (procs, samp if seed is None else _with_seed(samp, seed, i))
                     for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
-        bound = BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
-        if isinstance(rows, int) and seeds is None and not self.sampler.cls.stochastic:
-            self._uniform_cache[rows] = bound
-        return bound
+        return BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
 
     def _row_specs(self, overrides: RowOverrides | None, row: int) -> tuple[list[StepSpec], StepSpec]:
         if not overrides:

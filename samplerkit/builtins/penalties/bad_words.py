@@ -30,7 +30,6 @@ class BadWords(Processor):
 
     >>> import torch
     >>> from samplerkit.context import StepContext
-from samplerkit.errors import SamplerkitError
     >>> ctx = StepContext(1, 4, prompt_ids=[[1]], uses=frozenset({"generated"}), max_new_tokens=2)
     >>> step = BadWords([BadWords.Params(bad_words=[[3], [1, 2], [0, 2]])])
     >>> step.apply(torch.zeros(1, 4), ctx)
