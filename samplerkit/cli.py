@@ -1,4 +1,4 @@
-"""The ``samplerkit`` command: generate, plugins, validate, presets, schema.
+"""The ``samplerkit`` command: generate, batch, plugins, validate, presets, schema.
 
 User errors (bad config, unknown names, missing model) print one clear message on stderr
 and exit with status 2; no tracebacks (``SAMPLERKIT_DEBUG=1`` shows them).
@@ -46,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config file without running it")
     v.add_argument("config_file", metavar="FILE")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+    b = sub.add_parser("batch", help="run a JSONL file of prompts to a JSONL file of results (resumable)",
+                       description="Generate for every line of a JSONL file ({\"id\": ..., \"prompt\": ...} per line; "
+                                   "see docs/cli.md). Rerunning the same command skips ids already in the output.")
+    _config_args(b)
+    b.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`)")
+    b.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model)")
+    b.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL input, one request per line")
+    b.add_argument("--output", "-o", required=True, metavar="FILE", help="JSONL results, appended; read on start to resume")
+    b.add_argument("--errors", metavar="FILE", help="JSONL of rejected lines (default: OUTPUT.errors.jsonl)")
+    b.add_argument("--batch-size", type=int, default=16, metavar="N", help="most rows (prompts x n) per generate call (default 16)")
+    b.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the batches on Ray Data actors; ADDRESS of a cluster, or none for RAY_ADDRESS / a local Ray")
+    b.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: most actors, each loading the model once (default: one per CPU)")
 
     sub.add_parser("presets", help="list the shipped presets with their pipelines")
 
@@ -127,6 +141,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from samplerkit.batch import local_executor, run_batch
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"backend.model={json.dumps(args.model)}")
+    data, source = _build_config_data(args.config, overrides, args.preset)
+    config, registry = _resolve(data, source)
+    if args.ray is not None:
+        from samplerkit.batch_ray import ray_executor
+        executor = ray_executor(config, address=args.ray or None, workers=args.ray_workers)
+    else:
+        executor = local_executor(config, registry)
+    try:
+        summary = run_batch(config, args.input, args.output, errors_path=args.errors, batch_size=args.batch_size,
+                            executor=executor)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished batches are saved: rerun the same command to resume", file=sys.stderr)
+        return 130
+    line = (f"batch: {summary.lines} lines, {summary.rows_written} rows written, {summary.skipped} lines already done, "
+            f"{summary.errors} errors")
+    print(line + (f" (see {summary.errors_path})" if summary.errors else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from samplerkit.registry import KINDS, default_registry
 
@@ -189,7 +228,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "validate": cmd_validate, "presets": cmd_presets,
+COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "plugins": cmd_plugins, "validate": cmd_validate, "presets": cmd_presets,
             "schema": cmd_schema}
 
 

@@ -182,14 +182,23 @@ class _Run:
         return out
 
     def _row_seed_list(self) -> list[int | None] | None:
-        base_seeds: list[int | None]
-        if self.seeds is not None:
-            base_seeds = list(self.seeds)
-        elif getattr(self.pipeline.sampler.params, "seed", None) is not None:
-            base_seeds = [self.pipeline.sampler.params.seed] * len(self.prompts)
-        else:
-            return None if self.gen.n == 1 else [None] * (len(self.prompts) * self.gen.n)
-        return [None if s is None else row_seed(s, j) for s in base_seeds for j in range(self.gen.n)]
+        """One seed per output row. A prompt's base seed is, in order: its entry in ``seeds``,
+        the sampler seed of its ``rows`` override, the config's sampler seed; sample ``j`` of
+        ``n`` uses :func:`row_seed` of it, so the ``n`` samples differ."""
+        sampler = self.pipeline.sampler
+        if "seed" not in sampler.cls.Params.model_fields:
+            return self.seeds and [s for s in self.seeds for _ in range(self.gen.n)]
+        config_seed = sampler.params.seed
+
+        def base(i: int) -> int | None:
+            if self.seeds is not None and self.seeds[i] is not None:
+                return self.seeds[i]
+            override = (self.row_overrides[i] or {}).get(sampler.name, {}) if self.row_overrides else {}
+            return override.get("seed", config_seed)
+
+        seeds = [None if (b := base(i)) is None else row_seed(b, j)
+                 for i in range(len(self.prompts)) for j in range(self.gen.n)]
+        return None if all(s is None for s in seeds) else seeds
 
     # -- the loop -----------------------------------------------------------------------
     def events(self) -> Iterator[Delta]:

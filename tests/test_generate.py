@@ -289,3 +289,17 @@ def test_per_row_overrides():
         gen.generate(["The"], rows=[{"top_p": {"top_p": 0.5}}])
     with pytest.raises(ConfigError, match="rows\\[0\\] top_k"):
         gen.generate(["The"], rows=[{"top_k": {"top_k": -1}}])
+
+
+def test_seed_precedence_and_distinct_samples():
+    import samplerkit as sk
+
+    cfg = {"backend": "bigram", "sampler": {"name": "categorical", "seed": 1},
+           "generation": {"max_new_tokens": 10, "n": 3}}
+    from_config = [c.token_ids for c in sk.generate(["The"], cfg)]
+    none_seed = [c.token_ids for c in sk.generate(["The"], cfg, seeds=[None])]
+    assert none_seed == from_config                      # None falls back to the config seed
+    assert len({tuple(t) for t in from_config}) == 3     # the n samples differ
+    by_override = [c.token_ids for c in sk.generate(["The"], cfg, rows=[{"categorical": {"seed": 5}}])]
+    by_seeds = [c.token_ids for c in sk.generate(["The"], cfg, seeds=[5])]
+    assert by_override == by_seeds != from_config        # a row override's seed is the row's seed
