@@ -101,6 +101,30 @@ def row_seed(base: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def row_seeds(pipeline: Pipeline, prompts: int, n: int, seeds: Sequence[int | None] | None = None,
+              rows: Sequence[RowOverrides | None] | None = None) -> list[int | None] | None:
+    """One seed per output row (prompt-major, ``n`` samples each), as the decode loop uses them.
+
+    A prompt's base seed is, in order: its entry in ``seeds``, the sampler seed of its ``rows``
+    override, the config's sampler seed. Sample ``j`` uses :func:`row_seed` of it, so the ``n``
+    samples of a prompt differ and sample 0 equals an ``n = 1`` run. ``None`` when no row is seeded.
+    Integrations that drive their own loop (the transformers plugin) call this too.
+    """
+    sampler = pipeline.sampler
+    if "seed" not in sampler.cls.Params.model_fields:
+        return seeds and [s for s in seeds for _ in range(n)]
+    config_seed = sampler.params.seed
+
+    def base(i: int) -> int | None:
+        if seeds is not None and seeds[i] is not None:
+            return seeds[i]
+        override = (rows[i] or {}).get(sampler.name, {}) if rows else {}
+        return override.get("seed", config_seed)
+
+    per_row = [None if (b := base(i)) is None else row_seed(b, j) for i in range(prompts) for j in range(n)]
+    return None if all(s is None for s in per_row) else per_row
+
+
 class Generator:
     """A loaded backend plus a pipeline: call :meth:`generate` or :meth:`stream` many times."""
 
@@ -182,23 +206,7 @@ class _Run:
         return out
 
     def _row_seed_list(self) -> list[int | None] | None:
-        """One seed per output row. A prompt's base seed is, in order: its entry in ``seeds``,
-        the sampler seed of its ``rows`` override, the config's sampler seed; sample ``j`` of
-        ``n`` uses :func:`row_seed` of it, so the ``n`` samples differ."""
-        sampler = self.pipeline.sampler
-        if "seed" not in sampler.cls.Params.model_fields:
-            return self.seeds and [s for s in self.seeds for _ in range(self.gen.n)]
-        config_seed = sampler.params.seed
-
-        def base(i: int) -> int | None:
-            if self.seeds is not None and self.seeds[i] is not None:
-                return self.seeds[i]
-            override = (self.row_overrides[i] or {}).get(sampler.name, {}) if self.row_overrides else {}
-            return override.get("seed", config_seed)
-
-        seeds = [None if (b := base(i)) is None else row_seed(b, j)
-                 for i in range(len(self.prompts)) for j in range(self.gen.n)]
-        return None if all(s is None for s in seeds) else seeds
+        return row_seeds(self.pipeline, len(self.prompts), self.gen.n, self.seeds, self.row_overrides)
 
     # -- the loop -----------------------------------------------------------------------
     def events(self) -> Iterator[Delta]:
@@ -336,4 +344,5 @@ class _Run:
         return out
 
 
-__all__ = ["Completion", "Delta", "Generator", "SamplerkitError", "TokenLogprob", "generate", "load_backend", "load_config"]
+__all__ = ["Completion", "Delta", "Generator", "SamplerkitError", "TokenLogprob", "generate", "load_backend", "load_config",
+           "row_seed", "row_seeds"]
