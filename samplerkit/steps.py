@@ -76,6 +76,12 @@ class Processor(Step):
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """:meth:`apply` writing into ``out``, a pipeline-owned buffer shaped like ``logits``
+        (the pipeline calls this when ``logits`` is the caller's). The default copies then
+        applies in place; an elementwise step overrides it to save that pass."""
+        return self.apply(out.copy_(logits), ctx)
+
     # -- optional fast path on candidate lists (see samplerkit.ops.candidates) -----------
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Apply this step to dense logits and return the survivors as ``(values, ids)``

@@ -47,7 +47,10 @@ class Temperature(Processor):
         self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = logits.div_(self._divisor)
+        return self.apply_into(logits, logits, ctx)
+
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        logits = torch.div(logits, self._divisor, out=out)      # one pass, no separate copy
         if self._any_greedy:
             top = logits.argmax(dim=-1, keepdim=True)
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
