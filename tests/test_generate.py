@@ -303,3 +303,24 @@ def test_seed_precedence_and_distinct_samples():
     by_override = [c.token_ids for c in sk.generate(["The"], cfg, rows=[{"categorical": {"seed": 5}}])]
     by_seeds = [c.token_ids for c in sk.generate(["The"], cfg, seeds=[5])]
     assert by_override == by_seeds != from_config        # a row override's seed is the row's seed
+
+
+def test_seeded_row_alone_equals_the_same_row_in_a_batch_of_64():
+    import random
+
+    import samplerkit as sk
+
+    config = {"backend": "bigram", "sampler": "categorical",
+              "pipeline": [{"temperature": 1.2}, {"top_k": 40}, {"top_p": 0.95}],
+              "generation": {"max_new_tokens": 48, "stop": [". "]}}
+    gen = sk.Generator(config)
+    alone = gen.generate(["The capital of"], seeds=[4242])[0]
+    rng = random.Random(0)
+    for position in (0, 17, 63):
+        prompts = ["".join(rng.choice("abcdefgh T.") for _ in range(rng.randint(1, 30))) for _ in range(64)]
+        seeds = [rng.randrange(10**6) for _ in range(64)]
+        rows = [{"top_p": {"top_p": rng.choice([0.5, 0.8, 1.0])}} for _ in range(64)]
+        prompts[position], seeds[position], rows[position] = "The capital of", 4242, None
+        batch = gen.generate(prompts, seeds=seeds, rows=rows)
+        assert batch[position].token_ids == alone.token_ids, position
+        assert batch[position].finish_reason == alone.finish_reason
