@@ -214,25 +214,21 @@ class _Run:
         self.prompt_ids = self._tokenize_prompts()
         n = gen.n
         self.rows = [_Row(i, j, gen, backend.detokenize) for i in range(len(self.prompts)) for j in range(n)]
-        if gen.max_new_tokens == 0 and not gen.echo:
-            for row in self.rows:
-                row.finish_reason = "length"
-                yield Delta(row.prompt_index, row.sample_index, "", [], "length")
+        if gen.max_new_tokens == 0 and not gen.echo:      # nothing to compute at all
+            yield from self._finish_all("length")
             return
 
         out = backend.prefill(self.prompt_ids, keep_all_logits=gen.echo)
         if gen.echo:
             self.prompt_logprobs = [self._prompt_logprobs(ids, all_logits) for ids, all_logits in zip(self.prompt_ids, out.all)]
+        if gen.max_new_tokens == 0:                        # echo only
+            yield from self._finish_all("length")
+            return
         logits = out.last
         fan_out = [i for i in range(len(self.prompts)) for _ in range(n)]
         if n > 1:
             backend.select_rows(fan_out)
             logits = logits.index_select(0, torch.as_tensor(fan_out, device=logits.device))
-        if gen.max_new_tokens == 0:
-            for row in self.rows:
-                row.finish_reason = "length"
-                yield Delta(row.prompt_index, row.sample_index, "", [], "length")
-            return
 
         overrides = None if self.row_overrides is None else [self.row_overrides[i] for i in fan_out]
         bound = self.pipeline.bind(overrides if overrides is not None else len(self.rows), seeds=self._row_seed_list())
@@ -280,6 +276,11 @@ class _Run:
                 ids = ids.index_select(0, torch.as_tensor(keep, device=ids.device))
                 running = [running[k] for k in keep]
             logits = backend.step(ids)
+
+    def _finish_all(self, reason: str) -> Iterator[Delta]:
+        for row in self.rows:
+            row.finish_reason = reason
+            yield Delta(row.prompt_index, row.sample_index, "", [], reason)
 
     def _budget(self, prompt: list[int]) -> tuple[int, bool]:
         """Tokens this row may generate; True when the context (not max_new_tokens) limits it."""
