@@ -28,6 +28,19 @@ import torch
 from samplerkit.params import NoParams, StepParams
 
 
+def resolve_device(device: str, backend_name: str) -> torch.device:
+    """``torch.device(device)``, with a clear error for a malformed name or missing CUDA."""
+    from samplerkit.errors import SamplerkitError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise SamplerkitError(f"{backend_name} backend: invalid device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SamplerkitError(f"{backend_name} backend: device {device!r} requested but CUDA is not available")
+    return dev
+
+
 @dataclass
 class PrefillOutput:
     """Logits after a prefill.

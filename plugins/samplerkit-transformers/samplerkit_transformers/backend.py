@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from samplerkit.backend import Backend, PrefillOutput
+from samplerkit.backend import Backend, PrefillOutput, resolve_device
 from samplerkit.errors import ModelNotFoundError, SamplerkitError
 from samplerkit.params import StepParams
 
@@ -63,7 +63,7 @@ class TransformersBackend(Backend):
                                      "and weights; models are never downloaded)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = _check_device(p.device)
+        self.device = resolve_device(p.device, "transformers")
         self.model_path = path
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[p.dtype], local_files_only=True)
@@ -209,16 +209,6 @@ def _as_ids(value: int | Iterable[int] | None) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise SamplerkitError(f"transformers backend: invalid device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamplerkitError(f"transformers backend: device {device!r} requested but CUDA is not available")
-    return dev
 
 
 __all__ = ["TransformersBackend", "TransformersParams", "model_eos_ids", "select_cache_rows"]

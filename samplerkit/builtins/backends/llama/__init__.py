@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from samplerkit.backend import Backend, PrefillOutput
-from samplerkit.errors import ModelNotFoundError, SamplerkitError
+from samplerkit.backend import Backend, PrefillOutput, resolve_device
+from samplerkit.errors import ModelNotFoundError
 from samplerkit.params import StepParams
 
 #: Cap on the KV cache when ``max_context`` is not given. The cache grows on demand (in chunks,
@@ -81,7 +81,7 @@ class LlamaBackend(Backend):
         p: LlamaParams = self.params
         if p.threads is not None:
             torch.set_num_threads(p.threads)
-        device = _check_device(p.device)
+        device = resolve_device(p.device, "llama")
         dtype = _DTYPES[p.dtype]
         if progress is None:
             progress = _default_progress()
@@ -129,16 +129,6 @@ class LlamaBackend(Backend):
 
     def select_rows(self, keep: Sequence[int]) -> None:
         self.model.select_rows(keep)
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise SamplerkitError(f"llama backend: invalid device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamplerkitError(f"llama backend: device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _load(model: str | None, dtype: torch.dtype, progress):
