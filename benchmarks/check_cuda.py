@@ -94,8 +94,39 @@ def main() -> int:
                                             torch.tensor(chi2 / 2, dtype=torch.float64)))
     check("chi-square categorical, V=1000 untruncated (tail path) on CUDA", p_value > 1e-6,
           f"(chi2={chi2:.1f}, dof={vocab - 1}, p={p_value:.3g})")
+    check_triton_matches_torch()
     check_llama_backend_on_cuda()
     return 1 if failures else 0
+
+
+def check_triton_matches_torch() -> None:
+    """The fused Triton race draws bit-identical tokens to the torch path."""
+    import os
+
+    from samplerkit.ops import _triton
+    from samplerkit.ops.random import race_candidates, row_keys
+
+    if not _triton.available(torch.zeros(1, device=DEVICE)):
+        print("skip Triton race: Triton is not available on this device", flush=True)
+        return
+    g = torch.Generator().manual_seed(3)
+    rows, k = 20_000, 64
+    values = (torch.randn(rows, k, generator=g) * 3).to(DEVICE)
+    values[::7, 40:] = float("-inf")
+    ids = torch.randint(0, 128256, (rows, k), generator=g).to(DEVICE)
+    seeds = torch.randint(0, 2**62, (rows,), generator=g).to(DEVICE)
+    counters = torch.randint(0, 5000, (rows,), generator=g).to(DEVICE)
+    fused_keys = row_keys(seeds, counters)
+    fused = race_candidates(values, ids, fused_keys)
+    os.environ["SAMPLERKIT_NO_TRITON"] = "1"
+    try:
+        torch_keys = row_keys(seeds, counters)
+        reference = race_candidates(values, ids, torch_keys)
+    finally:
+        del os.environ["SAMPLERKIT_NO_TRITON"]
+    check("Triton row keys == torch row keys", bool(torch.equal(fused_keys, torch_keys)))
+    same = int((fused == reference).sum())
+    check("Triton race == torch race", same == rows, f"({same}/{rows} rows equal)")
 
 
 def check_llama_backend_on_cuda() -> None:

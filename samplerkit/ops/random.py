@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from samplerkit.ops import _triton
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -52,6 +54,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def row_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Per-row stream keys ``[B]`` int64 from seeds and step counters (both ``[B]`` int64)."""
+    if _triton.available(seeds):
+        return _triton.row_keys(seeds, counters)
     return _mix(_mix(seeds.to(torch.int64) * _GOLDEN + 1) + counters.to(torch.int64) * _GOLDEN)
 
 
@@ -80,6 +84,8 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
     Each token's noise depends on its id only, so the winner is the token the race over the
     whole vocabulary would pick when every non-candidate is ``-inf``.
     """
+    if _triton.available(values) and values.shape[-1] <= 1024:
+        return _triton.race_candidates(values, ids.expand_as(values), keys)
     winner = (values + gumbel_noise(keys, ids)).argmax(dim=-1, keepdim=True)
     return ids.gather(-1, winner).squeeze(-1)
 
