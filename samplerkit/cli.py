@@ -1,4 +1,4 @@
-"""The ``samplerkit`` command: generate, batch, plugins, validate, presets, schema.
+"""The ``samplerkit`` command: generate, batch, plugins, validate, presets, schema, export.
 
 User errors (bad config, unknown names, missing model) print one clear message on stderr
 and exit with status 2; no tracebacks (``SAMPLERKIT_DEBUG=1`` shows them).
@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: most actors, each loading the model once (default: one per CPU)")
 
     sub.add_parser("presets", help="list the shipped presets with their pipelines")
+
+    x = sub.add_parser("export", help="print the equivalent flags of another engine (llama.cpp)",
+                       description="Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; "
+                                   "steps llama.cpp cannot express are listed in one error (exit 2).")
+    x.add_argument("target", choices=["llamacpp"], help="the engine to export to")
+    x.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML run config (optional with --preset)")
+    x.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value (repeatable)")
 
     s = sub.add_parser("schema", help="print the JSON Schema of the run config (plugins included)")
     s.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
@@ -228,8 +237,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from samplerkit.export import export_llamacpp
+
+    data, source = _build_config_data(args.config_file, args.overrides, args.preset)
+    config, _ = _resolve(data, source)
+    exported = export_llamacpp(config)
+    for note in exported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(exported.command_line())
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "plugins": cmd_plugins, "validate": cmd_validate, "presets": cmd_presets,
-            "schema": cmd_schema}
+            "schema": cmd_schema, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,85 @@
+"""New tokens per second at batch 1: the ``llamacpp`` backend through ``samplerkit.generate`` vs
+llama-cpp-python's own sampling (``Llama.create_completion``), same GGUF, same machine.
+
+Both sides use the embedded SmolLM2-135M-Instruct Q4_1 GGUF, the same thread count and
+comparable settings: llama.cpp's default chain (top_k 40 -> top_p 0.95 -> min_p 0.05 ->
+temperature 0.8, the ``llama_cpp`` preset) and greedy. samplerkit generates exactly
+``--new-tokens`` (``ignore_eos``); llama-cpp-python stops at EOS, so its rate is its completion
+tokens over its time. Also timed: the backend alone (prefill + ``step`` with argmax, no pipeline
+and no decode loop), which splits samplerkit's overhead from llama.cpp's compute. Runs alternate
+and the best of ``--repeats`` is reported (a shared machine disturbs some runs), with the median.
+
+    python benchmarks/bench_llamacpp.py --new-tokens 128 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("SAMPLERKIT_QUIET", "1")
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import llama_cpp
+    from samplerkit_llamacpp import LlamaCppBackend, LlamaCppParams
+
+    import samplerkit
+    from samplerkit.builtins.backends.llama.default_model import find_default_model
+
+    path = str(find_default_model())
+    backend = LlamaCppBackend(LlamaCppParams(n_ctx=2048, n_seq=1, n_threads=args.threads))
+    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                          verbose=False)
+    n = args.new_tokens
+    settings = {
+        "llama.cpp default chain": ({"preset": "llama_cpp", "sampler": {"name": "categorical", "seed": 1}},
+                                    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)),
+        "greedy": ({"pipeline": [], "sampler": "greedy"},
+                   dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)),
+    }
+    prompt_ids = backend.tokenize(PROMPT)
+
+    def backend_only() -> float:
+        start = time.perf_counter()
+        logits = backend.prefill([prompt_ids]).last
+        for _ in range(n - 1):
+            logits = backend.step(logits.argmax(-1))
+        return n / (time.perf_counter() - start)
+
+    print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, threads {args.threads}, "
+          f"{n} new tokens, prompt {len(prompt_ids)} tokens, best of {args.repeats} (median)")
+    for label, (config, kwargs) in settings.items():
+        config = {**config, "backend": {"name": "llamacpp"}, "generation": {"max_new_tokens": n, "ignore_eos": True}}
+        gen = samplerkit.Generator(config, backend=backend)
+        ours, theirs, produced = [], [], []
+        for r in range(args.repeats):
+            start = time.perf_counter()
+            out = gen.generate([PROMPT])
+            ours.append(len(out[0].token_ids) / (time.perf_counter() - start))
+            start = time.perf_counter()
+            res = llm.create_completion(PROMPT, max_tokens=n, seed=r + 1, **kwargs)
+            tokens = res["usage"]["completion_tokens"]
+            theirs.append(tokens / (time.perf_counter() - start))
+            produced.append(tokens)
+        print(f"{label:>24}: samplerkit + llamacpp backend {max(ours):6.1f} tok/s ({statistics.median(ours):.1f})"
+              f"  |  llama-cpp-python {max(theirs):6.1f} tok/s ({statistics.median(theirs):.1f}; "
+              f"{min(produced)}-{max(produced)} tokens)  |  ratio {max(ours) / max(theirs):.2f}")
+    only = [backend_only() for _ in range(args.repeats)]
+    print(f"{'backend alone (argmax)':>24}: {max(only):6.1f} tok/s ({statistics.median(only):.1f})")
+
+
+if __name__ == "__main__":
+    main()
