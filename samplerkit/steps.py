@@ -59,6 +59,13 @@ class Step:
         """The step with the same parameters on every row."""
         return cls([params] * batch_size, device)
 
+    @classmethod
+    def spec(cls, **params):
+        """A validated step for building pipelines in Python: ``Temperature.spec(temperature=0.7)``."""
+        from samplerkit.config import StepSpec  # config imports the registry, which imports steps
+
+        return StepSpec(cls, cls.Params(**params), "", cls.__module__)
+
 
 class Processor(Step):
     """Transforms logits: ``[B, V]`` float32 in, ``[B, V]`` float32 out.
@@ -153,13 +160,3 @@ def _pack_numeric_fields(rows: Sequence[StepParams], device: torch.device) -> di
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             packed[name] = torch.tensor(values, dtype=torch.float32, device=device)
     return packed
-
-
-def _spec(cls, **params):
-    from samplerkit.config import StepSpec
-
-    return StepSpec(cls, cls.Params(**params), "", cls.__module__)
-
-
-# ``Temperature.spec(temperature=0.7)``: a validated step for building pipelines in Python.
-Step.spec = classmethod(_spec)
