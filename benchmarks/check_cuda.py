@@ -131,7 +131,6 @@ def check_triton_matches_torch() -> None:
 
 def check_llama_backend_on_cuda() -> None:
     """The llama backend on CUDA vs transformers on CUDA, on a tiny random Llama."""
-    import importlib.util
     import tempfile
     from pathlib import Path
 
@@ -141,17 +140,14 @@ def check_llama_backend_on_cuda() -> None:
         print("skip llama backend on CUDA: transformers is not installed", flush=True)
         return
     from samplerkit.builtins.backends.llama import LlamaBackend
+    from samplerkit.testing.tiny_models import TINY_LLAMA, train_byte_level_bpe
 
-    conftest_path = Path(__file__).resolve().parents[1] / "tests" / "backends" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("llama_fixtures", conftest_path)
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**fixtures.TINY, bos_token_id=0, eos_token_id=1)
+    cfg = transformers.LlamaConfig(**TINY_LLAMA, bos_token_id=0, eos_token_id=1)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        fixtures.train_byte_level_bpe().save(str(Path(tmp) / "tokenizer.json"))
+        train_byte_level_bpe().save(str(Path(tmp) / "tokenizer.json"))
         Path(tmp, "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}')
         backend = LlamaBackend(LlamaBackend.Params(model=tmp, device=DEVICE))
         cpu_backend = LlamaBackend(LlamaBackend.Params(model=tmp, device="cpu"))

@@ -8,32 +8,17 @@ import os
 import pytest
 import torch
 
+from samplerkit.testing.tiny_models import TINY_LLAMA as TINY
+from samplerkit.testing.tiny_models import train_byte_level_bpe as _tokenizer
+
 # Nothing in these tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SAMPLERKIT_QUIET", "1")
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-        "Sphinx of black quartz, judge my vow! 12345 67890 -- it's what we'd've done.\n") * 20
 EOS_ID = 1
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _tokenizer():
-    """A GPT-2 style byte-level BPE trained on TEXT, with <s> and </s> specials (ids 0 and 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([TEXT], trainer)
-    return tok
 
 
 @pytest.fixture(scope="session")
