@@ -228,17 +228,12 @@ class BoundPipeline:
         dense: torch.Tensor | None = logits.float()
         owned = dense is not logits          # a float32 copy was made: ours to modify
         candidates: tuple[torch.Tensor, torch.Tensor] | None = None
-        for spec, step in self.steps:
-            if candidates is not None:
-                values = _call(spec, step.apply_candidates, *candidates, ctx)
-                if values is not None:
-                    candidates = (values, candidates[1])
-                    continue
-                dense, candidates, owned = densify(*candidates, vocab), None, True
-            selected = _call(spec, step.select_candidates, dense, ctx)
-            if selected is not None:
-                dense, candidates = None, selected
-                continue
+        # Monotone steps (temperature) waiting to be applied: if a rank-based selection (top_k)
+        # comes next, they only touch its k + 1 values instead of a [B, V] pass.
+        deferred: list[tuple[StepSpec, Processor]] = []
+
+        def run_dense(spec: StepSpec, step: Processor) -> None:
+            nonlocal dense, owned
             before = dense
             if step.inplace and not owned:
                 dense = _run_step(spec, step, dense, ctx, out=self._buffer(dense, reuse=not copy_out))
@@ -246,6 +241,37 @@ class BoundPipeline:
             else:
                 dense = _run_step(spec, step, dense, ctx)
                 owned = owned or dense is not before
+
+        def transform(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            for spec, step in deferred:
+                values = _call(spec, step.apply_candidates, values, ids, ctx)
+            return values
+
+        for spec, step in self.steps:
+            if candidates is not None:
+                values = _call(spec, step.apply_candidates, *candidates, ctx)
+                if values is not None:
+                    candidates = (values, candidates[1])
+                    continue
+                dense, candidates, owned = densify(*candidates, vocab), None, True
+            if step.monotone:
+                deferred.append((spec, step))
+                continue
+            if deferred:
+                selected = _call(spec, step.select_candidates_after, dense, ctx, transform)
+                if selected is not None:
+                    dense, candidates, deferred = None, selected, []
+                    continue
+                for d_spec, d_step in deferred:
+                    run_dense(d_spec, d_step)
+                deferred = []
+            selected = _call(spec, step.select_candidates, dense, ctx)
+            if selected is not None:
+                dense, candidates = None, selected
+                continue
+            run_dense(spec, step)
+        for d_spec, d_step in deferred:      # monotone steps at the end stay dense
+            run_dense(d_spec, d_step)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates

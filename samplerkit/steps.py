@@ -101,6 +101,18 @@ class Processor(Step):
         values, still sorted descending, or ``None`` if the step needs dense logits."""
         return None
 
+    #: True when, for this batch, the step is an elementwise map that never reverses the order
+    #: of two logits and equals :meth:`apply_candidates` on any subset (temperature without
+    #: greedy rows). The pipeline may then defer it past a rank-based selection.
+    monotone: bool = False
+
+    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`select_candidates` on logits that deferred monotone steps have not yet
+        transformed; ``transform(values, ids)`` applies them to selected values. Only a selection
+        that depends on ranks alone (top_k) can do this; ``None`` makes the pipeline apply the
+        deferred steps densely first."""
+        return None
+
 
 class MaskProcessor(Processor):
     """A truncation written as a kept-token mask: implement :meth:`keep` (dense ``[B, V]``) and,

@@ -286,3 +286,48 @@ def test_golden_sequences():
 def test_greedy_picks_lowest_id_among_ties():
     x = torch.tensor([[0.0, 2.0, 2.0], [5.0, 5.0, 5.0], [-INF, -1.0, -1.0]])
     assert Greedy.for_batch(Greedy.Params(), 3).sample(x, StepContext(3)).tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ulp_apart"])
+def test_temperature_deferred_past_top_k_equals_the_dense_order(kind, monkeypatch):
+    """temperature -> top_k runs top_k on the raw logits and divides only its k + 1 values.
+    With logits one ulp apart (distinct before the division, which merges neighbours into ties)
+    the fused path must detect the tie and fall back; with ordinary logits it is taken. Either way
+    the result equals the sequential dense one: values and sampled tokens."""
+    import samplerkit.builtins.processors.top_k as top_k_module
+    from samplerkit.context import StepContext
+    from samplerkit.ops.candidates import top_k_candidates
+
+    taken = {"fused": 0, "fell_back": 0}
+
+    def spy(logits, k, k_max, transform=None):
+        out = top_k_candidates(logits, k, k_max, transform)
+        if transform is not None:
+            taken["fused" if out is not None else "fell_back"] += 1
+        return out
+
+    monkeypatch.setattr(top_k_module, "top_k_candidates", spy)
+    g = torch.Generator().manual_seed(0)
+    batch, vocab = 16, 600
+    if kind == "distinct":
+        x = torch.randn(batch, vocab, generator=g) * 3
+    else:
+        base = 1.0 + torch.rand(batch, 1, generator=g)                     # in [1, 2): one ulp = eps
+        steps = torch.stack([torch.randperm(vocab, generator=g) for _ in range(batch)]).float()
+        x = base + steps * torch.finfo(torch.float32).eps                  # distinct, one ulp apart
+    for temperature, k in ((3.0, 7), (0.37, 50), (7.1, 300), (1.5, 1)):
+        pipe = samplerkit.load_pipeline({"backend": "bigram", "sampler": "categorical",
+                                         "pipeline": [{"temperature": temperature}, {"top_k": k}, {"top_p": 0.9}]})
+        bound = pipe.bind(batch, seeds=list(range(batch)))
+        ctx = StepContext(batch, vocab)
+        dense = x.clone()
+        for _, step in bound.steps:
+            dense = step.apply(dense, ctx)
+        fused = bound.process(x, ctx)
+        assert torch.equal(torch.isfinite(fused), torch.isfinite(dense)), (temperature, k)
+        assert torch.equal(fused[torch.isfinite(fused)], dense[torch.isfinite(dense)])
+        assert torch.equal(bound.sample(x, ctx), bound.sampler.sample(dense, ctx))
+    if kind == "distinct":
+        assert taken["fused"] > 0 and taken["fell_back"] == 0
+    else:
+        assert taken["fell_back"] > 0

@@ -22,15 +22,21 @@ def densify(values: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.T
     return out.scatter_(-1, ids, values)
 
 
-def top_k_candidates(logits: torch.Tensor, k: torch.Tensor, k_max: int):
+def top_k_candidates(logits: torch.Tensor, k: torch.Tensor, k_max: int, transform=None):
     """The top ``k[b]`` logits of each row as a candidate list, or ``None`` when a row has a tie
     at its ``k``-th value (then only the dense path applies the lower-id tie rule exactly).
 
-    One ``topk(k_max + 1)``: the extra column reveals boundary ties for free.
+    One ``topk(k_max + 1)``: the extra column reveals boundary ties for free. ``transform``
+    (values, ids) -> values is an order-preserving elementwise map that the pipeline deferred
+    (temperature before top_k): it is applied to the ``k + 1`` selected values only, and the tie
+    check runs on the transformed values, so the result equals top_k of the transformed logits
+    exactly (a map that merges the ``k``-th and ``(k+1)``-th values makes a tie: dense path).
     """
     vocab = logits.shape[-1]
     width = min(k_max + 1, vocab)
     values, ids = logits.topk(width, dim=-1)
+    if transform is not None:
+        values = transform(values, ids)
     k_eff = k.clamp(min=1, max=width)
     if width > k_max:            # there is a (k+1)-th value to compare with
         kth = values.gather(-1, (k_eff - 1).unsqueeze(-1))

@@ -45,6 +45,8 @@ class Temperature(Processor):
         self._greedy = greedy.unsqueeze(-1)
         # Greedy rows divide by 1 (their other logits are masked below).
         self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
+        # Division by a positive number never reverses an order: deferrable past top_k.
+        self.monotone = not self._any_greedy
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return self.apply_into(logits, logits, ctx)

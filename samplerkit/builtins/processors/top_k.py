@@ -53,3 +53,8 @@ class TopK(Processor):
         if not self.all_active or self.k_max >= logits.shape[-1]:
             return None
         return top_k_candidates(logits, self.p.top_k, self.k_max)
+
+    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform):
+        if not self.all_active or self.k_max >= logits.shape[-1]:
+            return None
+        return top_k_candidates(logits, self.p.top_k, self.k_max, transform)
