@@ -137,7 +137,7 @@ def dynamic_temperature(logits: torch.Tensor, low: torch.Tensor, high: torch.Ten
     >>> dynamic_temperature(torch.zeros(1, 4), torch.tensor([0.5]), torch.tensor([1.5]), torch.tensor([1.0]))
     tensor([1.5000], dtype=torch.float64)
     """
-    n = torch.isfinite(logits).sum(-1)
+    n = torch.isfinite(logits).sum(-1, dtype=torch.int32)
     h_max = n.clamp(min=2).double().log()
     ratio = (entropy(logits) / h_max).clamp(min=0.0, max=1.0)
     t = low.double() + (high.double() - low.double()) * ratio.pow(exponent.double())
@@ -173,7 +173,7 @@ def xtc_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     p = logits.softmax(dim=-1)
     above = torch.isfinite(logits) & (p >= threshold.unsqueeze(-1))
     least = p.masked_fill(~above, float("inf")).amin(dim=-1, keepdim=True)
-    remove = above & (p > least) & (above.sum(-1, keepdim=True) >= 2)
+    remove = above & (p > least) & (above.sum(-1, keepdim=True, dtype=torch.int32) >= 2)
     return ~remove
 
 

@@ -39,8 +39,9 @@ def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tenso
     above = logits > threshold
     at = logits == threshold
     # Tokens equal to the threshold fill the remaining slots, lowest ids first.
-    slots = k_eff.unsqueeze(-1) - above.sum(-1, keepdim=True)              # >= 1
-    if bool((at.sum(-1, keepdim=True) > slots).any()):
+    # (int32 sums: a bool reduction with the default int64 result is ~6x slower on CPU)
+    slots = k_eff.unsqueeze(-1) - above.sum(-1, keepdim=True, dtype=torch.int32)   # >= 1
+    if bool((at.sum(-1, keepdim=True, dtype=torch.int32) > slots).any()):
         rank_among_ties = at.to(torch.int32).cumsum(-1)
         at = at & (rank_among_ties <= slots)
     return above | at
@@ -101,7 +102,7 @@ def nucleus_threshold_histogram(logits: torch.Tensor, log_norm: torch.Tensor, p:
     boundary = (through < p.double().unsqueeze(-1)).sum(-1, keepdim=True).clamp(max=_BINS)
     mass_before_bin = through.gather(-1, boundary) - mass.gather(-1, boundary)
     in_bin = bins == boundary
-    width = int(in_bin.sum(-1).max())
+    width = int(in_bin.sum(-1, dtype=torch.int32).max())
     bin_values = logits.masked_fill(~in_bin, NEG_INF).topk(width, dim=-1).values
     bin_probs = (bin_values.double() - log_norm.double()).exp()
     mass_before = mass_before_bin + bin_probs.cumsum(-1) - bin_probs

@@ -38,14 +38,13 @@ class MinP(MaskProcessor):
         vocab = logits.shape[-1]
         if not self.all_active or vocab <= TOP_P_CANDIDATES:
             return None
-        # The threshold is known from the maximum alone: count survivors before selecting, so
-        # a flat row (thousands kept) goes straight to the dense path without a wasted topk.
-        threshold = min_p_threshold(logits.amax(dim=-1, keepdim=True), self.p.min_p)
-        survivors = int((logits >= threshold).sum(dim=-1).max())
-        if survivors > TOP_P_CANDIDATES:
+        # One topk of 256 covers real next-token distributions; counting survivors first
+        # (amax, compare, sum) measured slower on peaked logits, faster only on flat ones.
+        values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
+        keep = values >= min_p_threshold(values[:, :1], self.p.min_p)
+        if bool(keep[:, -1].any()):        # more survivors than candidates: dense path
             return None
-        values, ids = logits.topk(survivors, dim=-1)
-        return values.masked_fill_(values < threshold, NEG_INF), ids
+        return values.masked_fill_(~keep, NEG_INF), ids
 
     def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return values >= min_p_threshold(values[:, :1], self.p.min_p)

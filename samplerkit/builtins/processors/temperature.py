@@ -12,6 +12,25 @@ from samplerkit.steps import Processor
 
 #: Temperatures below this are treated as 0 (greedy).
 GREEDY_BELOW = 1e-5
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_division(x: torch.Tensor, divisor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x / divisor`` into ``out`` (may be ``x``), saturating at the float32 range where a finite
+    logit overflows: a finite logit never becomes ``inf`` (its row's softmax would be NaN), while
+    ``-inf`` (removed) and ``+inf`` inputs (invalid, reported later) stay what they were.
+    The usual case costs two cheap read passes (each row's max and min are finite)."""
+    was_infinite = torch.isinf(x) if out is x else None    # x is about to be overwritten
+    quotient = torch.div(x, divisor, out=out)
+    # Row max and min, not isfinite().all(): CPU bool reductions are several times slower
+    # (and aminmax measured slower than the two here).
+    if bool(torch.isfinite(quotient.amax(dim=-1)).all() & torch.isfinite(quotient.amin(dim=-1)).all()):
+        return quotient
+    if was_infinite is None:
+        was_infinite = torch.isinf(x)
+    overflow = torch.isinf(quotient) & ~was_infinite
+    quotient.masked_fill_(overflow & (quotient > 0), _FLOAT32_MAX)
+    return quotient.masked_fill_(overflow & (quotient < 0), -_FLOAT32_MAX)
 
 
 class Temperature(Processor):
@@ -20,7 +39,8 @@ class Temperature(Processor):
     ``T < 1`` sharpens, ``T > 1`` flattens, ``T = 1`` is neutral. ``T = 0`` means greedy for
     that row: only the highest logit is kept (the lowest token id among ties), as in vLLM and
     llama.cpp (transformers raises instead). Temperatures below ``1e-5`` are greedy too (as
-    vLLM's clamp): dividing by them overflows float32 to ``inf`` and NaN. Usually followed by ``top_k``/``top_p``/``min_p``
+    vLLM's clamp); above that, a finite logit whose quotient would overflow float32 saturates at
+    the largest finite value instead of becoming ``inf``. Usually followed by ``top_k``/``top_p``/``min_p``
     (transformers and vLLM order) or placed last (llama.cpp order).
 
     >>> import torch
@@ -52,7 +72,7 @@ class Temperature(Processor):
         return self.apply_into(logits, logits, ctx)
 
     def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = torch.div(logits, self._divisor, out=out)      # one pass, no separate copy
+        logits = _finite_division(logits, self._divisor, out)   # one pass, no separate copy
         if self._any_greedy:
             top = logits.argmax(dim=-1, keepdim=True)
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
@@ -60,7 +80,7 @@ class Temperature(Processor):
         return logits
 
     def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        values = values.div_(self._divisor)           # T > 0 keeps the descending order
+        values = _finite_division(values, self._divisor, values)   # T > 0 keeps the descending order
         if self._any_greedy:
             # Among candidates tied with the top value, the lowest token id survives.
             tied = values == values[:, :1]
