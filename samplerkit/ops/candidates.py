@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from samplerkit.ops.truncation import nucleus_keep_sorted
-
-NEG_INF = float("-inf")
+from samplerkit.ops.truncation import NEG_INF, nucleus_threshold
 
 
 def densify(values: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -57,6 +55,5 @@ def top_p_on_sorted(values: torch.Tensor, p: torch.Tensor, log_norm: torch.Tenso
     """
     if log_norm is None:
         log_norm = torch.logsumexp(values, dim=-1, keepdim=True)
-    keep = nucleus_keep_sorted(values, log_norm, p)
-    threshold = values.gather(-1, keep.sum(-1, keepdim=True) - 1)
+    threshold, _ = nucleus_threshold(values, log_norm, p)
     return values >= threshold

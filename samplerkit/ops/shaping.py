@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-NEG_INF = float("-inf")
-
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats ``[B]`` of ``softmax(logits)``, in float64 (``0 log 0 = 0``).

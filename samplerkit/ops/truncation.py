@@ -67,7 +67,7 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     n_cand = min(vocab, TOP_P_CANDIDATES)
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     values, _ = logits.topk(n_cand, dim=-1)                                 # sorted descending
-    threshold, covered = _nucleus_threshold(values, log_norm, p)
+    threshold, covered = nucleus_threshold(values, log_norm, p)
     if n_cand < vocab and not bool(covered.all()):
         rows = (~covered).nonzero().squeeze(-1)
         row_threshold = nucleus_threshold_histogram(
@@ -113,7 +113,7 @@ def nucleus_threshold_histogram(logits: torch.Tensor, log_norm: torch.Tensor, p:
     if bool(underflow.any()):
         rows = underflow.nonzero().squeeze(-1)
         full_values, _ = logits.index_select(0, rows).sort(dim=-1, descending=True)
-        full_threshold, _ = _nucleus_threshold(full_values, log_norm.index_select(0, rows), p.index_select(0, rows))
+        full_threshold, _ = nucleus_threshold(full_values, log_norm.index_select(0, rows), p.index_select(0, rows))
         threshold = threshold.index_copy(0, rows, full_threshold)
     return threshold
 
@@ -122,11 +122,11 @@ def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The straightforward full-sort nucleus mask (the definition :func:`top_p_mask` must match)."""
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     values, _ = logits.sort(dim=-1, descending=True)
-    threshold, _ = _nucleus_threshold(values, log_norm, p)
+    threshold, _ = nucleus_threshold(values, log_norm, p)
     return logits >= threshold
 
 
-def _nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor):
+def nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor):
     """Given the top logits of each row sorted descending, return ``(threshold [B,1], covered [B])``:
     the logit of the last kept token, and whether the candidates were enough to decide."""
     keep = nucleus_keep_sorted(sorted_values, log_norm, p)
