@@ -1,17 +1,19 @@
 """New tokens per second: samplerkit's ``llama`` backend vs transformers ``generate``.
 
-Same SmolLM2-135M-Instruct weights (the embedded Q4_1 GGUF, dequantized to float32; the
-transformers model is built by transformers' own GGUF reader), same greedy decoding, same
-machine, one run. Each configuration is measured ``--repeats`` times, alternating the two
+Same SmolLM2-135M-Instruct weights (the embedded Q4_1 GGUF; the transformers model is built
+by transformers' own GGUF reader, which dequantizes it to float32), same greedy decoding, same
+machine, one run. The backend runs in three forms: the default (``weights: auto``: the file's
+Q4_1/Q8_0 codes kept packed and multiplied by torch's int4 CPU kernel), ``weights: dequantize``
+in float32 (the exact model: the same numbers transformers computes) and in bfloat16. Each configuration is measured ``--repeats`` times, alternating the two
 implementations so background load hits both alike; the best run (the least disturbed by
 other processes on a shared machine) and the median are reported, ratios from the best runs.
 
     python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
     python benchmarks/bench_generate.py --batches 1 8 --new-tokens 128 --repeats 5
 
-Also prints load time and peak RSS for float32 and bfloat16 (each in a fresh subprocess), and
-how close batch 1 gets to the memory-bandwidth cap (bytes of weights read per step / copy
-bandwidth measured here).
+Also prints load time and peak RSS of each form (each in a fresh subprocess), and how close
+batch 1 gets to its memory-bandwidth cap (bytes of weights read per step / copy bandwidth
+measured here).
 """
 
 from __future__ import annotations
@@ -37,18 +39,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def load_probe(dtype: str) -> None:
+#: name -> LlamaParams keyword arguments of each form of the backend measured.
+FORMS = {
+    "packed (default)": {},
+    "fp32 dequantized": {"weights": "dequantize"},
+    "bf16 dequantized": {"weights": "dequantize", "dtype": "bfloat16"},
+}
+
+
+def load_probe(form: str) -> None:
     """Child process: load the backend, run one short generation, print JSON."""
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
     t = time.perf_counter()
-    backend = LlamaBackend(LlamaParams(dtype=dtype))
+    backend = LlamaBackend(LlamaParams(**FORMS[form]))
     load_s = time.perf_counter() - t
     ids = backend.tokenize(PROMPT)
     nxt = backend.prefill([ids] * 8).last.argmax(-1)
     for _ in range(16):
         nxt = backend.step(nxt).argmax(-1)
-    print(json.dumps({"dtype": dtype, "load_s": load_s, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"form": form, "load_s": load_s, "peak_rss_mb": peak_rss_mb()}))
 
 
 def copy_bandwidth_gbs() -> float:
@@ -65,11 +75,9 @@ def copy_bandwidth_gbs() -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads (every matrix once; the embedding row is negligible)."""
-    n = model.lm_head.numel() + model.norm.numel()
-    for layer in model.layers:
-        n += sum(getattr(layer, s).numel() for s in layer.__slots__)
-    return n * model.lm_head.element_size()
+    """Bytes of weights one decode step reads (every matrix once; norms and the embedding row
+    are negligible)."""
+    return sum(m.nbytes() for m in model.linears())
 
 
 def time_backend(backend, batch: int, new_tokens: int) -> float:
@@ -146,44 +154,47 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
     if not args.skip_load_probe:
-        for dtype in ("float32", "bfloat16"):
-            r = subprocess.run([sys.executable, __file__, "--_load-probe", dtype], capture_output=True, text=True,
+        for form in FORMS:
+            r = subprocess.run([sys.executable, __file__, "--_load-probe", form], capture_output=True, text=True,
                                check=True)
             info = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"load {dtype:8s}: {info['load_s']:.2f} s, peak RSS {info['peak_rss_mb']:.0f} MB "
+            print(f"load {form:17s}: {info['load_s']:.2f} s, peak RSS {info['peak_rss_mb']:.0f} MB "
                   "(load + batch-8 prefill + 16 steps)")
 
     path = find_default_model()
-    backend = LlamaBackend(LlamaParams())
-    bf16 = LlamaBackend(LlamaParams(dtype="bfloat16"))
+    backends = {form: LlamaBackend(LlamaParams(**kw)) for form, kw in FORMS.items()}
+    if not backends["packed (default)"].model.packed:
+        print("  (this torch has no int4 CPU kernel: the default form is the dequantized float32 model)")
     model, tok = load_hf(path)
     bw = copy_bandwidth_gbs()
-    wbytes = weight_bytes(backend.model)
-    cap = bw * 1e9 / wbytes
-    print(f"copy bandwidth {bw:.1f} GB/s; float32 weights read per step {wbytes / 1e6:.0f} MB "
-          f"-> batch-1 cap {cap:.1f} tok/s")
+    caps = {}
+    for form, backend in backends.items():
+        wbytes = weight_bytes(backend.model)
+        caps[form] = bw * 1e9 / wbytes
+        print(f"{form:17s}: weights read per step {wbytes / 1e6:4.0f} MB -> batch-1 cap {caps[form]:5.1f} tok/s "
+              f"at the {bw:.1f} GB/s copy bandwidth measured here")
 
     n = args.new_tokens
     for batch in args.batches:
-        runs: dict[str, list[float]] = {"transformers": [], "llama fp32": [], "llama bf16": [], "Generator fp32": []}
-        time_backend(backend, batch, 4)   # warm-up (first-call allocations, kernel selection)
-        time_backend(bf16, batch, 4)
-        time_hf(model, tok, batch, 4)
+        runs: dict[str, list[float]] = {"transformers": [], **{f: [] for f in FORMS}, "Generator (default)": []}
+        time_hf(model, tok, batch, 4)     # warm-up (first-call allocations, kernel selection)
+        for backend in backends.values():
+            time_backend(backend, batch, 4)
         for _ in range(args.repeats):
             runs["transformers"].append(time_hf(model, tok, batch, n))
-            runs["llama fp32"].append(time_backend(backend, batch, n))
-            runs["llama bf16"].append(time_backend(bf16, batch, n))
-            g = time_generate_api(backend, batch, n)
+            for form, backend in backends.items():
+                runs[form].append(time_backend(backend, batch, n))
+            g = time_generate_api(backends["packed (default)"], batch, n)
             if g is not None:
-                runs["Generator fp32"].append(g)
+                runs["Generator (default)"].append(g)
         print(f"batch {batch}, {n} new tokens/row, greedy, best (median) of {args.repeats}:")
         base = batch * n / min(runs["transformers"])
         for name, ts in runs.items():
             if not ts:
                 continue
             rate, med = batch * n / min(ts), batch * n / statistics.median(ts)
-            extra = f"  ({rate / cap:.0%} of the bandwidth cap)" if batch == 1 and name == "llama fp32" else ""
-            print(f"  {name:15s} {rate:7.1f} ({med:6.1f}) tok/s  {rate / base:5.2f}x transformers{extra}")
+            extra = f"  ({rate / caps[name]:.0%} of its bandwidth cap)" if batch == 1 and name in caps else ""
+            print(f"  {name:19s} {rate:7.1f} ({med:6.1f}) tok/s  {rate / base:5.2f}x transformers{extra}")
 
 
 if __name__ == "__main__":

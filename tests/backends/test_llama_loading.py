@@ -153,3 +153,16 @@ def test_gguf_llama_vocab_rebuilds_the_same_sentencepiece(sp_model, tmp_path):
         assert tok.encode(text, add_special=False) == ref.encode(text)
         assert tok.encode(text)[0] == 1
         assert tok.decode(ref.encode(text)) == text
+
+
+def test_sentencepiece_tokenizer_survives_the_load_cache(sp_model):
+    from samplerkit.builtins.backends.llama.cache import _tokenizer_from_state, _tokenizer_state
+    from samplerkit.builtins.backends.llama.tokenizer import load_sentencepiece_file
+
+    tok = load_sentencepiece_file(sp_model, chat_template="{{ messages[0].content }}")
+    back = _tokenizer_from_state(*_tokenizer_state(tok))
+    for text in SP_SAMPLES:
+        assert back.encode(text) == tok.encode(text)
+        assert back.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    assert (back.bos_id, back.eos_ids, back.add_bos, back.chat_template) == \
+        (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template)

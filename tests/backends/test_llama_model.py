@@ -123,7 +123,8 @@ def test_gguf_round_trip_matches_transformers(tmp_path, hf_llama, tiny_tools, ma
                 if p.ndim == 2:
                     q = gguf.quants.quantize(p.numpy(), qtype)
                     p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype)))
-    backend = LlamaBackend(LlamaParams(model=str(path)))
+    backend = LlamaBackend(LlamaParams(model=str(path), weights="dequantize"))
+    assert not backend.model.packed
     seqs, logits, _ = run(backend, PROMPTS)
     for prompt, seq, got in zip(PROMPTS, seqs, logits, strict=True):
         ref = hf_logits(ref_model, seq)
@@ -159,6 +160,6 @@ def test_threads_and_params(hf_dir):
         LlamaParams(dtype="float16")
     with pytest.raises(pydantic.ValidationError):
         LlamaParams(max_context=0)
-    assert {f["name"] for f in LlamaParams.describe_fields()} == {"model", "device", "dtype", "max_context",
+    assert {f["name"] for f in LlamaParams.describe_fields()} == {"model", "device", "dtype", "weights", "max_context", "cache",
                                                                    "threads"}
     assert all(f["description"] for f in LlamaParams.describe_fields())

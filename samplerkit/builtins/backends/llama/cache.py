@@ -1,0 +1,117 @@
+"""The load cache: a GGUF model's prepared weights, config and tokenizer in one safetensors file.
+
+A cold start parses the GGUF metadata (tens of thousands of vocabulary strings through gguf's
+reader), then dequantizes or packs, fuses and transposes every matrix. All of that depends only
+on the file's bytes and on how the model is prepared, so the result is saved once under
+``<cache dir>/models/`` (``$SAMPLERKIT_CACHE``, else ``~/.cache/samplerkit``) and memory-mapped
+on later starts.
+
+The entry's name is a hash of: the source file's sha256 (computed once per path, size and
+mtime, then remembered), the compute dtype, whether matrices are packed, this cache format,
+and — because the packed layout is the int4 kernel's own — the torch version and the CPU's
+vector ISA. A stale, partial or unreadable entry is ignored and rebuilt, never trusted: the
+file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samplerkit.builtins.backends.llama.config import LlamaConfig
+from samplerkit.builtins.backends.llama.default_model import cache_dir, file_digest
+from samplerkit.builtins.backends.llama.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+
+#: Bump when what is stored, or how it is laid out, changes.
+FORMAT = 1
+
+
+def entry_path(source: Path, *, dtype: torch.dtype, packed: bool) -> Path:
+    """Where the prepared form of ``source`` for these options lives (see the module docstring)."""
+    key = {"format": FORMAT, "sha256": file_digest(source), "dtype": str(dtype), "packed": packed}
+    if packed:
+        key |= {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "models" / f"{source.stem}-{name}.safetensors"
+
+
+def save(path: Path, config: LlamaConfig, tokenizer: Tokenizer, model) -> None:
+    """Write ``model``'s prepared weights, ``config`` and ``tokenizer`` to ``path``; failures
+    (read-only or full disk) warn and leave the next start to load from the source again."""
+    from safetensors.torch import save
+
+    tensors, layout = model.export_state()
+    kind, blob, kwargs = _tokenizer_state(tokenizer)
+    tensors["tokenizer"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    meta = {"format": str(FORMAT), "config": json.dumps(config.__dict__), "layout": json.dumps(layout),
+            "tokenizer_kind": kind, "tokenizer_kwargs": json.dumps(kwargs)}
+    try:
+        _write_atomic(path, save(tensors, metadata=meta))
+    except OSError as e:
+        warnings.warn(f"could not write the model cache {path}: {e}; the next start loads the model file again",
+                      stacklevel=2)
+
+
+def load(path: Path) -> tuple[LlamaConfig, Tokenizer, dict[str, torch.Tensor], dict] | None:
+    """``(config, tokenizer, tensors, layout)`` from a cache entry, or None when there is none
+    or it cannot be read (then it is removed so that it is rebuilt)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            if meta.get("format") != str(FORMAT):
+                raise ValueError(f"cache format {meta.get('format')}, expected {FORMAT}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = LlamaConfig(**json.loads(meta["config"]))
+        tokenizer = _tokenizer_from_state(meta["tokenizer_kind"], tensors.pop("tokenizer").numpy().tobytes(),
+                                          json.loads(meta["tokenizer_kwargs"]))
+        return config, tokenizer, tensors, json.loads(meta["layout"])
+    except Exception as e:  # noqa: BLE001 - any damage means: rebuild from the source file
+        warnings.warn(f"ignoring unreadable model cache {path} ({type(e).__name__}: {e}); rebuilding it",
+                      stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _tokenizer_state(tok: Tokenizer) -> tuple[str, bytes, dict[str, Any]]:
+    common = {"bos_id": tok.bos_id, "eos_ids": sorted(tok.eos_ids), "add_bos": tok.add_bos,
+              "chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    if isinstance(tok, HFTokenizer):
+        return "tokenizers", tok.tok.to_str().encode(), {**common, "uses_post_processor": tok.uses_post_processor}
+    if isinstance(tok, SentencePieceTokenizer):
+        return "sentencepiece", tok.sp.serialized_model_proto(), common
+    raise TypeError(f"cannot cache a {type(tok).__name__}")
+
+
+def _tokenizer_from_state(kind: str, blob: bytes, kwargs: dict[str, Any]) -> Tokenizer:
+    if kind == "tokenizers":
+        from tokenizers import Tokenizer as HFTok
+
+        return HFTokenizer(HFTok.from_str(blob.decode()), **kwargs)
+    if kind == "sentencepiece":
+        import sentencepiece
+
+        return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_proto=blob), **kwargs)
+    raise ValueError(f"unknown tokenizer kind {kind!r}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["FORMAT", "entry_path", "load", "save"]

@@ -1,0 +1,317 @@
+"""4-bit GGUF weights kept packed, multiplied by torch's int4 CPU kernel.
+
+Every 4-bit GGUF format this module reads is, per group of 32 consecutive inputs of one output
+row, an affine map of 4-bit codes ``q`` in ``0..15``::
+
+    Q4_0:  w = d * (q - 8)                      scale = d,        zero = 0
+    Q4_1:  w = d * q + m                        scale = d,        zero = m + 8 d
+    Q4_K:  w = (d * sc_j) * q - dmin * m_j      scale = d sc_j,   zero = 8 d sc_j - dmin m_j
+                                                (sub-block j of 32 in a super-block of 256)
+
+which is exactly the form ``w = (q - 8) * scale + zero`` of ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+(the kernel torchao and gpt-fast use), with group size 32. So the product ``x @ W.T`` can be
+computed from the file's own codes: a decode step reads 4.5-5 bits per weight instead of 32,
+which is what bounds a small model's speed on a CPU (memory bandwidth).
+
+The kernel takes bfloat16 activations and bfloat16 scales and returns bfloat16 (it accumulates
+in float32); the rest of the model (residual stream, norms, rotary, attention, KV cache) stays
+in the compute dtype. The weights are the file's codes exactly; ``scale`` and ``zero`` are
+rounded from float16/float32 to bfloat16 (relative error <= 2**-9), and the activations are
+rounded to bfloat16 before each product — the same kind of approximation llama.cpp makes when
+it multiplies quantized weights by 8-bit-quantized activations. ``weights: dequantize`` gives
+the exact float32 model instead.
+
+Q8_0 (``w = d * q``, ``q`` in ``-128..127``) is two 4-bit planes: with ``q + 128 = 16 h + l``
+(``h``, ``l`` in ``0..15``), ``w = 16 d (h - 8) + d (l - 8) + 8 d``, i.e. one int4 product with
+``scale = 16 d, zero = 0`` plus one with ``scale = d, zero = 8 d``. Same bytes as int8 and
+exact codes again; used for the output projection (tied to a Q8_0 token embedding in SmolLM2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+#: Inputs per scale/zero group in every format handled here.
+GROUP = 32
+#: The kernel computes fast only with bfloat16 activations and scales (float16 takes a slow path).
+_ACT = torch.bfloat16
+
+#: GGUF tensor types whose codes this module can keep packed.
+PACKABLE_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether this torch has the CPU int4 kernels (torch >= 2.5) and they run here."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")):
+        return False
+    try:
+        packed = ops._convert_weight_to_int4pack_for_cpu(torch.zeros(16, GROUP, dtype=torch.int32), 1)
+        scales = torch.ones(1, 16, 2, dtype=torch.bfloat16)
+        ops._weight_int4pack_mm_for_cpu(torch.ones(1, GROUP, dtype=torch.bfloat16), packed, GROUP, scales)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class AffineInt4:
+    """A weight matrix ``[N, K]`` as 4-bit codes with one affine map per group of 32 inputs.
+
+    ``codes`` is uint8 ``[N, K]`` (values 0..15); ``scale`` and ``zero`` are float32 ``[N, K/32]``;
+    ``w[n, k] = (codes[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]``. A Q8_0 matrix is a
+    list of two of these (see the module docstring).
+    """
+
+    __slots__ = ("codes", "scale", "zero")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.codes, self.scale, self.zero = codes, scale, zero
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix the codes stand for."""
+        n, k = self.codes.shape
+        q = self.codes.view(n, k // GROUP, GROUP).float() - 8.0
+        return (q * self.scale[..., None] + self.zero[..., None]).view(n, k)
+
+    @staticmethod
+    def cat(parts: list[AffineInt4]) -> AffineInt4:
+        """Stack the output rows of several matrices (fused q/k/v or gate/up)."""
+        return AffineInt4(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]))
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
+    """Unpack bytes laid out as runs of ``run`` bytes: low nibbles are the run's first ``run``
+    values, high nibbles the next ``run`` (the ggml layout of Q4_0/Q4_1 (run 16) and Q4_K (32))."""
+    n = qs.shape[0]
+    qs = qs.reshape(n, -1, 1, run)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, -1)
+
+
+def read_packed(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> list[AffineInt4]:
+    """The codes and affine maps of one GGUF tensor (raw block bytes), as a list of int4 planes
+    whose products sum to the matrix's product (one plane, two for Q8_0)."""
+    rows, cols = shape
+    if cols % GROUP:
+        raise ValueError(f"{cols} inputs is not a multiple of {GROUP}")
+    raw = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if type_name in ("Q4_0", "Q4_1"):
+        head = 2 if type_name == "Q4_0" else 4
+        blocks = raw.reshape(-1, head + 16)
+        d = _f16(blocks[:, 0:2])[:, 0]
+        codes = _nibbles(blocks[:, head:], 16)
+        zero = np.zeros_like(d) if type_name == "Q4_0" else _f16(blocks[:, 2:4])[:, 0] + 8 * d
+        planes = [(codes, d, zero)]
+    elif type_name == "Q4_K":
+        import gguf
+
+        blocks = raw.reshape(-1, 144)                        # d, dmin (f16), 12 bytes scales, 128 qs
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        scale = (d * sc.astype(np.float32)).reshape(-1)      # one per sub-block of 32
+        zero = (8 * d * sc.astype(np.float32) - dmin * mn.astype(np.float32)).reshape(-1)
+        codes = _nibbles(blocks[:, 16:], 32)
+        planes = [(codes, scale, zero)]
+    elif type_name == "Q8_0":
+        blocks = raw.reshape(-1, 34)                         # d (f16), 32 int8
+        d = _f16(blocks[:, 0:2])[:, 0]
+        shifted = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        planes = [(shifted >> 4, 16 * d, np.zeros_like(d)), (shifted & 0x0F, d, 8 * d)]
+    else:
+        raise ValueError(f"tensor type {type_name} cannot be kept packed (only {', '.join(PACKABLE_TYPES)})")
+    out = []
+    for codes, scale, zero in planes:
+        out.append(AffineInt4(torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols)),
+                              torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
+                              torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(rows, -1))))
+    return out
+
+
+class QuantizedTensor:
+    """A GGUF tensor left in its file's block format until the model decides how to use it:
+    ``dense()`` dequantizes it (gguf's own reference dequantizer), ``planes()`` gives its int4
+    planes for :class:`Int4Linear`. ``shape`` is ``(rows, cols)`` in PyTorch order."""
+
+    __slots__ = ("data", "type_name", "shape")
+
+    def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
+        self.data, self.type_name, self.shape = data, type_name, tuple(shape)
+
+    def dense(self) -> torch.Tensor:
+        import gguf
+
+        arr = gguf.quants.dequantize(self.data, gguf.GGMLQuantizationType[self.type_name])
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(self.shape))
+
+    def planes(self) -> list[AffineInt4]:
+        return read_packed(self.data, self.type_name, self.shape)
+
+
+def can_pack(parts: list, device: torch.device) -> bool:
+    """Whether matrices (fused along their outputs) can run as one :class:`Int4Linear`: all are
+    :class:`QuantizedTensor` with the same plane count and inputs, on a CPU with the kernel, and the
+    kernel's layout constraint holds (outputs a multiple of 16)."""
+    if device.type != "cpu" or not all(isinstance(p, QuantizedTensor) for p in parts):
+        return False
+    if len({p.type_name == "Q8_0" for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+        return False
+    return parts[0].shape[1] % GROUP == 0 and sum(p.shape[0] for p in parts) % 16 == 0 and int4_kernel_available()
+
+
+class Int4Linear:
+    """``x @ W.T`` for a matrix kept as int4 planes (see :class:`AffineInt4`), on the CPU.
+
+    Inputs of any float dtype ``[..., K]``; the output has the input's dtype.
+    """
+
+    __slots__ = ("planes", "out_features")
+
+    def __init__(self, planes: list[AffineInt4]):
+        if not int4_kernel_available():
+            raise RuntimeError("this torch build has no int4 CPU kernel (_weight_int4pack_mm_for_cpu)")
+        ops = torch.ops.aten
+        self.out_features = planes[0].shape[0]
+        #: (packed codes in the kernel's layout, [K/32, N, 2] (scale, zero) in the activation dtype)
+        self.planes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for p in planes:
+            packed = ops._convert_weight_to_int4pack_for_cpu(p.codes.to(torch.int32), 1)
+            scales = torch.stack([p.scale.t(), p.zero.t()], dim=-1).to(_ACT).contiguous()
+            self.planes.append((packed, scales))
+
+    @classmethod
+    def from_packed(cls, planes: list[tuple[torch.Tensor, torch.Tensor]], out_features: int) -> Int4Linear:
+        """Rebuild from :attr:`planes` saved earlier (same torch build and CPU kind: the packed
+        layout is the kernel's own)."""
+        self = cls.__new__(cls)
+        self.planes, self.out_features = list(planes), out_features
+        return self
+
+    @classmethod
+    def from_parts(cls, parts: list[QuantizedTensor]) -> Int4Linear:
+        """One product for several matrices stacked along their outputs (see :func:`can_pack`)."""
+        per_part = [p.planes() for p in parts]
+        return cls([AffineInt4.cat([planes[i] for planes in per_part]) for i in range(len(per_part[0]))])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(_ACT)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        packed, scales = self.planes[0]
+        y = mm(x2, packed, GROUP, scales)
+        for packed, scales in self.planes[1:]:
+            y = y.float().add_(mm(x2, packed, GROUP, scales))   # sum the planes in float32
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes one product reads (codes + scales)."""
+        return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
+
+
+def _affine_rows(data: np.ndarray, type_name: str, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes int8 [N, K], scale, zero float32 [N, K/32])`` with ``w = codes * scale + zero``
+    evaluated exactly as gguf's dequantizer evaluates it (same operands, same two roundings), so
+    rows come out bit-identical to ``gguf.quants.dequantize``."""
+    rows, cols = shape
+    raw = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if type_name == "Q8_0":                                   # d * q
+        blocks = raw.reshape(-1, 34)
+        d = _f16(blocks[:, 0:2])[:, 0]
+        return blocks[:, 2:].view(np.int8), d, np.zeros_like(d)
+    if type_name in ("Q4_0", "Q4_1"):                         # d * (q - 8)   /   d * q + m
+        head = 2 if type_name == "Q4_0" else 4
+        blocks = raw.reshape(-1, head + 16)
+        d = _f16(blocks[:, 0:2])[:, 0]
+        q = _nibbles(blocks[:, head:], 16).astype(np.int8)
+        if type_name == "Q4_0":
+            return q - 8, d, np.zeros_like(d)
+        return q, d, _f16(blocks[:, 2:4])[:, 0]
+    if type_name == "Q4_K":                                   # (d sc) * q - (dmin m)
+        import gguf
+
+        blocks = raw.reshape(-1, 144)
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        return (_nibbles(blocks[:, 16:], 32).astype(np.int8), (d * sc.astype(np.float32)).reshape(-1),
+                -(dmin * mn.astype(np.float32)).reshape(-1))
+    raise ValueError(f"tensor type {type_name} has no row form (only {', '.join(PACKABLE_TYPES)})")
+
+
+class QuantizedEmbedding:
+    """Token embedding lookup from the file's codes: ``rows(ids)`` gathers the ids' codes and
+    dequantizes only those rows (bit-identical to dequantizing the whole table), so the table
+    costs 1.25 bytes per weight in memory instead of 4."""
+
+    __slots__ = ("codes", "scale", "zero")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.codes, self.scale, self.zero = codes, scale, zero
+
+    @classmethod
+    def from_tensor(cls, qt: QuantizedTensor) -> QuantizedEmbedding:
+        codes, scale, zero = _affine_rows(qt.data, qt.type_name, qt.shape)
+        rows, cols = qt.shape
+        as_t = lambda a, *shape: torch.from_numpy(np.ascontiguousarray(a)).reshape(*shape)  # noqa: E731
+        return cls(as_t(codes, rows, cols), as_t(scale, rows, -1), as_t(zero, rows, -1))
+
+    def __call__(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        n, k = flat.numel(), self.codes.shape[1]
+        q = self.codes.index_select(0, flat).float().view(n, k // GROUP, GROUP)
+        w = q.mul_(self.scale.index_select(0, flat)[..., None]).add_(self.zero.index_select(0, flat)[..., None])
+        return w.view(*ids.shape, k).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+class DenseEmbedding:
+    """Token embedding lookup from a dense ``[V, d]`` table (also the tied output matrix)."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.weight)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class DenseLinear:
+    """``x @ W.T`` with ``W`` stored transposed (``[in, out]``): ``x @ W_t`` measured up to 2x
+    faster than ``F.linear(x, W)`` for batch-8 decode shapes with cache-resident weights on CPU,
+    and never slower."""
+
+    __slots__ = ("weight_t",)
+
+    def __init__(self, weight_t: torch.Tensor):
+        self.weight_t = weight_t
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_t.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight_t)
+
+    def nbytes(self) -> int:
+        return self.weight_t.numel() * self.weight_t.element_size()
+
+
+__all__ = ["GROUP", "PACKABLE_TYPES", "AffineInt4", "DenseEmbedding", "DenseLinear", "Int4Linear",
+           "QuantizedEmbedding", "QuantizedTensor", "can_pack", "int4_kernel_available", "read_packed"]

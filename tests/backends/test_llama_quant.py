@@ -1,0 +1,136 @@
+"""Packed 4-bit GGUF matrices (quant.py): the codes reproduce gguf's dequantizer, the int4 products
+stay within the bfloat16 error bound, and a packed model stays close to the exact one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed
+from samplerkit.builtins.backends.llama.quant import (
+    DenseLinear,
+    Int4Linear,
+    QuantizedEmbedding,
+    QuantizedTensor,
+    can_pack,
+    int4_kernel_available,
+    read_packed,
+)
+from samplerkit.errors import ConfigError
+
+needs_kernel = pytest.mark.skipif(not int4_kernel_available(), reason="torch has no int4 CPU kernel here")
+
+#: (bytes per block, values per block, byte offsets of float16 fields) of each format.
+LAYOUT = {"Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2))}
+
+
+def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid random GGUF blocks: random code/scale bytes, float16 fields set to finite values of
+    the size real models have (so no NaN/inf bit patterns)."""
+    size, per_block, halves = LAYOUT[type_name]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // per_block, size), dtype=np.uint8)
+    for off in halves:
+        vals = (rng.standard_normal(blocks.shape[0]) * 0.02).astype(np.float16)
+        blocks[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", sorted(LAYOUT))
+def test_planes_reproduce_the_gguf_dequantizer(type_name):
+    import gguf
+
+    rows, cols = 32, 512
+    data = random_blocks(type_name, rows, cols)
+    want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols)
+    planes = read_packed(data, type_name, (rows, cols))
+    assert len(planes) == (2 if type_name == "Q8_0" else 1)
+    for p in planes:
+        assert p.codes.dtype == torch.uint8 and int(p.codes.max()) <= 15
+    got = sum(p.dequantize().double() for p in planes)
+    # The affine form rounds in a different order than gguf's (d*q + m vs (q-8)*d + (m+8d)): a few ulp.
+    torch.testing.assert_close(got, torch.from_numpy(want).double(), rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("type_name", sorted(LAYOUT))
+def test_embedding_rows_are_bit_identical_to_the_gguf_dequantizer(type_name):
+    rows, cols = 40, 512
+    qt = QuantizedTensor(random_blocks(type_name, rows, cols, seed=5), type_name, (rows, cols))
+    table = QuantizedEmbedding.from_tensor(qt)
+    ids = torch.tensor([[3, 0, 39], [7, 7, 12]])
+    got = table(ids)
+    assert got.shape == (2, 3, cols) and got.dtype == torch.float32
+    assert torch.equal(got, qt.dense()[ids])
+    assert table(ids, torch.bfloat16).dtype == torch.bfloat16
+    assert table.nbytes() < rows * cols * 4 / 3
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", sorted(LAYOUT))
+def test_int4_product_within_the_bfloat16_bound(type_name):
+    """Activations, scales and the output are each rounded to bfloat16 (relative 2**-9 each), the
+    codes are exact: |error| <= 2**-7 * (|x| @ |W|.T) bounds the three roundings with room."""
+    rows, cols = 64, 512
+    qt = QuantizedTensor(random_blocks(type_name, rows, cols, seed=1), type_name, (rows, cols))
+    w = qt.dense().double()
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(2))
+    got = Int4Linear(qt.planes())(x)
+    assert got.dtype == torch.float32 and got.shape == (5, rows)
+    exact = x.double() @ w.T
+    bound = 2.0 ** -7 * (x.double().abs() @ w.abs().T) + 1e-12
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    # 3-D inputs (prefill [B, L, K]) keep their leading shape.
+    assert Int4Linear(qt.planes())(x.view(5, 1, cols)).shape == (5, 1, rows)
+
+
+@needs_kernel
+def test_fused_parts_equal_separate_products():
+    a = QuantizedTensor(random_blocks("Q4_1", 32, 256, seed=3), "Q4_1", (32, 256))
+    b = QuantizedTensor(random_blocks("Q4_1", 48, 256, seed=4), "Q4_1", (48, 256))
+    x = torch.randn(3, 256)
+    fused = Int4Linear.from_parts([a, b])(x)
+    assert fused.shape == (3, 80)
+    torch.testing.assert_close(fused, torch.cat([Int4Linear([*a.planes()])(x), Int4Linear([*b.planes()])(x)], -1))
+
+
+def test_can_pack_rules():
+    cpu = torch.device("cpu")
+    q41 = QuantizedTensor(random_blocks("Q4_1", 32, 64), "Q4_1", (32, 64))
+    q80 = QuantizedTensor(random_blocks("Q8_0", 32, 64), "Q8_0", (32, 64))
+    odd = QuantizedTensor(random_blocks("Q4_1", 24, 64), "Q4_1", (24, 64))
+    assert can_pack([q41], cpu) == int4_kernel_available()
+    assert not can_pack([q41, q80], cpu)              # different plane counts cannot fuse
+    assert not can_pack([odd], cpu)                   # the kernel needs outputs in multiples of 16
+    assert not can_pack([q41, torch.zeros(32, 64)], cpu)
+    assert not can_pack([q41], torch.device("meta"))  # only the CPU kernel is used
+
+
+def test_weights_option_resolution():
+    meta = torch.device("meta")
+    assert _keep_packed("dequantize", torch.device("cpu")) is False
+    assert _keep_packed("auto", meta) is False
+    with pytest.raises(ConfigError, match="backend.weights: 'packed' runs only on the CPU"):
+        _keep_packed("packed", meta)
+    with pytest.raises(ValueError):
+        LlamaParams(weights="int3")
+
+
+@needs_kernel
+@pytest.mark.parametrize("matrix_type", ["Q4_0", "Q4_1", "Q8_0"])
+def test_packed_model_stays_close_to_the_exact_model(tmp_path, hf_llama, tiny_tools, matrix_type):
+    model, cfg = hf_llama
+    path = tiny_tools.write_gguf(tmp_path / f"tiny-{matrix_type}.gguf", model, cfg, matrix_type=matrix_type,
+                                 tokenizer=tiny_tools.train_byte_level_bpe())
+    packed = LlamaBackend(LlamaParams(model=str(path)))
+    exact = LlamaBackend(LlamaParams(model=str(path), weights="dequantize"))
+    assert packed.model.packed and not exact.model.packed
+    assert isinstance(packed.model.layers[0].wqkv, Int4Linear)
+    assert isinstance(packed.model.lm_head, DenseLinear)   # 300 outputs: not a multiple of 16
+    assert isinstance(packed.model.embed, QuantizedEmbedding)  # untied: only looked up by rows
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [100, 200, 50]]
+    a, b = packed.prefill(prompts).last, exact.prefill(prompts).last
+    for step in range(8):
+        assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item(), step
+        nxt = b.argmax(-1)
+        a, b = packed.step(nxt), exact.step(nxt)
