@@ -44,7 +44,7 @@ def entry_path(source: Path, *, dtype: torch.dtype, packed: bool) -> Path:
 def save(path: Path, config: LlamaConfig, tokenizer: Tokenizer, model) -> None:
     """Write ``model``'s prepared weights, ``config`` and ``tokenizer`` to ``path``; failures
     (read-only or full disk) warn and leave the next start to load from the source again."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     tensors, layout = model.export_state()
     kind, blob, kwargs = _tokenizer_state(tokenizer)
@@ -52,8 +52,8 @@ def save(path: Path, config: LlamaConfig, tokenizer: Tokenizer, model) -> None:
     meta = {"format": str(FORMAT), "config": json.dumps(config.__dict__), "layout": json.dumps(layout),
             "tokenizer_kind": kind, "tokenizer_kwargs": json.dumps(kwargs)}
     try:
-        _write_atomic(path, save(tensors, metadata=meta))
-    except OSError as e:
+        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except Exception as e:  # noqa: BLE001 - OSError or safetensors' own error (disk full...): never fatal
         warnings.warn(f"could not write the model cache {path}: {e}; the next start loads the model file again",
                       stacklevel=2)
 
@@ -104,11 +104,13 @@ def _tokenizer_from_state(kind: str, blob: bytes, kwargs: dict[str, Any]) -> Tok
     raise ValueError(f"unknown tokenizer kind {kind!r}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: readers see the old entry or the whole new
+    one, never a partial file (also when two processes build the same entry at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
