@@ -103,11 +103,20 @@ def main() -> None:
     ap.add_argument("--pipeline", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-graph", action="store_true", help="on CUDA, skip timing the CUDA-graph replay")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    graphs = args.device == "cuda" and not args.no_graph
     print(f"{'pipeline':<24} {'kind':<6} {'B':>3} {'V':>7} {'nucleus':>8} {'samplerkit':>11} "
-          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8}")
+          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8}" + (f" {'other eager':>11} {'graph':>9} {'vs tf':>7}" if graphs else ""))
+    if graphs:
+        from samplerkit.ops import sync
+        print(f"eager CUDA steps take the {'sync-free' if sync.EAGER_CUDA else 'checked'} paths; 'other eager' "
+              "times the other choice (samplerkit.ops.sync.EAGER_CUDA)")
     for name in args.pipeline:
         steps, params = PIPELINES[name]
         tf = build_transformers(params)
@@ -126,9 +135,22 @@ def main() -> None:
                         t_seed = timeit(lambda: seed_step(x, temperature, top_p), args.reps, args.device)
                     else:
                         t_seed = float("nan")
-                    print(f"{name:<24} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
-                          f"{t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x {t_seed / t_sk:>7.1f}x",
-                          flush=True)
+                    line = (f"{name:<24} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
+                            f"{t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x {t_seed / t_sk:>7.1f}x")
+                    if graphs:
+                        # The eager step with the other choice of paths (sync.EAGER_CUDA), then
+                        # one step captured as a CUDA graph (BoundPipeline.capture), replayed.
+                        from samplerkit.context import StepContext
+                        from samplerkit.ops import sync
+                        sync.EAGER_CUDA = not sync.EAGER_CUDA
+                        try:
+                            t_other = timeit(lambda: bound.sample(x), args.reps, args.device)
+                        finally:
+                            sync.EAGER_CUDA = not sync.EAGER_CUDA
+                        captured = bound.capture(x, StepContext(batch, vocab, device=args.device))
+                        t_graph = timeit(lambda: captured(x), args.reps, args.device)
+                        line += f" {t_other * 1e3:>9.3f}ms {t_graph * 1e3:>7.3f}ms {t_tf / t_graph:>6.1f}x"
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":

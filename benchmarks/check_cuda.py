@@ -95,6 +95,7 @@ def main() -> int:
     check("chi-square categorical, V=1000 untruncated (tail path) on CUDA", p_value > 1e-6,
           f"(chi2={chi2:.1f}, dof={vocab - 1}, p={p_value:.3g})")
     check_triton_matches_torch()
+    check_sync_free_and_graphs()
     check_llama_backend_on_cuda()
     return 1 if failures else 0
 
@@ -127,6 +128,87 @@ def check_triton_matches_torch() -> None:
     check("Triton row keys == torch row keys", bool(torch.equal(fused_keys, torch_keys)))
     same = int((fused == reference).sum())
     check("Triton race == torch race", same == rows, f"({same}/{rows} rows equal)")
+    # The fused top-k key kernel (temperature's division included) == the torch keys.
+    from samplerkit.builtins.processors.temperature import _finite_division
+    x = (torch.randn(64, 128256, generator=g) * 3).to(DEVICE)
+    x[0, :1000] = float("-inf")
+    x[1, 5], x[1, 6], x[2, 7] = -0.0, 0.0, 3e38
+    x[3] = torch.randint(0, 3, (128256,), generator=g).float().to(DEVICE)
+    divisor = torch.linspace(0.05, 3.0, 64, device=DEVICE).unsqueeze(-1)
+    quotient = _finite_division(x.clone(), divisor, torch.empty_like(x))
+    bits = (quotient + 0.0).view(torch.int32)
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    want = (order.to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(128256, device=DEVICE))
+    check("Triton top-k keys (with temperature) == torch keys", bool(torch.equal(_triton.topk_keys(x, divisor), want)))
+    check("Triton temperature division == torch", bool(torch.equal(_triton.divide(x, divisor).view(torch.int32),
+                                                                      quotient.view(torch.int32))))
+    # The two sync-free exact top-k selections keep the same sets (x has ties and -inf).
+    from samplerkit.ops.candidates import top_k_candidates_keyed, top_k_candidates_repaired
+    x[4] = torch.randint(0, 5, (128256,), generator=g).float().to(DEVICE)
+    k = torch.randint(1, 64, (64,), generator=g).to(DEVICE)
+    sets = []
+    for select in (top_k_candidates_keyed, top_k_candidates_repaired):
+        values, ids = select(x, k, int(k.max()), divisor=divisor)
+        used = torch.arange(ids.shape[1], device=DEVICE) < k.unsqueeze(-1)
+        kept = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+        kept[torch.arange(64, device=DEVICE).unsqueeze(-1).expand_as(ids)[used], ids[used]] = True
+        sets.append(kept)
+    check("sync-free top-k: float32 topk + tie repair == int64 keys", bool(torch.equal(*sets)))
+
+
+CHAINS = [
+    [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
+    [{"temperature": 0.7}, {"top_p": 0.9}],
+    [{"min_p": 0.05}],
+    [{"top_k": 40}, {"temperature": 0.0}],
+    [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
+]
+
+
+def check_sync_free_and_graphs() -> None:
+    """No host synchronisation inside a step on CUDA (torch's sync debug mode raises on one),
+    the same tokens as the CPU pipeline, and a CUDA-graph replay equal to the eager step."""
+    from samplerkit.context import StepContext
+
+    g = torch.Generator().manual_seed(5)
+    batch, vocab = 64, 128256
+    for steps in CHAINS:
+        name = "+".join(next(iter(d)) for d in steps)
+        config = {"backend": "bigram", "pipeline": steps, "sampler": "categorical"}
+        x = torch.randn(batch, vocab, generator=g) * torch.linspace(0.3, 4, batch).unsqueeze(-1)
+        bound = samplerkit.load_pipeline(config, device=DEVICE).bind(batch, seeds=list(range(batch)))
+        ctx = StepContext(batch, vocab, device=DEVICE)
+        xd = x.to(DEVICE)
+        for _ in range(2):                                   # warm-up: workspaces, Triton compilation
+            bound.sample_async(xd, ctx)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            ids, valid = bound.sample_async(xd, ctx)
+            synced = ""
+        except RuntimeError as exc:
+            synced = str(exc).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        check(f"no host sync in a CUDA step: {name}", not synced, f"({synced})" if synced else "")
+        if synced:
+            ids, valid = bound.sample_async(xd, ctx)
+        cpu_ids = samplerkit.load_pipeline(config).bind(batch, seeds=list(range(batch))).sample(x)
+        same = int((ids.cpu() == cpu_ids).sum())
+        check(f"sync-free CUDA tokens == CPU tokens: {name}", same == batch and bool(valid.all()), f"({same}/{batch})")
+        try:
+            captured = bound.capture(xd, ctx)
+            bad = 0
+            for step in range(4):
+                xs = (torch.randn(batch, vocab, generator=g) * (1 + step)).to(DEVICE)
+                got, _ = captured(xs)
+                got = got.clone()
+                want, _ = bound.sample_async(xs, ctx)
+                bad += int((got != want).sum())
+                ctx.num_generated += 1                       # the graph reads the counters in place
+            check(f"CUDA graph replay == eager step: {name}", bad == 0, f"({bad} mismatches over 4 steps)")
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            check(f"CUDA graph capture: {name}", False, f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
 
 
 def check_llama_backend_on_cuda() -> None:

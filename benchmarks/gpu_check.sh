@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One command for the GPU: exactness checks on CUDA, then the sampling benchmark on CUDA.
+# One command for the GPU: exactness checks on CUDA (references, CPU == CUDA tokens, chi-square,
+# Triton == torch, no host sync inside a step, CUDA-graph replay == eager), then the sampling
+# benchmark on CUDA (eager step and CUDA-graph replay against transformers).
 # Needs torch with CUDA, pluggy, pydantic, PyYAML (carry wheels where they are missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -17,6 +17,8 @@ from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError
 from samplerkit.ops.candidates import densify
+from samplerkit.ops.sync import sync_free, sync_free_scope
+from samplerkit.ops.truncation import cut_below
 from samplerkit.steps import Processor, Sampler
 
 INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
@@ -126,6 +128,8 @@ class BoundPipeline:
                 self.steps.append((spec, step))
         self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
         self._workspace: torch.Tensor | None = None
+        # The sampler can take a truncation's threshold instead of truncated logits.
+        self._sampler_cuts = type(self.sampler).sample_cut is not Sampler.sample_cut
         # A greedy-style sampler after argmax-invariant processors needs none of them.
         self._skip_for_sampling = (not self.sampler.stochastic and pipeline.sampler.cls.name == "greedy"
                                    and all(s.argmax_invariant for _, s in self.steps))
@@ -151,7 +155,7 @@ class BoundPipeline:
         """Run every active processor in order on a float32 copy of ``logits``."""
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
-        dense, candidates = self._run(logits, ctx)
+        dense, candidates, _ = self._run(logits, ctx)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
@@ -165,25 +169,37 @@ class BoundPipeline:
         (NaN, +inf, nothing left) and the pipeline's ``on_invalid`` policy substituted the argmax
         of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
         rows are never affected: invalid rows are neutralised before the sampler runs."""
+        if sync_free(logits):
+            ids, valid = self.sample_async(logits, ctx, processed)
+            if self.pipeline.on_invalid == "raise" and not bool(valid.all()):   # one sync, after the step
+                ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+                raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
+            return ids, valid
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
-        candidates = None
+        candidates = cut = None
         if processed is None:
             if self._skip_for_sampling or not self.steps:
                 processed = logits if logits.dtype == torch.float32 else logits.float()
             else:
-                processed, candidates = self._run(logits, ctx, copy_out=False)
-        valid = _valid_rows(processed, candidates)
+                processed, candidates, cut = self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+        valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
         all_valid = bool(valid.all())
         if not all_valid:
             if self.pipeline.on_invalid == "raise":
                 raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
             if candidates is not None:
                 processed, candidates = densify(*candidates, logits.shape[-1]), None
+            if cut is not None:
+                processed, cut = cut_below(processed, cut.threshold), None
             # A uniform row in place of each invalid one: the sampler never sees NaN.
             processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
         try:
             ids = None
+            if cut is not None:
+                ids = self.sampler.sample_cut(processed, cut, ctx)
+                if ids is None:
+                    processed = cut_below(processed, cut.threshold)
             if candidates is not None:
                 ids = self.sampler.sample_candidates(*candidates, ctx)
                 if ids is None:
@@ -197,6 +213,52 @@ class BoundPipeline:
             finite_argmax = raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
             ids = torch.where(valid, ids, finite_argmax)
         return ids, valid
+
+    def sample_async(self, logits: torch.Tensor, ctx: StepContext | None = None,
+                     processed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_with_validity` without any host synchronisation on CUDA (and without
+        raising): every branch is a host-side flag or a device-side select, so the step can be
+        queued ahead of the GPU or captured in a CUDA graph (:meth:`capture`). Invalid rows get
+        the argmax of their finite input logits unless the policy is ``raise``, in which case the
+        caller checks the returned ``valid`` (their token is then meaningless). Rows never affect
+        each other: every op is row-wise."""
+        with sync_free_scope():
+            return self._sample_async(logits, ctx, processed)
+
+    def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
+                      processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_batch(logits)
+        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+        candidates = cut = None
+        if processed is None:
+            if self._skip_for_sampling or not self.steps:
+                processed = logits if logits.dtype == torch.float32 else logits.float()
+            else:
+                processed, candidates, cut = self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+        valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
+        try:
+            ids = None
+            if cut is not None:
+                ids = self.sampler.sample_cut(processed, cut, ctx)
+                if ids is None:
+                    processed = cut_below(processed, cut.threshold)
+            if candidates is not None:
+                ids = self.sampler.sample_candidates(*candidates, ctx)
+                if ids is None:
+                    processed = densify(*candidates, logits.shape[-1])
+            if ids is None:
+                ids = self.sampler.sample(processed, ctx)
+        except Exception as exc:
+            raise _plugin_failure(self.pipeline.sampler, exc) from exc
+        if self.pipeline.on_invalid != "raise":
+            raw = logits.float()
+            finite_argmax = raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
+            ids = torch.where(valid, ids, finite_argmax)
+        return ids, valid
+
+    def capture(self, logits: torch.Tensor, ctx: StepContext) -> CapturedStep:
+        """A CUDA graph of one :meth:`sample_async` step for this batch shape (see :class:`CapturedStep`)."""
+        return CapturedStep(self, logits, ctx)
 
     def _diagnose(self, logits: torch.Tensor, ctx: StepContext, valid: torch.Tensor) -> str:
         """Re-run the steps densely to name the first stage that made each invalid row invalid."""
@@ -220,10 +282,12 @@ class BoundPipeline:
         return (f"invalid logits in {len(bad_rows)} row(s) of {len(valid)}: {details}. Set `on_invalid: "
                 f"mark_invalid` or `on_invalid: fallback_greedy` in the config to keep generating.")
 
-    def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True):
+    def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True, lazy_cut: bool = False):
         """Processors in order. Once a truncation leaves a short candidate list, later steps
         that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
-        gets dense logits back. Returns ``(dense, None)`` or ``(None, (values, ids))``."""
+        gets dense logits back. Returns ``(dense, None, None)``, ``(None, (values, ids), None)``
+        or, with ``lazy_cut``, ``(dense, None, cut)`` when the last step is a threshold that the
+        sampler applies itself (``dense`` is then the logits before that step)."""
         vocab = logits.shape[-1]
         dense: torch.Tensor | None = logits.float()
         owned = dense is not logits          # a float32 copy was made: ours to modify
@@ -247,6 +311,7 @@ class BoundPipeline:
                 values = _call(spec, step.apply_candidates, values, ids, ctx)
             return values
 
+        last = self.steps[-1][1] if self.steps else None
         for spec, step in self.steps:
             if candidates is not None:
                 values = _call(spec, step.apply_candidates, *candidates, ctx)
@@ -258,6 +323,8 @@ class BoundPipeline:
                 deferred.append((spec, step))
                 continue
             if deferred:
+                # One deferred division (temperature) can be fused into the selection's kernel.
+                transform.divisor = getattr(deferred[0][1], "divisor", None) if len(deferred) == 1 else None
                 selected = _call(spec, step.select_candidates_after, dense, ctx, transform)
                 if selected is not None:
                     dense, candidates, deferred = None, selected, []
@@ -269,12 +336,16 @@ class BoundPipeline:
             if selected is not None:
                 dense, candidates = None, selected
                 continue
+            if lazy_cut and step is last:
+                cut = _call(spec, step.select_cut, dense, ctx)
+                if cut is not None:
+                    return dense, None, cut
             run_dense(spec, step)
         for d_spec, d_step in deferred:      # monotone steps at the end stay dense
             run_dense(d_spec, d_step)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
-        return dense, candidates
+        return dense, candidates, None
 
     def _buffer(self, x: torch.Tensor, *, reuse: bool) -> torch.Tensor:
         """A tensor shaped like ``x`` that the processors may write into. While sampling, one
@@ -292,6 +363,40 @@ class BoundPipeline:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         if logits.shape[0] != self.batch_size:
             raise ValueError(f"logits have {logits.shape[0]} rows but the pipeline was bound for {self.batch_size}")
+
+
+class CapturedStep:
+    """One sampling step of a bound pipeline recorded as a CUDA graph, replayed per token.
+
+    Kernel launches dominate a sampling step on a GPU (tens of small kernels for
+    ``[B, V]`` logits); a replay launches them all at once. Made by :meth:`BoundPipeline.capture`
+    for fixed ``logits`` shape and dtype and one :class:`StepContext` (its ``num_generated``
+    and history tensors are read in place, so the decode loop keeps updating that same context).
+    Each call copies ``logits`` into the graph's input, replays, and returns ``(ids, valid)`` as
+    :meth:`BoundPipeline.sample_async` would (the tensors are the graph's outputs, overwritten by
+    the next call). The draws equal the eager ones: same ops, same noise.
+    """
+
+    def __init__(self, bound: BoundPipeline, logits: torch.Tensor, ctx: StepContext):
+        if not logits.is_cuda:
+            raise ValueError("CUDA graphs need CUDA logits")
+        self.bound, self.ctx = bound, ctx
+        self.logits = logits.clone()
+        # Warm up on a side stream first (workspaces, Triton compilation, cuBLAS/cub handles).
+        stream = torch.cuda.Stream(device=logits.device)
+        stream.wait_stream(torch.cuda.current_stream(logits.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                bound.sample_async(self.logits, ctx)
+        torch.cuda.current_stream(logits.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.ids, self.valid = bound.sample_async(self.logits, ctx)
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logits.copy_(logits)
+        self.graph.replay()
+        return self.ids, self.valid
 
 
 def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext,

@@ -101,6 +101,13 @@ class Processor(Step):
         values, still sorted descending, or ``None`` if the step needs dense logits."""
         return None
 
+    def select_cut(self, logits: torch.Tensor, ctx: StepContext):
+        """This step as a per-row threshold, a :class:`samplerkit.ops.truncation.Cut` (the step
+        keeps ``x >= threshold`` and sets the rest to ``-inf``), or ``None``. The pipeline may
+        then hand the threshold to the sampler instead of writing the truncated ``[B, V]`` logits
+        (last processor, while sampling). Must equal :meth:`apply` exactly."""
+        return None
+
     #: True when, for this batch, the step is an elementwise map that never reverses the order
     #: of two logits and equals :meth:`apply_candidates` on any subset (temperature without
     #: greedy rows). The pipeline may then defer it past a rank-based selection.
@@ -157,6 +164,12 @@ class Sampler(Step):
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
         """Sample from a candidate list (see :meth:`Processor.select_candidates`); ``None``
         makes the pipeline densify and call :meth:`sample`. Must draw the same token."""
+        return None
+
+    def sample_cut(self, logits: torch.Tensor, cut, ctx: StepContext) -> torch.Tensor | None:
+        """Sample from ``logits`` truncated by ``cut`` (see :meth:`Processor.select_cut`) without
+        the truncated logits being written; ``None`` makes the pipeline apply the cut and call
+        :meth:`sample`. Must draw the same token."""
         return None
 
 

@@ -12,7 +12,8 @@ import torch
 import samplerkit
 from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
-from samplerkit.ops.random import race_sample_candidates
+from samplerkit.ops.random import RACE_BLOCK, race_sample_candidates
+from samplerkit.ops.truncation import exp_weights, safe_top
 from samplerkit.registry import default_registry
 
 N = 50_000
@@ -167,9 +168,10 @@ def test_race_sample_candidate_fast_path_matches_the_full_path(vocab, limit):
     assert bool(torch.isfinite(logits.gather(1, full.unsqueeze(1))).all())
 
 
-def test_race_sample_candidates_with_a_long_list_uses_the_tail():
-    """K > 64 candidates: the two-level draw (race among the top 64, CDF in the tail) on a
-    flat list must still equal the dense draw, and must sometimes land in the tail."""
+def test_race_sample_candidates_with_a_long_list_spanning_blocks():
+    """K > 64 candidates spread over many blocks of the two-stage race (block masses by a
+    scatter, not the pairwise sum): the list and the dense row draw the same token, and the
+    draws land in many blocks and far down the list."""
     rows, vocab, k = 2000, 3000, 500
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(rows, vocab, generator=g) * 0.1
@@ -181,6 +183,36 @@ def test_race_sample_candidates_with_a_long_list_uses_the_tail():
     assert torch.equal(fast, full)
     rank = (ids == full.unsqueeze(-1)).int().argmax(-1)
     assert int((rank >= 64).sum()) > rows // 2          # most of the mass is outside the top 64
+    assert len(set((full // RACE_BLOCK).tolist())) == (vocab + RACE_BLOCK - 1) // RACE_BLOCK
+
+
+def test_race_sample_with_a_threshold_equals_sampling_the_truncated_row():
+    """The lazy truncation (the sampler applies ``x >= threshold`` itself, reusing the
+    truncation's weights) draws the token that sampling the truncated logits draws."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(512, 5000, generator=g) * torch.linspace(0.1, 6, 512).unsqueeze(-1)
+    threshold = logits.amax(-1, keepdim=True) - torch.rand(512, 1, generator=g) * 8
+    keys = row_keys(torch.arange(512) + 11, torch.full((512,), 3))
+    truncated = logits.masked_fill(logits < threshold, float("-inf"))
+    want = race_sample(truncated, keys)
+    top = safe_top(logits)
+    assert torch.equal(race_sample(logits, keys, threshold=threshold), want)
+    assert torch.equal(race_sample(logits, keys, threshold=threshold, weights=exp_weights(logits, top),
+                                   workspace=torch.empty_like(logits), mask_workspace=torch.empty_like(logits)), want)
+    assert bool((truncated.gather(1, want.unsqueeze(1)) > float("-inf")).all())
+
+
+@pytest.mark.parametrize("steps", [[{"min_p": 0.05}], [{"temperature": 0.7}, {"top_p": 0.9}], [{"top_p": 0.6}]])
+def test_lazy_truncation_matches_processing_then_sampling(steps):
+    """With a truncation last, sample() hands its threshold to the sampler: the same tokens as
+    sampling process()'s output, on peaked and flat rows alike."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 3000, generator=g) * torch.linspace(0.05, 8, 64).unsqueeze(-1)
+    seeds = list(range(64))
+    pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
+    processed = pipe.bind(64).process(x)
+    plain = load_pipeline({"pipeline": [], "sampler": "categorical"})
+    assert torch.equal(pipe.sample(x, seeds=seeds), plain.sample(processed, seeds=seeds))
 
 
 def test_categorical_pipeline_candidate_path_matches_dense_sampling():

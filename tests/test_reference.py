@@ -179,6 +179,64 @@ def test_top_p_mask_equals_reference_on_random_batches_with_fallback_rows(seed):
     assert torch.equal(top_p_mask(x, p), top_p_mask_reference(x, p))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_top_p_histogram_path_equals_reference_on_wide_rows(seed):
+    """Flat rows over a vocabulary larger than one scale of bins: the histogram path (with and
+    without its reusable workspace, and after a temperature) keeps the reference's sets."""
+    from samplerkit.ops.truncation import nucleus_stats, nucleus_threshold_histogram
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 40_000, generator=g) * torch.linspace(0.2, 3, 12).unsqueeze(-1)
+    x[0, :30_000] = -INF
+    x[1] = torch.randint(0, 40, (40_000,), generator=g).float() / 8          # many exact ties
+    p = torch.rand(12, generator=g) * 0.9 + 0.05
+    want = top_p_mask_reference(x, p)
+    work = {}
+    for _ in range(2):                                                       # buffers reused
+        stats = nucleus_stats(x, work)
+        threshold = nucleus_threshold_histogram(x, stats.top, stats.weights, stats.total, p, work, stats.shifted)
+        assert torch.equal(x >= threshold, want)
+    stats = nucleus_stats(x)
+    assert torch.equal(x >= nucleus_threshold_histogram(x, stats.top, stats.weights, stats.total, p), want)
+    assert torch.equal(top_p_mask(x, p, work=work), want)
+
+
+def test_top_p_histogram_batch_with_nan_and_inf_rows():
+    """A mostly flat batch takes the histogram for every row; rows holding NaN or +inf (which
+    the pipeline reports invalid) must neither crash it nor differ from the reference."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5000, generator=g) * 0.3
+    x[1, 5], x[2, 7], x[3], x[4, :4000] = float("nan"), INF, -INF, -INF
+    p = torch.full((8,), 0.9)
+    assert torch.equal(top_p_mask(x, p, work={}), top_p_mask_reference(x, p))
+    pipe = load_pipeline({"pipeline": [{"temperature": 0.7}, {"top_p": 0.9}], "sampler": "categorical",
+                          "on_invalid": "mark_invalid"})
+    _, valid = pipe.bind(8).sample_with_validity(x)
+    assert valid.tolist() == [True, False, False, False, True, True, True, True]
+
+
+def test_cut_below_keeps_signed_zeros_at_a_zero_threshold():
+    from samplerkit.ops.truncation import cut_below
+
+    x = torch.tensor([[-0.0, 0.0, -1.0, 1.0, -INF], [-0.0, 0.0, -1e-45, 1e-45, INF]])
+    for threshold in (torch.tensor([[0.0], [0.0]]), torch.tensor([[-0.0], [-0.0]])):
+        got = cut_below(x, threshold)
+        want = x.masked_fill(x < threshold, -INF)
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+        assert torch.equal(cut_below(x.clone(), threshold, out=None), want)
+
+
+def test_sparse_nonzero_equals_nonzero():
+    from samplerkit.ops.truncation import _sparse_nonzero
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (64, 1000, 4001):
+        mask = torch.rand(7, vocab, generator=g) < 0.01
+        mask[3] = False
+        for got, want in zip(_sparse_nonzero(mask), mask.nonzero(as_tuple=True)):
+            assert torch.equal(got, want)
+
+
 def test_top_p_golden_boundary_semantics():
     """Kept iff the mass strictly before a token is below p (and ties with the last kept)."""
     x = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))

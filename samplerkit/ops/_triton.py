@@ -63,6 +63,63 @@ if triton is not None:
         tl.store(out_ptr + row, token)
 
 
+    @triton.jit
+    def _topk_keys_kernel(x_ptr, div_ptr, out_ptr, vocab, stride_x, HAS_DIV: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_DIV:
+            # Temperature's division (IEEE round-to-nearest, as torch's), saturated at the
+            # float32 range where a finite logit overflows.
+            q = tl.div_rn(x, tl.load(div_ptr + row))
+            overflow = (tl.abs(q) == float("inf")) & (tl.abs(x) != float("inf"))
+            x = tl.where(overflow, tl.where(q > 0, 3.4028234663852886e38, -3.4028234663852886e38), q)
+        x = tl.where(x == 0.0, 0.0, x)                     # -0.0 ranks with +0.0
+        bits = x.to(tl.int32, bitcast=True)
+        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (order.to(tl.int64) << 32) + (4294967295 - cols.to(tl.int64))
+        tl.store(out_ptr + row * vocab + cols, key, mask=mask)
+
+
+def topk_keys(logits: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 top-k keys of ``logits`` (or of ``logits / divisor``, saturated), as
+    :func:`samplerkit.ops.candidates.top_k_candidates_keyed` builds them with torch ops."""
+    rows, vocab = logits.shape
+    logits = logits.float()
+    out = torch.empty(rows, vocab, dtype=torch.int64, device=logits.device)
+    block = 1024
+    div = divisor.float().reshape(rows).contiguous() if divisor is not None else logits
+    _topk_keys_kernel[(rows, triton.cdiv(vocab, block))](logits, div, out, vocab, logits.stride(0),
+                                                        HAS_DIV=divisor is not None, BLOCK=block)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _divide_kernel(x_ptr, div_ptr, out_ptr, vocab, stride_x, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        q = tl.div_rn(x, tl.load(div_ptr + row))
+        overflow = (tl.abs(q) == float("inf")) & (tl.abs(x) != float("inf"))
+        q = tl.where(overflow, tl.where(q > 0, 3.4028234663852886e38, -3.4028234663852886e38), q)
+        tl.store(out_ptr + row * vocab + cols, q, mask=mask)
+
+
+def divide(logits: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """``logits / divisor`` saturated at the float32 range, as temperature computes it, in one kernel."""
+    rows, vocab = logits.shape
+    logits = logits.float()
+    out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    block = 1024
+    _divide_kernel[(rows, triton.cdiv(vocab, block))](logits, divisor.float().reshape(rows).contiguous(), out,
+                                                     vocab, logits.stride(0), BLOCK=block)
+    return out
+
+
 def row_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     seeds = seeds.to(torch.int64).contiguous()
     counters = counters.to(torch.int64).contiguous()

@@ -13,6 +13,10 @@ seed with its step counter. Hence:
   path that only looks at candidates draws *the same token* as the full-vocabulary path;
 - there is no ``torch.multinomial`` and no host synchronisation.
 
+Over a large vocabulary one race over every token would hash every token; :func:`race_sample`
+races among blocks of tokens first (by their probability mass), then among the tokens of the
+winning block: the same distribution, ``O(V / 256 + 256)`` hashes per row.
+
 The hash is SplitMix64's finaliser on int64 tensors (wrapping multiplication; logical
 shifts emulated with masks). Uniforms keep 24 bits (float32 resolution): ``u = (h + 1/2) 2^-24``.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from samplerkit.ops import _triton
+from samplerkit.ops.truncation import cut_below, exp_weights, safe_top
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,22 +95,41 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
     return ids.gather(-1, winner).squeeze(-1)
 
 
-# Dense sampling looks at this many top candidates first.
-DENSE_CANDIDATES = 64
-_TAIL_BRANCH_STREAM = 1
-_TAIL_DRAW_STREAM = 2
+#: Tokens per block of the two-stage race: ids ``[b * RACE_BLOCK, (b + 1) * RACE_BLOCK)``.
+RACE_BLOCK = 256
+# The block race draws from its own stream, independent of the token noise.
+_BLOCK_STREAM = 3
+# Candidate lists up to this long find their block masses by a K x K comparison, not a scatter.
+_PAIRWISE_MAX = 64
 
 
-def race_sample(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _stream_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
+    """Row keys of an independent stream: mixing with a stream constant decorrelates them."""
+    return _mix(keys + _signed(stream * 0x632BE59BD9B4E019))
+
+
+def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tensor | None = None, *,
+                threshold: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                mask_workspace: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from ``softmax(logits)`` exactly, reading the vocabulary O(1) times.
 
-    Two levels, each exact: with ``C`` the top ``K = 64`` logits of a row and ``q`` the
-    probability mass outside them, the row draws from the tail with probability ``q`` and from
-    ``C`` otherwise. Within ``C`` it runs the Gumbel-max race; within the tail it inverts the
-    CDF in float64 (one cumulative sum, no sort). Then ``P(i) = (1 - q) p_i / (1 - q) = p_i`` for
-    ``i`` in ``C`` and ``q p_j / q = p_j`` in the tail. After a truncation (every finite logit
-    among the candidates) ``q = 0`` and only ``K`` noises are drawn. Small vocabularies run the
-    race over every token.
+    The two-stage race. Token ids are cut into blocks of ``RACE_BLOCK`` consecutive ids; with
+    ``w_i = exp(x_i - max x)`` and ``S_b = sum_{i in b} w_i``:
+
+    1. the block ``b* = argmax_b (log S_b + G'_b)`` (Gumbel-max over block masses, noise from an
+       independent stream), so ``P(b) = S_b / S``;
+    2. the token ``argmax_{i in b*} (x_i + G_i)`` (the Gumbel-max race inside the block), so
+       ``P(i | b) = w_i / S_b``.
+
+    Hence ``P(i) = w_i / S = softmax(x)_i`` exactly. (Weights are floored at ``exp(-87)``, see
+    :func:`samplerkit.ops.truncation.exp_weights`: a block of tokens that far below the maximum,
+    ``-inf`` ones included, weighs at most ``256 exp(-87)`` against at least 1 for the top block,
+    a log-gap of 81 that the Gumbel noise of 24-bit uniforms (range 20.2) cannot bridge, so such a
+    block is never chosen and ``-inf`` never wins; the change to any probability is below 1e-32.)
+    Dense cost: one max, one ``exp``, one blocked sum over ``[B, V]``, then ``O(V / RACE_BLOCK +
+    RACE_BLOCK)`` hashes per row: no sort, no ``topk``, no float64 pass, no host sync. A vocabulary
+    of at most one block is a single race over every token. ``workspace`` (``[B, V]`` float32)
+    holds the weights instead of a fresh allocation.
 
     >>> x = torch.tensor([[0.0, float('-inf'), 1.0]])
     >>> keys = row_keys(torch.tensor([7]), torch.tensor([0]))
@@ -113,46 +137,50 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     True
     """
     vocab = logits.shape[-1]
-    if vocab <= 4 * DENSE_CANDIDATES:
+    if vocab <= RACE_BLOCK:
+        if threshold is not None:
+            logits = cut_below(logits, threshold)
         return race_candidates(logits, torch.arange(vocab, device=logits.device).expand_as(logits), keys)
-    values, ids = logits.topk(DENSE_CANDIDATES, dim=-1)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    return _two_level(values, ids, keys, log_norm, lambda rows: logits.index_select(0, rows).scatter(
-        -1, ids.index_select(0, rows), float("-inf")))
+    if workspace is not None and (workspace.shape != logits.shape or workspace.device != logits.device):
+        workspace = None
+    if threshold is None:
+        weights = exp_weights(logits, safe_top(logits), out=workspace)
+    else:
+        if weights is None:
+            weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
+        # A float comparison result: writing a bool mask is several times slower on CPU.
+        kept = torch.ge(logits, threshold, out=workspace) if workspace is not None else (logits >= threshold).float()
+        weights = kept.mul_(weights)
+    full = vocab // RACE_BLOCK
+    mass = weights[:, :full * RACE_BLOCK].view(-1, full, RACE_BLOCK).sum(-1)
+    if full * RACE_BLOCK < vocab:
+        mass = torch.cat([mass, weights[:, full * RACE_BLOCK:].sum(-1, keepdim=True)], dim=-1)
+    # Stage 1 is itself a race (over block ids, with the block stream's keys): one fused kernel on CUDA.
+    blocks = torch.arange(mass.shape[-1], device=logits.device).expand_as(mass)
+    block = race_candidates(mass.log(), blocks, _stream_keys(keys, _BLOCK_STREAM)).unsqueeze(-1)
+    ids = block * RACE_BLOCK + torch.arange(RACE_BLOCK, device=logits.device)
+    inside = ids < vocab                              # the last block may be short
+    ids = torch.where(inside, ids, vocab - 1)
+    values = logits.gather(-1, ids).masked_fill_(~inside, float("-inf"))
+    if threshold is not None:
+        values = values.masked_fill_(values < threshold, float("-inf"))
+    return race_candidates(values, ids, keys)
 
 
 def race_sample_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """:func:`race_sample` on a candidate list sorted descending (all else ``-inf``): the same
-    token as on the dense row, except when the 64th-largest logit is tied."""
-    if values.shape[-1] <= DENSE_CANDIDATES or vocab_size <= 4 * DENSE_CANDIDATES:
+    """:func:`race_sample` on a candidate list (``[B, K]`` values and token ids; every other
+    token ``-inf``): the same two stages with the same noise, so the same token as on the dense
+    row (block masses are summed in another order, which can only matter at float32 rounding)."""
+    if vocab_size <= RACE_BLOCK:
         return race_candidates(values, ids, keys)
-    head_v, head_i = values[:, :DENSE_CANDIDATES], ids[:, :DENSE_CANDIDATES]
-    rest_v, rest_i = values[:, DENSE_CANDIDATES:], ids[:, DENSE_CANDIDATES:]
-    log_norm = torch.logsumexp(values, dim=-1)
-
-    def tail(rows: torch.Tensor) -> torch.Tensor:
-        # The dense tail in vocabulary order, restricted to its only finite entries.
-        order = rest_i.index_select(0, rows).argsort(dim=-1)
-        return rest_v.index_select(0, rows).gather(-1, order), rest_i.index_select(0, rows).gather(-1, order)
-
-    return _two_level(head_v, head_i, keys, log_norm, tail)
-
-
-def _two_level(values, ids, keys, log_norm, tail_of):
-    tokens = race_candidates(values, ids, keys)
-    has_tail = values[:, -1] > float("-inf")
-    if not bool(has_tail.any()):
-        return tokens
-    tail_mass = (-torch.expm1(torch.logsumexp(values, dim=-1) - log_norm)).double().clamp(min=0.0)   # negate, then clamp
-    use_tail = has_tail & (uniform(keys, _TAIL_BRANCH_STREAM) < tail_mass)
-    if not bool(use_tail.any()):
-        return tokens
-    rows = use_tail.nonzero().squeeze(-1)
-    tail = tail_of(rows)
-    tail_values, tail_ids = tail if isinstance(tail, tuple) else (tail, None)
-    probs = (tail_values.double() - log_norm.index_select(0, rows).double().unsqueeze(-1)).exp()
-    cdf = probs.cumsum(dim=-1)
-    target = uniform(keys.index_select(0, rows), _TAIL_DRAW_STREAM) * cdf[:, -1]
-    position = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
-    drawn = position.squeeze(-1) if tail_ids is None else tail_ids.gather(-1, position).squeeze(-1)
-    return tokens.index_copy(0, rows, drawn)
+    weights = exp_weights(values, safe_top(values))
+    block = torch.div(ids, RACE_BLOCK, rounding_mode="floor")
+    if values.shape[-1] <= _PAIRWISE_MAX:
+        same = block.unsqueeze(-1) == block.unsqueeze(-2)                      # [B, K, K]
+        mass = (weights.unsqueeze(-2) * same).sum(-1)
+    else:
+        n_blocks = (vocab_size + RACE_BLOCK - 1) // RACE_BLOCK
+        totals = torch.zeros(values.shape[0], n_blocks, dtype=weights.dtype, device=values.device)
+        mass = totals.scatter_add_(-1, block, weights).gather(-1, block)
+    chosen = race_candidates(mass.log(), block, _stream_keys(keys, _BLOCK_STREAM)).unsqueeze(-1)
+    return race_candidates(values.masked_fill(block != chosen, float("-inf")), ids, keys)

@@ -10,7 +10,12 @@ All masks are computed for every row; callers restrict them to active rows.
 
 from __future__ import annotations
 
+import sys
+from typing import NamedTuple
+
 import torch
+
+from samplerkit.ops.sync import sync_free
 
 NEG_INF = float("-inf")
 
@@ -47,15 +52,14 @@ def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tenso
     return above | at
 
 
-def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def top_p_mask(logits: torch.Tensor, p: torch.Tensor, work: dict | None = None) -> torch.Tensor:
     """Nucleus: keep the smallest set of highest-probability tokens whose mass reaches ``p``
     (plus any token tied with the last one kept).
 
-    With probabilities sorted descending, token ``j`` is kept iff the mass strictly before it
-    is below ``p``: ``sum_{i<j} p_(i) < p``. Exact without a full sort in the common case:
-    the top ``min(V, 256)`` candidates are selected first, and only rows whose candidates
-    hold less than ``p`` of the mass fall back to the full sort (:func:`top_p_mask_reference`).
-    Both paths compute the same float32 values, so they keep identical sets.
+    With the row's weights ``w_i`` (:func:`nucleus_stats`) sorted by logit, descending, token
+    ``j`` is kept iff the weight strictly before it is below ``p`` times the total:
+    ``sum_{i<j} w_(i) < p * W`` (float64 sums of float32 weights). No full sort in the common case
+    (:func:`top_p_threshold`); the result equals :func:`top_p_mask_reference`.
 
     >>> x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     >>> top_p_mask(x, torch.tensor([0.8]))
@@ -63,73 +67,218 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     >>> top_p_mask(x, torch.tensor([0.81]))
     tensor([[ True,  True,  True, False]])
     """
-    vocab = logits.shape[-1]
+    return logits >= top_p_threshold(logits, p, work=work)
+
+
+# Tokens more than this many nats below the row maximum weigh exp(-87) (just above float32's
+# smallest normal number) instead of less: a difference below float64's resolution of a total
+# >= 1, and it keeps exp off the subnormal range, where x86 runs it tens of times slower.
+EXP_FLOOR = -87.0
+
+
+def exp_weights(logits: torch.Tensor, top: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w = exp(max(x - top, -87))`` in float32 (``out`` may be a workspace or ``None``).
+
+    An elementwise function of each logit alone, so a candidate list and the dense row get
+    bit-identical weights for the same token."""
+    diff = torch.sub(logits, top) if out is None else torch.sub(logits, top, out=out)
+    return diff.clamp_(min=EXP_FLOOR).exp_()
+
+
+def safe_top(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """Row maxima ``[B, 1]`` with ``+-inf`` replaced by 0 (as ``torch.logsumexp`` does)."""
+    top = logits.amax(dim=-1, keepdim=True) if row_max is None else row_max
+    return torch.where(torch.isinf(top), torch.zeros_like(top), top)
+
+
+class Stats(NamedTuple):
+    """A row's weights: ``top`` (:func:`safe_top`), ``weights = exp_weights(x, top)`` ``[B, V]``
+    (the top token weighs 1), their float32 sum ``total``, the raw ``row_max`` (NaN, +-inf kept)
+    and, when kept, ``shifted = max(x - top, -87)`` (the exponent of each weight)."""
+    top: torch.Tensor
+    weights: torch.Tensor
+    total: torch.Tensor
+    row_max: torch.Tensor
+    shifted: torch.Tensor | None = None
+
+
+def nucleus_stats(logits: torch.Tensor, work: dict | None = None) -> Stats:
+    row_max = logits.amax(dim=-1, keepdim=True)
+    top = safe_top(logits, row_max)
+    if work is None:
+        weights = exp_weights(logits, top)
+        return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max)
+    # exp_weights in two buffers: the histogram bins the exponent without recomputing it.
+    shifted = torch.sub(logits, top, out=_buffer(work, "shifted", logits, torch.float32)).clamp_(min=EXP_FLOOR)
+    weights = torch.exp(shifted, out=_buffer(work, "weights", logits, torch.float32))
+    return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max, shifted)
+
+
+class Cut(NamedTuple):
+    """A truncation not yet applied: the row keeps ``x >= threshold`` (``[B, 1]``). ``row_max`` is
+    the raw row maximum (a kept token, so the truncated row is valid iff it is finite);
+    ``weights``, when known, are ``exp_weights(x, safe_top(x))`` of the untruncated logits."""
+    threshold: torch.Tensor
+    row_max: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+def _buffer(work: dict | None, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A reusable ``like``-shaped buffer from ``work`` (a fresh ``[B, V]`` allocation costs more
+    in page faults than a pass over it on CPU), or ``None`` to allocate."""
+    if work is None:
+        return None
+    buf = work.get(name)
+    if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
+        buf = work[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buf
+
+
+def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dict | None = None,
+                    candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The nucleus threshold ``[B, 1]``: the logit of the last kept token (keep ``x >= threshold``).
+
+    Rows whose total weight is at most ``256 / p`` (a peaked distribution: the nucleus may fit)
+    look at their top 256 candidates; a row is decided there when a candidate is dropped. The
+    others (``W > 256 / p``: since every ``w_i <= 1``, 256 tokens cannot reach ``p W``) and the
+    undecided ones go to :func:`nucleus_threshold_histogram`, never to a full sort.
+    ``candidates``: the rows' top 256 values when the caller already has them.
+    """
+    rows, vocab = logits.shape
+    stats = stats if stats is not None else nucleus_stats(logits, work)
+    top, weights, total = stats.top, stats.weights, stats.total
     n_cand = min(vocab, TOP_P_CANDIDATES)
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    values, _ = logits.topk(n_cand, dim=-1)                                 # sorted descending
-    threshold, covered = nucleus_threshold(values, log_norm, p)
-    if n_cand < vocab and not bool(covered.all()):
-        rows = (~covered).nonzero().squeeze(-1)
-        row_threshold = nucleus_threshold_histogram(
-            logits.index_select(0, rows), log_norm.index_select(0, rows), p.index_select(0, rows),
-            values.index_select(0, rows)[:, :1])
-        threshold = threshold.index_copy(0, rows, row_threshold)
-    return logits >= threshold
+    if n_cand == vocab or sync_free(logits):
+        # Sync-free (CUDA): one sort is fixed-shape work, where the fallbacks below need host checks.
+        values = candidates if candidates is not None and n_cand == vocab else logits.sort(dim=-1, descending=True).values
+        return nucleus_threshold(values, top, total, p)[0]
+    target = p.double().unsqueeze(-1) * total.double()
+    wide = (target > n_cand * (1 + 1e-9)).squeeze(-1) & torch.isfinite(total).squeeze(-1)
+    n_wide = int(wide.sum())
+    if 2 * n_wide >= rows and candidates is None:
+        # Mostly flat rows: the histogram is exact on any row, so skip the topk altogether.
+        # Except rows holding NaN or +inf (their weights are not finite): there the reference
+        # keeps the top value alone, which is the row maximum.
+        bad = (stats.row_max.isnan() | (stats.row_max == float("inf"))).squeeze(-1)
+        if not bool(bad.any()):
+            return nucleus_threshold_histogram(logits, top, weights, total, p, work, stats.shifted)
+        good = (~bad).nonzero().squeeze(-1)
+        return stats.row_max.clone().index_copy_(0, good, nucleus_threshold_histogram(
+            logits.index_select(0, good), top.index_select(0, good), weights.index_select(0, good),
+            total.index_select(0, good), p.index_select(0, good)))
+    values = candidates if candidates is not None else logits.topk(n_cand, dim=-1).values   # descending
+    threshold, covered = nucleus_threshold(values, top, total, p)
+    wide = wide | ~covered
+    if bool(wide.all()):
+        return nucleus_threshold_histogram(logits, top, weights, total, p, work, stats.shifted)
+    if bool(wide.any()):
+        rows_w = wide.nonzero().squeeze(-1)
+        threshold = threshold.index_copy(0, rows_w, nucleus_threshold_histogram(
+            logits.index_select(0, rows_w), top.index_select(0, rows_w), weights.index_select(0, rows_w),
+            total.index_select(0, rows_w), p.index_select(0, rows_w)))
+    return threshold
 
 
-# Histogram fallback of the nucleus: bins of logit distance below the row maximum.
-_BINS = 2048
-_SPAN = 64.0     # nats; tokens further below the maximum share the last ("underflow") bin
+# Histogram of the nucleus: bins of logit distance below the row maximum.
+_SCALE = 128.0                      # bins per nat (a power of two: the scaling is exact)
+_BINS = int(-EXP_FLOOR * _SCALE)    # tokens 87 nats or more below the maximum share the last bin
 
 
-def nucleus_threshold_histogram(logits: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor,
-                                top: torch.Tensor) -> torch.Tensor:
+def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
+                                total: torch.Tensor, p: torch.Tensor, work: dict | None = None,
+                                shifted: torch.Tensor | None = None) -> torch.Tensor:
     """The nucleus threshold ``[R, 1]`` of each row without sorting the vocabulary.
 
-    Tokens are binned by ``top - x`` (bins sorted by value, descending); one scatter-add gives
-    each bin's probability mass, a cumulative sum over 2048 bins finds the bin where the
-    running mass crosses ``p``, and only that bin's tokens are sorted to place the boundary
-    exactly. Same definition and float64 accumulation as :func:`top_p_mask_reference`; rows
-    whose boundary falls among tokens more than 64 nats below the maximum (mass < V e^-64)
+    Tokens are binned by ``min(top - x, 87) * 128`` (bins ordered by value, descending; the
+    binning is monotone in ``x``; ``shifted``, when given, is ``max(x - top, -87)``, the same
+    numbers negated, and is overwritten); one scatter-add gives each bin's weight in float64, a
+    cumulative sum over the bins finds the bin where the running weight reaches ``p W``, and only
+    that bin's tokens (a few hundred at most on a flat row of 128k) are gathered and sorted to
+    place the boundary exactly. Same definition and float64 accumulation as :func:`top_p_mask_reference`; rows whose
+    boundary lies among tokens 87 nats or more below the maximum (which all weigh ``exp(-87)``)
     use the full sort.
     """
-    scale = _BINS / _SPAN
-    bins = ((top - logits) * scale).clamp_(max=_BINS).to(torch.int64)        # -inf -> underflow bin
-    probs = (logits.double() - log_norm.double()).exp()
-    mass = torch.zeros(logits.shape[0], _BINS + 1, dtype=torch.float64, device=logits.device)
-    mass.scatter_add_(1, bins, probs)
+    rows, vocab = logits.shape
+    if shifted is not None:
+        position = shifted.mul_(-_SCALE)          # in place: the last use of the exponents
+    else:
+        position = _buffer(work, "position", logits, torch.float32)
+        position = torch.add(top * _SCALE, logits, alpha=-_SCALE, out=position).clamp_(max=_BINS)   # -inf too
+    # Truncation toward zero: monotone. int16 for the comparison below (a quarter of the bytes),
+    # int64 for scatter_add_ (which converts any other index type, slowly): the int16 values
+    # written into the low quarter of a zeroed int64 buffer (little-endian) are that index,
+    # faster than converting from float again.
+    bins16 = _buffer(work, "bins16", logits, torch.int16)
+    bins16 = bins16.copy_(position) if bins16 is not None else position.to(torch.int16)
+    bins = work.get("bins") if work is not None else None
+    if bins is None or bins.shape != logits.shape or bins.device != logits.device or sys.byteorder != "little":
+        bins = bins16.to(torch.int64)
+        if work is not None and sys.byteorder == "little":
+            work["bins"] = bins
+    else:
+        bins.view(torch.int16).view(rows, vocab, 4)[:, :, 0].copy_(bins16)
+    weights64 = _buffer(work, "weights64", logits, torch.float64)
+    weights64 = weights64.copy_(weights) if weights64 is not None else weights.double()
+    mass = _buffer(work, "mass", logits[:, :_BINS + 1], torch.float64) if vocab > _BINS else None
+    mass = mass.zero_() if mass is not None else torch.zeros(rows, _BINS + 1, dtype=torch.float64, device=logits.device)
+    mass.scatter_add_(1, bins, weights64)
     through = mass.cumsum(-1)
-    boundary = (through < p.double().unsqueeze(-1)).sum(-1, keepdim=True).clamp(max=_BINS)
-    mass_before_bin = through.gather(-1, boundary) - mass.gather(-1, boundary)
-    in_bin = bins == boundary
-    width = int(in_bin.sum(-1, dtype=torch.int32).max())
-    bin_values = logits.masked_fill(~in_bin, NEG_INF).topk(width, dim=-1).values
-    bin_probs = (bin_values.double() - log_norm.double()).exp()
-    mass_before = mass_before_bin + bin_probs.cumsum(-1) - bin_probs
-    keep = mass_before < p.double().unsqueeze(-1)
-    keep[:, 0] = True
+    target = p.double().unsqueeze(-1) * total.double()
+    boundary = torch.searchsorted(through, target).clamp_(max=_BINS)    # the first bin reaching p W
+    before_bin = through.gather(-1, boundary) - mass.gather(-1, boundary)
+    # The boundary bin's tokens, padded into [R, width] and sorted by value.
+    in_bin = _buffer(work, "in_bin", logits, torch.bool)
+    boundary16 = boundary.to(torch.int16)
+    in_bin = torch.eq(bins16, boundary16, out=in_bin) if in_bin is not None else bins16 == boundary16
+    row, col = _sparse_nonzero(in_bin)
+    counts = torch.bincount(row, minlength=rows)
+    width = max(int(counts.max()), 1)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(row.shape[0], device=logits.device) - starts.index_select(0, row)
+    flat = row * vocab + col
+    bin_values = torch.full((rows, width), NEG_INF, dtype=logits.dtype, device=logits.device)
+    bin_values.index_put_((row, slot), logits.reshape(-1).index_select(0, flat))
+    bin_weights = torch.zeros(rows, width, dtype=torch.float64, device=logits.device)
+    bin_weights.index_put_((row, slot), weights64.reshape(-1).index_select(0, flat))
+    bin_values, order = bin_values.sort(dim=-1, descending=True)
+    bin_weights = bin_weights.gather(-1, order)
+    mass_before = before_bin + bin_weights.cumsum(-1) - bin_weights
+    keep = (mass_before < target) & (torch.arange(width, device=logits.device) < counts.unsqueeze(-1))
+    keep[:, 0].fill_(True)                  # fill_, not setitem: no host round trip on CUDA
     threshold = bin_values.gather(-1, keep.sum(-1, keepdim=True) - 1)
     underflow = (boundary == _BINS).squeeze(-1)
     if bool(underflow.any()):
-        rows = underflow.nonzero().squeeze(-1)
-        full_values, _ = logits.index_select(0, rows).sort(dim=-1, descending=True)
-        full_threshold, _ = nucleus_threshold(full_values, log_norm.index_select(0, rows), p.index_select(0, rows))
-        threshold = threshold.index_copy(0, rows, full_threshold)
+        rows_u = underflow.nonzero().squeeze(-1)
+        full_values, _ = logits.index_select(0, rows_u).sort(dim=-1, descending=True)
+        full_threshold, _ = nucleus_threshold(full_values, top.index_select(0, rows_u), total.index_select(0, rows_u),
+                                              p.index_select(0, rows_u))
+        threshold = threshold.index_copy(0, rows_u, full_threshold)
     return threshold
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask.nonzero(as_tuple=True)`` (row-major order) for a sparse ``[R, V]`` bool mask: the
+    nonzero 8-byte words first, then the bytes of those words (several times faster on CPU)."""
+    rows, vocab = mask.shape
+    if vocab % 8 or not mask.is_contiguous():
+        return mask.nonzero(as_tuple=True)
+    word_row, word = mask.view(torch.int64).nonzero(as_tuple=True)
+    hit, byte = mask.view(rows, vocab // 8, 8)[word_row, word].nonzero(as_tuple=True)
+    return word_row.index_select(0, hit), word.index_select(0, hit) * 8 + byte
 
 
 def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The straightforward full-sort nucleus mask (the definition :func:`top_p_mask` must match)."""
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top, _, total = nucleus_stats(logits)[:3]
     values, _ = logits.sort(dim=-1, descending=True)
-    threshold, _ = nucleus_threshold(values, log_norm, p)
+    threshold, _ = nucleus_threshold(values, top, total, p)
     return logits >= threshold
 
 
-def nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor):
+def nucleus_threshold(sorted_values: torch.Tensor, top: torch.Tensor, total: torch.Tensor, p: torch.Tensor):
     """Given the top logits of each row sorted descending, return ``(threshold [B,1], covered [B])``:
     the logit of the last kept token, and whether the candidates were enough to decide."""
-    keep = nucleus_keep_sorted(sorted_values, log_norm, p)
+    keep = nucleus_keep_sorted(sorted_values, top, total, p)
     n_keep = keep.sum(-1, keepdim=True)
     threshold = sorted_values.gather(-1, n_keep - 1)
     # Decided when a candidate is dropped (the prefix ended inside the candidates) or the
@@ -138,19 +287,41 @@ def nucleus_threshold(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: to
     return threshold, covered
 
 
-def nucleus_keep_sorted(sorted_values: torch.Tensor, log_norm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Kept prefix ``[B, K]`` of logits sorted descending: position ``j`` is kept iff the mass
-    strictly before it is below ``p`` (at least one is kept).
+def nucleus_keep_sorted(sorted_values: torch.Tensor, top: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Kept prefix ``[B, K]`` of logits sorted descending: position ``j`` is kept iff the weight
+    strictly before it is below ``p W`` (at least one is kept); ``top``/``total`` are the row's
+    :func:`nucleus_stats` over the whole vocabulary.
 
-    Probabilities are accumulated in float64: a float32 running sum over 10^5 tokens drifts
-    by about 1e-4, enough to move the boundary; float64 makes the fast paths and the sort-based
+    Weights are accumulated in float64: a float32 running sum over 10^5 tokens drifts by about
+    1e-4 of the total, enough to move the boundary; in float64 the fast paths and the sort-based
     reference agree however they sum.
     """
-    probs = (sorted_values.double() - log_norm.double()).exp()
-    mass_before = probs.cumsum(-1) - probs
-    keep = mass_before < p.double().unsqueeze(-1)
-    keep[:, 0] = True
+    weights = exp_weights(sorted_values, top).double()
+    before = weights.cumsum(-1) - weights
+    keep = before < p.double().unsqueeze(-1) * total.double()
+    keep[:, 0].fill_(True)                  # fill_, not setitem: no host round trip on CUDA
     return keep
+
+
+def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | None = None,
+              work: dict | None = None) -> torch.Tensor:
+    """``x`` where ``x >= threshold`` (per row ``[B, 1]``), else ``-inf``; into ``out`` (may be
+    ``logits`` itself, or ``None`` for a new tensor).
+
+    Computed as ``min(x, copysign(inf, x - threshold))``: ``x - t`` has the sign of the comparison
+    exactly (IEEE subtraction never rounds a nonzero difference to zero, and ``x - t`` is ``+0``
+    when ``x = t``, once a zero threshold is taken as ``-0.0``: ``(-0) - (+0)`` would be ``-0``),
+    and kept values pass through ``min(x, +inf)`` unchanged. Three arithmetic passes: on CPU a
+    bool mask plus ``masked_fill_`` costs about twice as much (bool kernels are not vectorised
+    there). A NaN logit stays NaN (the row is reported invalid later).
+    """
+    if out is None:
+        out = torch.empty_like(logits)
+    threshold = torch.where(threshold == 0, threshold.new_full((), -0.0), threshold)
+    bound = out if out is not logits else _buffer(work, "bound", logits, logits.dtype)
+    bound = torch.sub(logits, threshold, out=bound) if bound is not None else logits - threshold
+    torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
+    return torch.clamp(logits, max=bound, out=out)
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import NEG_INF, min_p_mask
-from samplerkit.ops.truncation import TOP_P_CANDIDATES, min_p_threshold
+from samplerkit.ops.sync import sync_free
+from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, cut_below, min_p_threshold
 from samplerkit.params import StepParams
 from samplerkit.steps import MaskProcessor
 
@@ -28,18 +29,37 @@ class MinP(MaskProcessor):
 
     name = "min_p"
 
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        self._work: dict = {}
+
     class Params(StepParams):
         min_p: float = Field(0.0, ge=0.0, le=1.0, description="minimum probability relative to the top token; 0 disables")
 
     def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return min_p_mask(logits, self.p.min_p)
 
+    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
+        # min_p = 0 gives log(0) = -inf: neutral rows keep everything without a mask.
+        return min_p_threshold(logits.amax(dim=-1, keepdim=True), self.p.min_p)
+
+    def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
+        row_max = logits.amax(dim=-1, keepdim=True)
+        return Cut(min_p_threshold(row_max, self.p.min_p), row_max)
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._cut(logits), out=logits, work=self._work)
+
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._cut(logits), out=out)       # no separate copy
+
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
-        if not self.all_active or vocab <= TOP_P_CANDIDATES:
+        # On CPU the dense mask (a max and a compare) and the sampler's blocked race cost less
+        # than one topk of 256, and do not fall back on flat rows.
+        # Sync-free (CUDA): no candidate list either, whose fallback needs a host check.
+        if not self.all_active or vocab <= TOP_P_CANDIDATES or logits.device.type == "cpu" or sync_free(logits):
             return None
-        # One topk of 256 covers real next-token distributions; counting survivors first
-        # (amax, compare, sum) measured slower on peaked logits, faster only on flat ones.
         values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
         keep = values >= min_p_threshold(values[:, :1], self.p.min_p)
         if bool(keep[:, -1].any()):        # more survivors than candidates: dense path

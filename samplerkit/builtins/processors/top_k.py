@@ -7,9 +7,16 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import NEG_INF, top_k_mask
-from samplerkit.ops.candidates import top_k_candidates
+from samplerkit.ops.candidates import top_k_candidates, top_k_candidates_keyed
+from samplerkit.ops.sync import sync_free
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
+
+#: The exact selection where no host check is allowed (CUDA): one int64 topk over (value, id)
+#: keys. ``samplerkit.ops.candidates.top_k_candidates_repaired`` (a float32 topk and a device-side
+#: tie repair) selects the same set but measured slower on an H200 (505 us against 395 us at
+#: B=64, V=128256: torch's row cumsum costs 200 us); benchmarks/check_cuda.py compares both.
+SYNC_FREE_TOP_K = top_k_candidates_keyed
 
 
 class TopK(Processor):
@@ -52,9 +59,13 @@ class TopK(Processor):
         # Only when every row truncates: a neutral row cannot be a short candidate list.
         if not self.all_active or self.k_max >= logits.shape[-1]:
             return None
+        if sync_free(logits):                # exact ties without a host check
+            return SYNC_FREE_TOP_K(logits, self.p.top_k, self.k_max)
         return top_k_candidates(logits, self.p.top_k, self.k_max)
 
     def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform):
         if not self.all_active or self.k_max >= logits.shape[-1]:
             return None
+        if sync_free(logits):
+            return SYNC_FREE_TOP_K(logits, self.p.top_k, self.k_max, transform, getattr(transform, "divisor", None))
         return top_k_candidates(logits, self.p.top_k, self.k_max, transform)

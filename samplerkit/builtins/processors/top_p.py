@@ -6,9 +6,18 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
-from samplerkit.ops import NEG_INF, top_p_mask
+from samplerkit.ops import NEG_INF
 from samplerkit.ops.candidates import top_p_on_sorted
-from samplerkit.ops.truncation import TOP_P_CANDIDATES
+from samplerkit.ops.sync import sync_free
+from samplerkit.ops.truncation import (
+    TOP_P_CANDIDATES,
+    Cut,
+    Stats,
+    cut_below,
+    nucleus_stats,
+    nucleus_threshold,
+    top_p_threshold,
+)
 from samplerkit.params import StepParams
 from samplerkit.steps import MaskProcessor
 
@@ -20,7 +29,7 @@ class TopP(MaskProcessor):
     tied with the last kept one are kept too. ``top_p = 1`` is neutral. ``top_p`` must be in
     ``(0, 1]`` (0 is rejected, as vLLM does; use ``top_k: 1`` or the ``greedy`` sampler for
     greedy). The seed's ``sample_top_p`` and transformers' ``TopPLogitsWarper`` keep the same
-    set. No full-vocabulary sort in the common case (see :func:`samplerkit.ops.top_p_mask`).
+    set. No full-vocabulary sort (see :func:`samplerkit.ops.truncation.top_p_threshold`).
 
     >>> import torch
     >>> from samplerkit.context import StepContext
@@ -34,18 +43,65 @@ class TopP(MaskProcessor):
     class Params(StepParams):
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="cumulative probability kept; 1 disables")
 
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        self._work: dict = {}      # [B, V] buffers reused from step to step
+        # The threshold select_candidates computed on the tensor the pipeline then hands to apply.
+        self._memo: tuple | None = None
+
+    def _threshold(self, logits: torch.Tensor) -> tuple[torch.Tensor, Stats | None]:
+        memo, self._memo = self._memo, None
+        if memo is not None and memo[0] is logits and memo[1] == logits._version:
+            return memo[2], memo[3]
+        return top_p_threshold(logits, self.p.top_p, work=self._work), None
+
+    def _remember(self, logits: torch.Tensor, stats: Stats, candidates: torch.Tensor | None = None) -> None:
+        threshold = top_p_threshold(logits, self.p.top_p, stats=stats, work=self._work, candidates=candidates)
+        self._memo = (logits, logits._version, threshold, stats)
+
     def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return top_p_mask(logits, self.p.top_p)
+        return logits >= self._threshold(logits)[0]
+
+    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
+        threshold = self._threshold(logits)[0]
+        if not self.all_active:           # neutral rows keep everything
+            threshold = threshold.masked_fill(~self.active.unsqueeze(-1), NEG_INF)
+        return threshold
+
+    def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
+        threshold, stats = self._threshold(logits)
+        if not self.all_active:           # neutral rows keep everything
+            threshold = threshold.masked_fill(~self.active.unsqueeze(-1), NEG_INF)
+        if stats is None:
+            return Cut(threshold, logits.amax(dim=-1, keepdim=True))
+        return Cut(threshold, stats.row_max, stats.weights)
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._cut(logits), out=logits, work=self._work)
+
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._cut(logits), out=out)       # no separate copy
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
-        if not self.all_active or vocab <= TOP_P_CANDIDATES:
+        # Sync-free (CUDA): no candidate list, whose fallback needs a host check; the dense
+        # threshold (one sort) is fixed-shape work.
+        if not self.all_active or vocab <= TOP_P_CANDIDATES or sync_free(logits):
             return None
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        stats = nucleus_stats(logits, self._work)
+        top, total = stats.top, stats.total
+        p = self.p.top_p
+        # Each weight is at most 1, so a row whose total exceeds 256 / p cannot have its
+        # nucleus among 256 candidates: skip the topk and compute the dense threshold once.
+        if bool((p.double().unsqueeze(-1) * total.double() > TOP_P_CANDIDATES).any()):
+            self._remember(logits, stats)
+            return None
         values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
-        keep = top_p_on_sorted(values, self.p.top_p, log_norm)
-        if bool(keep[:, -1].any()):        # the nucleus may extend past the candidates
+        _, covered = nucleus_threshold(values, top, total, p)
+        if not bool(covered.all()):        # the nucleus extends past the candidates
+            self._remember(logits, stats, values)
             return None
+        keep = top_p_on_sorted(values, p, (top, total))
         return values.masked_fill_(~keep, NEG_INF), ids
 
     def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
