@@ -9,10 +9,12 @@ import torch
 
 from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed
 from samplerkit.builtins.backends.llama.quant import (
+    DENSE_ROWS,
     DenseLinear,
     Int4Linear,
     QuantizedEmbedding,
     QuantizedTensor,
+    _kernel_layout_known,
     can_pack,
     int4_kernel_available,
     read_packed,
@@ -67,21 +69,39 @@ def test_embedding_rows_are_bit_identical_to_the_gguf_dequantizer(type_name):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_rows", [5, DENSE_ROWS + 3])
 @pytest.mark.parametrize("type_name", sorted(LAYOUT))
-def test_int4_product_within_the_bfloat16_bound(type_name):
+def test_int4_product_within_the_bfloat16_bound(type_name, n_rows):
     """Activations, scales and the output are each rounded to bfloat16 (relative 2**-9 each), the
-    codes are exact: |error| <= 2**-7 * (|x| @ |W|.T) bounds the three roundings with room."""
+    codes are exact (a prefill-sized product also rounds the dequantized weights to bfloat16):
+    |error| <= 2**-7 * (|x| @ |W|.T) bounds the roundings with room."""
     rows, cols = 64, 512
     qt = QuantizedTensor(random_blocks(type_name, rows, cols, seed=1), type_name, (rows, cols))
     w = qt.dense().double()
-    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(n_rows, cols, generator=torch.Generator().manual_seed(2))
     got = Int4Linear(qt.planes())(x)
-    assert got.dtype == torch.float32 and got.shape == (5, rows)
+    assert got.dtype == torch.float32 and got.shape == (n_rows, rows)
     exact = x.double() @ w.T
     bound = 2.0 ** -7 * (x.double().abs() @ w.abs().T) + 1e-12
     assert bool(((got.double() - exact).abs() <= bound).all())
     # 3-D inputs (prefill [B, L, K]) keep their leading shape.
-    assert Int4Linear(qt.planes())(x.view(5, 1, cols)).shape == (5, 1, rows)
+    assert Int4Linear(qt.planes())(x.view(n_rows, 1, cols)).shape == (n_rows, 1, rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_prefill_copy_is_the_packed_matrix(type_name):
+    """The transient bfloat16 copy a long prefill multiplies by is the planes' matrix, rounded
+    once to bfloat16; and this torch packs the way the unpacking reads (else that path is off)."""
+    assert _kernel_layout_known()
+    rows, cols = 128, 256
+    qt = QuantizedTensor(random_blocks(type_name, rows, cols, seed=7), type_name, (rows, cols))
+    want = sum(p.dequantize() for p in qt.planes())
+    linear = Int4Linear(qt.planes())
+    scales_rounded = sum(((p.codes.float() - 8).view(rows, -1, 32) * p.scale.bfloat16().float()[..., None]
+                          + p.zero.bfloat16().float()[..., None]).view(rows, cols) for p in qt.planes())
+    assert torch.equal(linear.dense_t(), scales_rounded.t().bfloat16())
+    assert (linear.dense_t().float().t() - want).abs().max() <= 2.0 ** -7 * want.abs().max()
 
 
 @needs_kernel
@@ -134,3 +154,21 @@ def test_packed_model_stays_close_to_the_exact_model(tmp_path, hf_llama, tiny_to
         assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item(), step
         nxt = b.argmax(-1)
         a, b = packed.step(nxt), exact.step(nxt)
+
+
+@needs_kernel
+def test_long_prefill_through_the_dense_copy_stays_close(tmp_path, hf_llama, tiny_tools):
+    """A prompt of DENSE_ROWS tokens or more takes the bfloat16-copy path in every packed matrix."""
+    model, cfg = hf_llama
+    path = tiny_tools.write_gguf(tmp_path / "tiny-Q4_1.gguf", model, cfg, matrix_type="Q4_1",
+                                 tokenizer=tiny_tools.train_byte_level_bpe())
+    packed = LlamaBackend(LlamaParams(model=str(path)))
+    exact = LlamaBackend(LlamaParams(model=str(path), weights="dequantize"))
+    prompts = [[(7 * i + 3) % 280 for i in range(DENSE_ROWS + 20)], [1, 2, 3]]
+    a, b = packed.prefill(prompts, keep_all_logits=True), exact.prefill(prompts, keep_all_logits=True)
+    scale = b.last.abs().max().item()
+    assert (a.last - b.last).abs().max().item() <= 0.05 * scale
+    for got, want in zip(a.all, b.all, strict=True):
+        assert (got - want).abs().max().item() <= 0.05 * scale
+    step = torch.tensor([5, 6])
+    assert (packed.step(step) - exact.step(step)).abs().max().item() <= 0.05 * scale

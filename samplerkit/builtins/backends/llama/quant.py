@@ -170,10 +170,41 @@ def can_pack(parts: list, device: torch.device) -> bool:
     return parts[0].shape[1] % GROUP == 0 and sum(p.shape[0] for p in parts) % 16 == 0 and int4_kernel_available()
 
 
+#: From this many rows (prompt tokens of a prefill) a product dequantizes its matrix to a
+#: transient bfloat16 copy and runs a dense GEMM: the int4 kernel is built for a few rows and
+#: does ~150 GFLOP/s here, a bfloat16 GEMM (AMX) over ten times that; unpacking a matrix costs
+#: about as much as 100 rows through the kernel.
+DENSE_ROWS = 128
+
+
+def _unpack_codes_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes ``[K, N]`` (uint8) of a matrix in the CPU kernel's packed layout: blocks of 64
+    outputs, each ``[K, 32]`` bytes whose low nibble is output ``j`` and high nibble ``j + 32``.
+    :func:`_kernel_layout_known` checks this against the running torch before it is used."""
+    blocks = packed.view(n // 64, k, 32).transpose(0, 1)
+    out = torch.empty(k, n // 64, 2, 32, dtype=torch.uint8)
+    torch.bitwise_and(blocks, 15, out=out[:, :, 0])
+    torch.bitwise_right_shift(blocks, 4, out=out[:, :, 1])
+    return out.view(k, n)
+
+
+@functools.cache
+def _kernel_layout_known() -> bool:
+    """Whether this torch packs int4 weights the way :func:`_unpack_codes_t` reads them."""
+    n, k = 128, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        return packed.shape == (n, k // 2) and torch.equal(_unpack_codes_t(packed, n, k), codes.t().to(torch.uint8))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 class Int4Linear:
     """``x @ W.T`` for a matrix kept as int4 planes (see :class:`AffineInt4`), on the CPU.
 
-    Inputs of any float dtype ``[..., K]``; the output has the input's dtype.
+    Inputs of any float dtype ``[..., K]``; the output has the input's dtype. Products of
+    :data:`DENSE_ROWS` rows or more (prefill) go through a transient bfloat16 copy of ``W``.
     """
 
     __slots__ = ("planes", "out_features")
@@ -204,9 +235,21 @@ class Int4Linear:
         per_part = [p.planes() for p in parts]
         return cls([AffineInt4.cat([planes[i] for planes in per_part]) for i in range(len(per_part[0]))])
 
+    def dense_t(self) -> torch.Tensor:
+        """``W.T`` ``[K, N]`` in bfloat16, dequantized from the packed planes (summed in float32)."""
+        k = self.planes[0][1].shape[0] * GROUP
+        w = None
+        for packed, scales in self.planes:
+            codes = _unpack_codes_t(packed, self.out_features, k).view(k // GROUP, GROUP, self.out_features)
+            part = codes.float().sub_(8).mul_(scales[:, None, :, 0].float()).add_(scales[:, None, :, 1].float())
+            w = part if w is None else w.add_(part)
+        return w.view(k, self.out_features).to(torch.bfloat16)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(_ACT)
+        if x2.shape[0] >= DENSE_ROWS and self.out_features % 64 == 0 and _kernel_layout_known():
+            return torch.matmul(x2, self.dense_t()).to(x.dtype).view(*lead, self.out_features)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         packed, scales = self.planes[0]
         y = mm(x2, packed, GROUP, scales)
