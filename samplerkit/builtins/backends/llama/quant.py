@@ -21,6 +21,10 @@ rounded to bfloat16 before each product — the same kind of approximation llama
 it multiplies quantized weights by 8-bit-quantized activations. ``weights: dequantize`` gives
 the exact float32 model instead.
 
+A product of many rows (a prefill, :data:`DENSE_ROWS` or more) unpacks the matrix to a transient
+bfloat16 copy instead and runs a dense GEMM, which is much faster there (the weights are then
+rounded to bfloat16 too).
+
 Q8_0 (``w = d * q``, ``q`` in ``-128..127``) is two 4-bit planes: with ``q + 128 = 16 h + l``
 (``h``, ``l`` in ``0..15``), ``w = 16 d (h - 8) + d (l - 8) + 8 d``, i.e. one int4 product with
 ``scale = 16 d, zero = 0`` plus one with ``scale = d, zero = 8 d``. Same bytes as int8 and
