@@ -177,12 +177,7 @@ class BoundPipeline:
             return ids, valid
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
-        candidates = cut = None
-        if processed is None:
-            if self._skip_for_sampling or not self.steps:
-                processed = logits if logits.dtype == torch.float32 else logits.float()
-            else:
-                processed, candidates, cut = self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
         valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
         all_valid = bool(valid.all())
         if not all_valid:
@@ -194,24 +189,9 @@ class BoundPipeline:
                 processed, cut = cut_below(processed, cut.threshold), None
             # A uniform row in place of each invalid one: the sampler never sees NaN.
             processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
-        try:
-            ids = None
-            if cut is not None:
-                ids = self.sampler.sample_cut(processed, cut, ctx)
-                if ids is None:
-                    processed = cut_below(processed, cut.threshold)
-            if candidates is not None:
-                ids = self.sampler.sample_candidates(*candidates, ctx)
-                if ids is None:
-                    processed = densify(*candidates, logits.shape[-1])
-            if ids is None:
-                ids = self.sampler.sample(processed, ctx)
-        except Exception as exc:
-            raise _plugin_failure(self.pipeline.sampler, exc) from exc
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
         if not all_valid:
-            raw = logits.float()
-            finite_argmax = raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
-            ids = torch.where(valid, ids, finite_argmax)
+            ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
 
     def sample_async(self, logits: torch.Tensor, ctx: StepContext | None = None,
@@ -229,32 +209,39 @@ class BoundPipeline:
                       processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch(logits)
         ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
-        candidates = cut = None
-        if processed is None:
-            if self._skip_for_sampling or not self.steps:
-                processed = logits if logits.dtype == torch.float32 else logits.float()
-            else:
-                processed, candidates, cut = self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
         valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
+        if self.pipeline.on_invalid != "raise":
+            ids = torch.where(valid, ids, _finite_argmax(logits))
+        return ids, valid
+
+    def _prepare_for_sampling(self, logits: torch.Tensor, ctx: StepContext, processed: torch.Tensor | None):
+        """``(processed, candidates, cut)``: the steps' output in the form the sampler takes
+        cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)."""
+        if processed is not None:
+            return processed, None, None
+        if self._skip_for_sampling or not self.steps:
+            return (logits if logits.dtype == torch.float32 else logits.float()), None, None
+        return self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+
+    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int) -> torch.Tensor:
+        """The sampler's tokens from whichever form :meth:`_prepare_for_sampling` produced; a
+        sampler without the fast form gets dense logits (the same draw, by contract)."""
         try:
-            ids = None
             if cut is not None:
                 ids = self.sampler.sample_cut(processed, cut, ctx)
-                if ids is None:
-                    processed = cut_below(processed, cut.threshold)
+                if ids is not None:
+                    return ids
+                processed = cut_below(processed, cut.threshold)
             if candidates is not None:
                 ids = self.sampler.sample_candidates(*candidates, ctx)
-                if ids is None:
-                    processed = densify(*candidates, logits.shape[-1])
-            if ids is None:
-                ids = self.sampler.sample(processed, ctx)
+                if ids is not None:
+                    return ids
+                processed = densify(*candidates, vocab)
+            return self.sampler.sample(processed, ctx)
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
-        if self.pipeline.on_invalid != "raise":
-            raw = logits.float()
-            finite_argmax = raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
-            ids = torch.where(valid, ids, finite_argmax)
-        return ids, valid
 
     def capture(self, logits: torch.Tensor, ctx: StepContext) -> CapturedStep:
         """A CUDA graph of one :meth:`sample_async` step for this batch shape (see :class:`CapturedStep`)."""
@@ -397,6 +384,12 @@ class CapturedStep:
         self.logits.copy_(logits)
         self.graph.replay()
         return self.ids, self.valid
+
+
+def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over its finite logits: the token an invalid row falls back to."""
+    raw = logits.float()
+    return raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
 
 
 def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext,
