@@ -17,6 +17,7 @@ import torch
 
 from samplerkit.context import StepContext
 from samplerkit.ops.candidates import NEG_INF
+from samplerkit.ops.truncation import cut_below
 from samplerkit.params import NoParams, StepParams
 
 
@@ -146,6 +147,36 @@ class MaskProcessor(Processor):
         if not self.all_active:
             keep = keep | ~self.active.unsqueeze(-1)
         return x.masked_fill_(~keep, NEG_INF)
+
+
+class ThresholdProcessor(MaskProcessor):
+    """A truncation that keeps ``x >= threshold`` per row: implement :meth:`threshold`
+    (``[B, 1]``). The base class derives the mask, writes the cut with
+    :func:`samplerkit.ops.truncation.cut_below` (arithmetic, no bool mask; in place or into the
+    pipeline's buffer) and gives neutral rows the threshold ``-inf``. Override :meth:`select_cut`
+    to hand the sampler the threshold (it usually has the row maximum at hand)."""
+
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        self._work: dict = {}      # [B, V] buffers reused from step to step
+
+    def threshold(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _for_rows(self, threshold: torch.Tensor) -> torch.Tensor:
+        """``threshold`` with neutral rows set to ``-inf`` (they keep everything)."""
+        if self.all_active:
+            return threshold
+        return threshold.masked_fill(~self.active.unsqueeze(-1), NEG_INF)
+
+    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return logits >= self._for_rows(self.threshold(logits))
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._for_rows(self.threshold(logits)), out=logits, work=self._work)
+
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return cut_below(logits, self._for_rows(self.threshold(logits)), out=out)   # no separate copy
 
 
 class Sampler(Step):

@@ -6,14 +6,14 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
-from samplerkit.ops import NEG_INF, min_p_mask
+from samplerkit.ops import NEG_INF
 from samplerkit.ops.sync import sync_free
-from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, cut_below, min_p_threshold
+from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, min_p_threshold
 from samplerkit.params import StepParams
-from samplerkit.steps import MaskProcessor
+from samplerkit.steps import ThresholdProcessor
 
 
-class MinP(MaskProcessor):
+class MinP(ThresholdProcessor):
     """Keep tokens with ``p_i >= min_p * max_j p_j``; the rest become ``-inf``.
 
     ``min_p = 0`` is neutral. The cut scales with the model's confidence: strict when one
@@ -29,29 +29,16 @@ class MinP(MaskProcessor):
 
     name = "min_p"
 
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        self._work: dict = {}
-
     class Params(StepParams):
         min_p: float = Field(0.0, ge=0.0, le=1.0, description="minimum probability relative to the top token; 0 disables")
 
-    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return min_p_mask(logits, self.p.min_p)
-
-    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
-        # min_p = 0 gives log(0) = -inf: neutral rows keep everything without a mask.
+    def threshold(self, logits: torch.Tensor) -> torch.Tensor:
+        # min_p = 0 gives log(0) = -inf: neutral rows keep everything by themselves.
         return min_p_threshold(logits.amax(dim=-1, keepdim=True), self.p.min_p)
 
     def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
         row_max = logits.amax(dim=-1, keepdim=True)
         return Cut(min_p_threshold(row_max, self.p.min_p), row_max)
-
-    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return cut_below(logits, self._cut(logits), out=logits, work=self._work)
-
-    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return cut_below(logits, self._cut(logits), out=out)       # no separate copy
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]

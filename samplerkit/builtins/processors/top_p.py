@@ -13,16 +13,15 @@ from samplerkit.ops.truncation import (
     TOP_P_CANDIDATES,
     Cut,
     Stats,
-    cut_below,
     nucleus_stats,
     nucleus_threshold,
     top_p_threshold,
 )
 from samplerkit.params import StepParams
-from samplerkit.steps import MaskProcessor
+from samplerkit.steps import ThresholdProcessor
 
 
-class TopP(MaskProcessor):
+class TopP(ThresholdProcessor):
     """Keep the smallest set of most probable tokens whose total probability reaches ``p``.
 
     Token ``j`` (probabilities sorted descending) is kept iff ``sum_{i<j} p_(i) < p``; tokens
@@ -45,7 +44,6 @@ class TopP(MaskProcessor):
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
-        self._work: dict = {}      # [B, V] buffers reused from step to step
         # The threshold select_candidates computed on the tensor the pipeline then hands to apply.
         self._memo: tuple | None = None
 
@@ -59,28 +57,15 @@ class TopP(MaskProcessor):
         threshold = top_p_threshold(logits, self.p.top_p, stats=stats, work=self._work, candidates=candidates)
         self._memo = (logits, logits._version, threshold, stats)
 
-    def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return logits >= self._threshold(logits)[0]
-
-    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
-        threshold = self._threshold(logits)[0]
-        if not self.all_active:           # neutral rows keep everything
-            threshold = threshold.masked_fill(~self.active.unsqueeze(-1), NEG_INF)
-        return threshold
+    def threshold(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._threshold(logits)[0]
 
     def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
         threshold, stats = self._threshold(logits)
-        if not self.all_active:           # neutral rows keep everything
-            threshold = threshold.masked_fill(~self.active.unsqueeze(-1), NEG_INF)
+        threshold = self._for_rows(threshold)
         if stats is None:
             return Cut(threshold, logits.amax(dim=-1, keepdim=True))
         return Cut(threshold, stats.row_max, stats.weights)
-
-    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return cut_below(logits, self._cut(logits), out=logits, work=self._work)
-
-    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return cut_below(logits, self._cut(logits), out=out)       # no separate copy
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
