@@ -49,6 +49,8 @@ class _Layer:
     (:class:`~.quant.DenseLinear` or :class:`~.quant.Int4Linear`)."""
 
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+    #: The linear maps, in the order a step applies them.
+    LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 
     def __init__(self, attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down):
         self.attn_norm = attn_norm
@@ -59,7 +61,7 @@ class _Layer:
         self.w_down = w_down
 
     def linears(self) -> tuple:
-        return self.wqkv, self.wo, self.w_gate_up, self.w_down
+        return tuple(getattr(self, n) for n in self.LINEARS)
 
 
 def rope_inv_freq(config: LlamaConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,8 +149,6 @@ class LlamaModel:
         self._reset_cache(0, 0)
 
     # -- prepared weights (the load cache) ----------------------------------------------
-    _LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
-
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """``(tensors, layout)``: the weights as this model holds them (fused, transposed,
         packed), contiguous on the CPU, from which :meth:`from_state` rebuilds the model without
@@ -177,7 +177,7 @@ class LlamaModel:
 
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.attn_norm"], tensors[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
-            for n in self._LINEARS:
+            for n in _Layer.LINEARS:
                 put(f"layers.{i}.{n}", getattr(layer, n))
         put("lm_head", self.lm_head)
         if self.freq_factors is not None:
@@ -211,7 +211,7 @@ class LlamaModel:
             self.embed = DenseEmbedding(tensor("embed"))
         self.layers = [_Layer(attn_norm=tensor(f"layers.{i}.attn_norm"),
                               ffn_norm=tensor(f"layers.{i}.ffn_norm"),
-                              **{n: linear(f"layers.{i}.{n}") for n in cls._LINEARS})
+                              **{n: linear(f"layers.{i}.{n}") for n in _Layer.LINEARS})
                        for i in range(config.num_layers)]
         self.norm = tensor("norm")
         self.lm_head = linear("lm_head")

@@ -104,43 +104,56 @@ def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, -1)
 
 
-def read_packed(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> list[AffineInt4]:
-    """The codes and affine maps of one GGUF tensor (raw block bytes), as a list of int4 planes
-    whose products sum to the matrix's product (one plane, two for Q8_0)."""
-    rows, cols = shape
-    if cols % GROUP:
-        raise ValueError(f"{cols} inputs is not a multiple of {GROUP}")
+def _affine_rows(data: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes int8 [N, K], scale, zero float32 [N, K/32])`` with ``w = codes * scale + zero``
+    evaluated exactly as gguf's dequantizer evaluates it (same operands, same two roundings), so
+    rows come out bit-identical to ``gguf.quants.dequantize``. Block order, flattened: the
+    callers reshape to ``[N, K]`` and ``[N, K/32]``."""
     raw = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if type_name in ("Q4_0", "Q4_1"):
+    if type_name == "Q8_0":                                   # d * q
+        blocks = raw.reshape(-1, 34)
+        d = _f16(blocks[:, 0:2])[:, 0]
+        return blocks[:, 2:].view(np.int8), d, np.zeros_like(d)
+    if type_name in ("Q4_0", "Q4_1"):                         # d * (q - 8)   /   d * q + m
         head = 2 if type_name == "Q4_0" else 4
         blocks = raw.reshape(-1, head + 16)
         d = _f16(blocks[:, 0:2])[:, 0]
-        codes = _nibbles(blocks[:, head:], 16)
-        zero = np.zeros_like(d) if type_name == "Q4_0" else _f16(blocks[:, 2:4])[:, 0] + 8 * d
-        planes = [(codes, d, zero)]
-    elif type_name == "Q4_K":
+        q = _nibbles(blocks[:, head:], 16).astype(np.int8)
+        if type_name == "Q4_0":
+            return q - 8, d, np.zeros_like(d)
+        return q, d, _f16(blocks[:, 2:4])[:, 0]
+    if type_name == "Q4_K":                                   # (d sc) * q - (dmin m)
         import gguf
 
-        blocks = raw.reshape(-1, 144)                        # d, dmin (f16), 12 bytes scales, 128 qs
+        blocks = raw.reshape(-1, 144)
         d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
         sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
-        scale = (d * sc.astype(np.float32)).reshape(-1)      # one per sub-block of 32
-        zero = (8 * d * sc.astype(np.float32) - dmin * mn.astype(np.float32)).reshape(-1)
-        codes = _nibbles(blocks[:, 16:], 32)
-        planes = [(codes, scale, zero)]
-    elif type_name == "Q8_0":
-        blocks = raw.reshape(-1, 34)                         # d (f16), 32 int8
-        d = _f16(blocks[:, 0:2])[:, 0]
-        shifted = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        planes = [(shifted >> 4, 16 * d, np.zeros_like(d)), (shifted & 0x0F, d, 8 * d)]
+        return (_nibbles(blocks[:, 16:], 32).astype(np.int8), (d * sc.astype(np.float32)).reshape(-1),
+                -(dmin * mn.astype(np.float32)).reshape(-1))
+    raise ValueError(f"tensor type {type_name} cannot be kept packed (only {', '.join(PACKABLE_TYPES)})")
+
+
+def read_packed(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> list[AffineInt4]:
+    """The codes and affine maps of one GGUF tensor (raw block bytes), as a list of int4 planes
+    whose products sum to the matrix's product (one plane, two for Q8_0).
+
+    From :func:`_affine_rows`' ``w = c * scale + zero``: a 4-bit code ``c`` from ``low`` upwards
+    (``low`` is -8 for Q4_0, else 0) is stored as ``c - low`` with ``zero + (8 + low) * scale``;
+    a Q8_0 code is split into two planes (see the module docstring)."""
+    rows, cols = shape
+    if cols % GROUP:
+        raise ValueError(f"{cols} inputs is not a multiple of {GROUP}")
+    codes, scale, zero = _affine_rows(data, type_name)
+    if type_name == "Q8_0":
+        shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+        planes = [(shifted >> 4, 16 * scale, np.zeros_like(scale)), (shifted & 0x0F, scale, 8 * scale)]
     else:
-        raise ValueError(f"tensor type {type_name} cannot be kept packed (only {', '.join(PACKABLE_TYPES)})")
-    out = []
-    for codes, scale, zero in planes:
-        out.append(AffineInt4(torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols)),
-                              torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
-                              torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32).reshape(rows, -1))))
-    return out
+        low = -8 if type_name == "Q4_0" else 0
+        planes = [((codes - low).astype(np.uint8), scale, zero + (8 + low) * scale)]
+    return [AffineInt4(torch.from_numpy(np.ascontiguousarray(c).reshape(rows, cols)),
+                       torch.from_numpy(np.ascontiguousarray(sc, dtype=np.float32).reshape(rows, -1)),
+                       torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32).reshape(rows, -1)))
+            for c, sc, z in planes]
 
 
 class QuantizedTensor:
@@ -266,36 +279,6 @@ class Int4Linear:
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
-def _affine_rows(data: np.ndarray, type_name: str, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(codes int8 [N, K], scale, zero float32 [N, K/32])`` with ``w = codes * scale + zero``
-    evaluated exactly as gguf's dequantizer evaluates it (same operands, same two roundings), so
-    rows come out bit-identical to ``gguf.quants.dequantize``."""
-    rows, cols = shape
-    raw = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if type_name == "Q8_0":                                   # d * q
-        blocks = raw.reshape(-1, 34)
-        d = _f16(blocks[:, 0:2])[:, 0]
-        return blocks[:, 2:].view(np.int8), d, np.zeros_like(d)
-    if type_name in ("Q4_0", "Q4_1"):                         # d * (q - 8)   /   d * q + m
-        head = 2 if type_name == "Q4_0" else 4
-        blocks = raw.reshape(-1, head + 16)
-        d = _f16(blocks[:, 0:2])[:, 0]
-        q = _nibbles(blocks[:, head:], 16).astype(np.int8)
-        if type_name == "Q4_0":
-            return q - 8, d, np.zeros_like(d)
-        return q, d, _f16(blocks[:, 2:4])[:, 0]
-    if type_name == "Q4_K":                                   # (d sc) * q - (dmin m)
-        import gguf
-
-        blocks = raw.reshape(-1, 144)
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
-        return (_nibbles(blocks[:, 16:], 32).astype(np.int8), (d * sc.astype(np.float32)).reshape(-1),
-                -(dmin * mn.astype(np.float32)).reshape(-1))
-    raise ValueError(f"tensor type {type_name} has no row form (only {', '.join(PACKABLE_TYPES)})")
-
-
 class QuantizedEmbedding:
     """Token embedding lookup from the file's codes: ``rows(ids)`` gathers the ids' codes and
     dequantizes only those rows (bit-identical to dequantizing the whole table), so the table
@@ -308,7 +291,7 @@ class QuantizedEmbedding:
 
     @classmethod
     def from_tensor(cls, qt: QuantizedTensor) -> QuantizedEmbedding:
-        codes, scale, zero = _affine_rows(qt.data, qt.type_name, qt.shape)
+        codes, scale, zero = _affine_rows(qt.data, qt.type_name)
         rows, cols = qt.shape
         as_t = lambda a, *shape: torch.from_numpy(np.ascontiguousarray(a)).reshape(*shape)  # noqa: E731
         return cls(as_t(codes, rows, cols), as_t(scale, rows, -1), as_t(zero, rows, -1))
