@@ -12,7 +12,14 @@ import torch
 import samplerkit
 from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
-from samplerkit.ops.random import RACE_BLOCK, race_sample_candidates
+from samplerkit.ops.random import (
+    _BLOCK_STREAM,
+    RACE_BLOCK,
+    _race_kept_blocks,
+    _race_kept_blocks_lazily,
+    _stream_keys,
+    race_sample_candidates,
+)
 from samplerkit.ops.truncation import exp_weights, safe_top
 from samplerkit.registry import default_registry
 
@@ -200,6 +207,52 @@ def test_race_sample_with_a_threshold_equals_sampling_the_truncated_row():
     assert torch.equal(race_sample(logits, keys, threshold=threshold, weights=exp_weights(logits, top),
                                    workspace=torch.empty_like(logits), mask_workspace=torch.empty_like(logits)), want)
     assert bool((truncated.gather(1, want.unsqueeze(1)) > float("-inf")).all())
+
+
+@pytest.mark.parametrize("vocab", [5000, 4096 + 17, 1 << 15])
+def test_lazy_block_race_picks_the_block_of_the_full_computation(vocab):
+    """Stage 1 of the race over a threshold's kept tokens, certified from 16 blocks' kept
+    masses: every row it decides gets the block the full masking pass picks, and the rows it
+    cannot decide are reported (both kinds occur here: shallow and deep cuts, flat and spread
+    rows, mostly -inf rows, all-equal rows, a short last block)."""
+    g = torch.Generator().manual_seed(vocab)
+    rows = 768
+    logits = torch.randn(rows, vocab, generator=g) * torch.linspace(0.05, 6, rows).unsqueeze(-1)
+    logits[::7] = 0.0                                                   # all equal
+    logits[3::7] = logits[3::7].masked_fill(torch.rand(len(logits[3::7]), vocab, generator=g) < 0.97,
+                                            float("-inf"))              # mostly -inf
+    top = safe_top(logits)
+    weights = exp_weights(logits, top)
+    depth = torch.rand(rows, 1, generator=g) * torch.tensor([0.0, 0.5, 4.0, 12.0]).repeat(rows // 4).unsqueeze(-1)
+    threshold = logits.amax(-1, keepdim=True) - depth
+    keys = _stream_keys(row_keys(torch.arange(rows) * 31 + 5, torch.full((rows,), 2)), _BLOCK_STREAM)
+    full = _race_kept_blocks(logits, weights, threshold, keys)
+    lazy, undecided = _race_kept_blocks_lazily(logits, weights, threshold, keys)
+    assert lazy is not None and undecided is not None
+    decided = ~undecided
+    assert int(decided.sum()) > rows // 2 and int(undecided.sum()) > 0
+    assert torch.equal(lazy[decided], full[decided])
+
+
+@pytest.mark.parametrize("steps, scale", [([{"top_p": 0.9}], 0.3), ([{"min_p": 0.3}], 1.0)])
+def test_categorical_frequencies_through_a_lazy_threshold_on_many_blocks(steps, scale):
+    """A truncation last hands its threshold to the sampler; over 20 blocks of the two-stage
+    race the lazy block stage runs (top_p on flat rows: nearly every row decided; min_p: many
+    rows left to the full pass). The frequencies match the truncated distribution."""
+    vocab = 5000
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * scale
+    key, value = next(iter(steps[0].items()))
+    expected = softmax(top_p(row.clone(), value) if key == "top_p" else min_p(row.clone(), value))
+    kept = expected > 0
+    pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
+    ids = draw(pipe, row, seed0=11)
+    counts = torch.bincount(ids, minlength=vocab).to(torch.float64)
+    assert counts[~kept].sum() == 0
+    exp_counts = expected[kept] * N
+    assert float(exp_counts.min()) > 5
+    stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
+    p_value = chi2_sf(stat, int(kept.sum()) - 1)
+    assert p_value > ALPHA, f"{steps}: chi2={stat:.1f} p={p_value:.2e}"
 
 
 @pytest.mark.parametrize("steps", [[{"min_p": 0.05}], [{"temperature": 0.7}, {"top_p": 0.9}], [{"top_p": 0.6}]])

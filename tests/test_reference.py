@@ -179,11 +179,17 @@ def test_top_p_mask_equals_reference_on_random_batches_with_fallback_rows(seed):
     assert torch.equal(top_p_mask(x, p), top_p_mask_reference(x, p))
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 5000])
 @pytest.mark.parametrize("seed", range(3))
-def test_top_p_histogram_path_equals_reference_on_wide_rows(seed):
+def test_top_p_histogram_path_equals_reference_on_wide_rows(seed, chunk_elements, monkeypatch):
     """Flat rows over a vocabulary larger than one scale of bins: the histogram path (with and
-    without its reusable workspace, and after a temperature) keeps the reference's sets."""
-    from samplerkit.ops.truncation import nucleus_stats, nucleus_threshold_histogram
+    without its reusable workspace, and after a temperature) keeps the reference's sets, in one
+    column chunk or in many (with a short last one)."""
+    from samplerkit.ops import truncation
+    from samplerkit.ops.truncation import exp_weights, nucleus_stats, nucleus_threshold_histogram
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(truncation, "_CHUNK_ELEMENTS", chunk_elements)
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(12, 40_000, generator=g) * torch.linspace(0.2, 3, 12).unsqueeze(-1)
@@ -194,11 +200,13 @@ def test_top_p_histogram_path_equals_reference_on_wide_rows(seed):
     work = {}
     for _ in range(2):                                                       # buffers reused
         stats = nucleus_stats(x, work)
-        threshold = nucleus_threshold_histogram(x, stats.top, stats.weights, stats.total, p, work, stats.shifted)
+        threshold = nucleus_threshold_histogram(x, stats.top, stats.weights, stats.total, p, work)
         assert torch.equal(x >= threshold, want)
     stats = nucleus_stats(x)
     assert torch.equal(x >= nucleus_threshold_histogram(x, stats.top, stats.weights, stats.total, p), want)
     assert torch.equal(top_p_mask(x, p, work=work), want)
+    # The chunked exp into a workspace is bit-identical to the one-pass form.
+    assert torch.equal(exp_weights(x, stats.top, out=torch.empty_like(x)), exp_weights(x, stats.top))
 
 
 def test_top_p_histogram_batch_with_nan_and_inf_rows():

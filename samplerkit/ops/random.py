@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from samplerkit.ops import _triton
+from samplerkit.ops.sync import sync_free
 from samplerkit.ops.truncation import cut_below, exp_weights, safe_top
 
 _MASK64 = (1 << 64) - 1
@@ -143,21 +144,22 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
         return race_candidates(logits, torch.arange(vocab, device=logits.device).expand_as(logits), keys)
     if workspace is not None and (workspace.shape != logits.shape or workspace.device != logits.device):
         workspace = None
+    block_keys = _stream_keys(keys, _BLOCK_STREAM)
     if threshold is None:
         weights = exp_weights(logits, safe_top(logits), out=workspace)
+        block = race_candidates(_block_masses(weights).log(), _block_ids(weights), block_keys).unsqueeze(-1)
     else:
         if weights is None:
             weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
-        # A float comparison result: writing a bool mask is several times slower on CPU.
-        kept = torch.ge(logits, threshold, out=workspace) if workspace is not None else (logits >= threshold).float()
-        weights = kept.mul_(weights)
-    full = vocab // RACE_BLOCK
-    mass = weights[:, :full * RACE_BLOCK].view(-1, full, RACE_BLOCK).sum(-1)
-    if full * RACE_BLOCK < vocab:
-        mass = torch.cat([mass, weights[:, full * RACE_BLOCK:].sum(-1, keepdim=True)], dim=-1)
-    # Stage 1 is itself a race (over block ids, with the block stream's keys): one fused kernel on CUDA.
-    blocks = torch.arange(mass.shape[-1], device=logits.device).expand_as(mass)
-    block = race_candidates(mass.log(), blocks, _stream_keys(keys, _BLOCK_STREAM)).unsqueeze(-1)
+        block, undecided = (None, None) if sync_free(logits) else _race_kept_blocks_lazily(
+            logits, weights, threshold, block_keys)
+        if block is None:
+            block = _race_kept_blocks(logits, weights, threshold, block_keys, workspace)
+        elif undecided is not None:
+            rows = undecided.nonzero().squeeze(-1)
+            block = block.index_copy(0, rows, _race_kept_blocks(
+                logits.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
+                block_keys.index_select(0, rows)))
     ids = block * RACE_BLOCK + torch.arange(RACE_BLOCK, device=logits.device)
     inside = ids < vocab                              # the last block may be short
     ids = torch.where(inside, ids, vocab - 1)
@@ -165,6 +167,80 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     if threshold is not None:
         values = values.masked_fill_(values < threshold, float("-inf"))
     return race_candidates(values, ids, keys)
+
+
+def _race_kept_blocks(logits: torch.Tensor, weights: torch.Tensor, threshold: torch.Tensor,
+                      block_keys: torch.Tensor, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1 of the race over the tokens with ``x >= threshold``: ``[B, 1]`` block ids, from
+    every block's kept mass (a masking pass and a blocked sum over ``[B, V]``)."""
+    # A float comparison result: writing a bool mask is several times slower on CPU.
+    kept = torch.ge(logits, threshold, out=workspace) if workspace is not None else (logits >= threshold).float()
+    kept = kept.mul_(weights)
+    return race_candidates(_block_masses(kept).log(), _block_ids(kept), block_keys).unsqueeze(-1)
+
+
+def _block_masses(weights: torch.Tensor) -> torch.Tensor:
+    """``S_b``: the sum of each block of ``RACE_BLOCK`` consecutive weights, ``[B, ceil(V / RACE_BLOCK)]``."""
+    vocab = weights.shape[-1]
+    full = vocab // RACE_BLOCK
+    mass = weights[:, :full * RACE_BLOCK].view(-1, full, RACE_BLOCK).sum(-1)
+    if full * RACE_BLOCK < vocab:
+        mass = torch.cat([mass, weights[:, full * RACE_BLOCK:].sum(-1, keepdim=True)], dim=-1)
+    return mass
+
+
+def _block_ids(weights: torch.Tensor) -> torch.Tensor:
+    """Block ids ``[B, ceil(V / RACE_BLOCK)]`` matching :func:`_block_masses`."""
+    n_blocks = (weights.shape[-1] + RACE_BLOCK - 1) // RACE_BLOCK
+    return torch.arange(n_blocks, device=weights.device).expand(weights.shape[0], n_blocks)
+
+
+#: Blocks whose kept mass the lazy block race computes before it tries to certify the winner.
+_LAZY_BLOCKS = 16
+# Below this many logits a masking pass costs less than the lazy race's dozen small ops.
+_LAZY_MIN_ELEMENTS = 1 << 19
+# A float32 sum of 256 nonnegative terms is within 255 * 2^-24 < 2^-16 of the exact sum, in
+# any order: scaling a block's full mass by 1 + 2^-12 makes it an upper bound of any float32
+# sum of a subset of its weights (and keeps log's last-bit errors far inside the margin).
+_UPPER_SLACK = 1.0 + 2.0 ** -12
+
+
+def _race_kept_blocks_lazily(logits: torch.Tensor, weights: torch.Tensor, threshold: torch.Tensor,
+                             block_keys: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_race_kept_blocks` without a pass that masks every weight: ``[B, 1]`` block ids
+    and the ``[B]`` rows left undecided (``None`` when every row is decided); ``(None, None)``
+    when every row is undecided.
+
+    The winner is ``argmax_b (log S'_b + G_b)`` with ``S'_b`` the block's kept mass. Its full
+    mass ``S_b >= S'_b`` (one blocked sum) bounds each score from above: ``U_b = log(S_b (1 +
+    2^-12)) + G_b``. The kept masses of the 16 blocks with the highest bounds are computed
+    exactly; when the best of them beats the 17th bound strictly, no other block can win, and
+    the winner is the block the full computation picks (ties: the lowest block id, as
+    ``argmax``; the sums have the same shape and order, except a short last block's). On a
+    flat row, where most of a block's mass is kept, that is nearly always so; the rows where it
+    is not are left to the full computation. CPU only: the check is a host sync.
+    """
+    rows, vocab = logits.shape
+    n_blocks = (vocab + RACE_BLOCK - 1) // RACE_BLOCK
+    if n_blocks <= _LAZY_BLOCKS or rows * vocab < _LAZY_MIN_ELEMENTS:
+        return None, None
+    noise = gumbel_noise(block_keys, torch.arange(n_blocks, device=logits.device))
+    upper = (_block_masses(weights) * _UPPER_SLACK).log_().add_(noise)
+    bound, order = upper.topk(_LAZY_BLOCKS + 1, dim=-1)
+    chosen = order[:, :_LAZY_BLOCKS]
+    ids = (chosen.unsqueeze(-1) * RACE_BLOCK + torch.arange(RACE_BLOCK, device=logits.device)).view(rows, -1)
+    inside = ids < vocab                              # the last block may be short
+    ids = ids.clamp_(max=vocab - 1)
+    kept = (logits.gather(-1, ids) >= threshold) & inside
+    mass = (weights.gather(-1, ids) * kept).view(rows, _LAZY_BLOCKS, RACE_BLOCK).sum(-1)
+    score = mass.log_().add_(noise.gather(-1, chosen))
+    best = score.amax(-1, keepdim=True)
+    block = torch.where(score == best, chosen, n_blocks).amin(-1, keepdim=True)
+    undecided = (best <= bound[:, _LAZY_BLOCKS:]).squeeze(-1)
+    n_undecided = int(undecided.sum())
+    if n_undecided == rows:
+        return None, None
+    return block, (undecided if n_undecided else None)
 
 
 def race_sample_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ All masks are computed for every row; callers restrict them to active rows.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -80,9 +79,26 @@ def exp_weights(logits: torch.Tensor, top: torch.Tensor, out: torch.Tensor | Non
     """``w = exp(max(x - top, -87))`` in float32 (``out`` may be a workspace or ``None``).
 
     An elementwise function of each logit alone, so a candidate list and the dense row get
-    bit-identical weights for the same token."""
-    diff = torch.sub(logits, top) if out is None else torch.sub(logits, top, out=out)
-    return diff.clamp_(min=EXP_FLOOR).exp_()
+    bit-identical weights for the same token. Into a workspace on CPU it runs one column chunk at
+    a time: each chunk's three passes stay in cache (the step is memory-bound there)."""
+    if out is None:
+        return torch.sub(logits, top).clamp_(min=EXP_FLOOR).exp_()
+    for cols in column_chunks(logits):
+        torch.sub(logits[:, cols], top, out=out[:, cols]).clamp_(min=EXP_FLOOR).exp_()
+    return out
+
+
+# CPU passes over [R, V] run in column chunks of about this many elements (4 MB of float32, the
+# size of this machine's L2 caches together) where a chunk's intermediate results are reused:
+# the steps are memory-bound, so keeping them in cache saves whole passes through memory.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def column_chunks(x: torch.Tensor) -> list[slice]:
+    """Column slices covering ``x`` ``[R, V]``: one on CUDA, about ``_CHUNK_ELEMENTS`` each on CPU."""
+    rows, vocab = x.shape
+    width = vocab if x.device.type != "cpu" else min(vocab, max(256, _CHUNK_ELEMENTS // max(rows, 1)))
+    return [slice(start, min(vocab, start + width)) for start in range(0, vocab, width)]
 
 
 def safe_top(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,25 +109,18 @@ def safe_top(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> torch
 
 class Stats(NamedTuple):
     """A row's weights: ``top`` (:func:`safe_top`), ``weights = exp_weights(x, top)`` ``[B, V]``
-    (the top token weighs 1), their float32 sum ``total``, the raw ``row_max`` (NaN, +-inf kept)
-    and, when kept, ``shifted = max(x - top, -87)`` (the exponent of each weight)."""
+    (the top token weighs 1), their float32 sum ``total`` and the raw ``row_max`` (NaN, +-inf kept)."""
     top: torch.Tensor
     weights: torch.Tensor
     total: torch.Tensor
     row_max: torch.Tensor
-    shifted: torch.Tensor | None = None
 
 
 def nucleus_stats(logits: torch.Tensor, work: dict | None = None) -> Stats:
     row_max = logits.amax(dim=-1, keepdim=True)
     top = safe_top(logits, row_max)
-    if work is None:
-        weights = exp_weights(logits, top)
-        return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max)
-    # exp_weights in two buffers: the histogram bins the exponent without recomputing it.
-    shifted = torch.sub(logits, top, out=_buffer(work, "shifted", logits, torch.float32)).clamp_(min=EXP_FLOOR)
-    weights = torch.exp(shifted, out=_buffer(work, "weights", logits, torch.float32))
-    return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max, shifted)
+    weights = exp_weights(logits, top, out=_buffer(work, "weights", logits, torch.float32))
+    return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max)
 
 
 class Cut(NamedTuple):
@@ -161,7 +170,7 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
         # keeps the top value alone, which is the row maximum.
         bad = (stats.row_max.isnan() | (stats.row_max == float("inf"))).squeeze(-1)
         if not bool(bad.any()):
-            return nucleus_threshold_histogram(logits, top, weights, total, p, work, stats.shifted)
+            return nucleus_threshold_histogram(logits, top, weights, total, p, work)
         good = (~bad).nonzero().squeeze(-1)
         return stats.row_max.clone().index_copy_(0, good, nucleus_threshold_histogram(
             logits.index_select(0, good), top.index_select(0, good), weights.index_select(0, good),
@@ -170,7 +179,7 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
     threshold, covered = nucleus_threshold(values, top, total, p)
     wide = wide | ~covered
     if bool(wide.all()):
-        return nucleus_threshold_histogram(logits, top, weights, total, p, work, stats.shifted)
+        return nucleus_threshold_histogram(logits, top, weights, total, p, work)
     if bool(wide.any()):
         rows_w = wide.nonzero().squeeze(-1)
         threshold = threshold.index_copy(0, rows_w, nucleus_threshold_histogram(
@@ -182,16 +191,36 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
 # Histogram of the nucleus: bins of logit distance below the row maximum.
 _SCALE = 128.0                      # bins per nat (a power of two: the scaling is exact)
 _BINS = int(-EXP_FLOOR * _SCALE)    # tokens 87 nats or more below the maximum share the last bin
+# The boundary bin is found in two levels, groups of 128 bins then the bins of one group: two
+# short cumulative sums instead of one over all 11137 bins (a slow, sequential op on CPU).
+_GROUP = 128
+_GROUPS = _BINS // _GROUP + 1       # the mass array is padded to _GROUPS * _GROUP bins
+
+
+def _boundary_bin(mass: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first bin where the running mass reaches ``target`` (``[R, 1]``, at most ``_BINS``)
+    and the mass of the bins before it, from per-bin masses ``[R, _GROUPS * _GROUP]`` float64."""
+    rows = mass.shape[0]
+    by_group = mass.view(rows, _GROUPS, _GROUP)
+    group_mass = by_group.sum(-1)
+    group_through = group_mass.cumsum(-1)
+    group = torch.searchsorted(group_through, target).clamp_(max=_GROUPS - 1)
+    before_group = group_through.gather(-1, group) - group_mass.gather(-1, group)
+    inner = by_group.gather(1, group.unsqueeze(-1).expand(rows, 1, _GROUP)).squeeze(1)     # [R, 128]
+    inner_through = inner.cumsum(-1).add_(before_group)
+    # Clamped: a group found by its total may, summed bin by bin, round just short of the target.
+    bin_in_group = torch.searchsorted(inner_through, target).clamp_(max=_GROUP - 1)
+    boundary = (group * _GROUP + bin_in_group).clamp_(max=_BINS)
+    before_bin = inner_through.gather(-1, bin_in_group) - inner.gather(-1, bin_in_group)
+    return boundary, before_bin
 
 
 def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
-                                total: torch.Tensor, p: torch.Tensor, work: dict | None = None,
-                                shifted: torch.Tensor | None = None) -> torch.Tensor:
+                                total: torch.Tensor, p: torch.Tensor, work: dict | None = None) -> torch.Tensor:
     """The nucleus threshold ``[R, 1]`` of each row without sorting the vocabulary.
 
     Tokens are binned by ``min(top - x, 87) * 128`` (bins ordered by value, descending; the
-    binning is monotone in ``x``; ``shifted``, when given, is ``max(x - top, -87)``, the same
-    numbers negated, and is overwritten); one scatter-add gives each bin's weight in float64, a
+    binning is monotone in ``x``); one scatter-add gives each bin's weight in float64 (:func:`_bin_masses`), a
     cumulative sum over the bins finds the bin where the running weight reaches ``p W``, and only
     that bin's tokens (a few hundred at most on a flat row of 128k) are gathered and sorted to
     place the boundary exactly. Same definition and float64 accumulation as :func:`top_p_mask_reference`; rows whose
@@ -199,33 +228,9 @@ def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights
     use the full sort.
     """
     rows, vocab = logits.shape
-    if shifted is not None:
-        position = shifted.mul_(-_SCALE)          # in place: the last use of the exponents
-    else:
-        position = _buffer(work, "position", logits, torch.float32)
-        position = torch.add(top * _SCALE, logits, alpha=-_SCALE, out=position).clamp_(max=_BINS)   # -inf too
-    # Truncation toward zero: monotone. int16 for the comparison below (a quarter of the bytes),
-    # int64 for scatter_add_ (which converts any other index type, slowly): the int16 values
-    # written into the low quarter of a zeroed int64 buffer (little-endian) are that index,
-    # faster than converting from float again.
-    bins16 = _buffer(work, "bins16", logits, torch.int16)
-    bins16 = bins16.copy_(position) if bins16 is not None else position.to(torch.int16)
-    bins = work.get("bins") if work is not None else None
-    if bins is None or bins.shape != logits.shape or bins.device != logits.device or sys.byteorder != "little":
-        bins = bins16.to(torch.int64)
-        if work is not None and sys.byteorder == "little":
-            work["bins"] = bins
-    else:
-        bins.view(torch.int16).view(rows, vocab, 4)[:, :, 0].copy_(bins16)
-    weights64 = _buffer(work, "weights64", logits, torch.float64)
-    weights64 = weights64.copy_(weights) if weights64 is not None else weights.double()
-    mass = _buffer(work, "mass", logits[:, :_BINS + 1], torch.float64) if vocab > _BINS else None
-    mass = mass.zero_() if mass is not None else torch.zeros(rows, _BINS + 1, dtype=torch.float64, device=logits.device)
-    mass.scatter_add_(1, bins, weights64)
-    through = mass.cumsum(-1)
+    bins16, mass = _bin_masses(logits, top, weights, work)
     target = p.double().unsqueeze(-1) * total.double()
-    boundary = torch.searchsorted(through, target).clamp_(max=_BINS)    # the first bin reaching p W
-    before_bin = through.gather(-1, boundary) - mass.gather(-1, boundary)
+    boundary, before_bin = _boundary_bin(mass, target)
     # The boundary bin's tokens, padded into [R, width] and sorted by value.
     in_bin = _buffer(work, "in_bin", logits, torch.bool)
     boundary16 = boundary.to(torch.int16)
@@ -239,7 +244,7 @@ def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights
     bin_values = torch.full((rows, width), NEG_INF, dtype=logits.dtype, device=logits.device)
     bin_values.index_put_((row, slot), logits.reshape(-1).index_select(0, flat))
     bin_weights = torch.zeros(rows, width, dtype=torch.float64, device=logits.device)
-    bin_weights.index_put_((row, slot), weights64.reshape(-1).index_select(0, flat))
+    bin_weights.index_put_((row, slot), weights.reshape(-1).index_select(0, flat).double())
     bin_values, order = bin_values.sort(dim=-1, descending=True)
     bin_weights = bin_weights.gather(-1, order)
     mass_before = before_bin + bin_weights.cumsum(-1) - bin_weights
@@ -254,6 +259,39 @@ def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights
                                               p.index_select(0, rows_u))
         threshold = threshold.index_copy(0, rows_u, full_threshold)
     return threshold
+
+
+def _bin_masses(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
+                work: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's bin ``[R, V]`` int16 and each bin's float64 mass ``[R, _GROUPS * _GROUP]``
+    (bins past ``_BINS`` stay empty).
+
+    The bin of ``x`` is ``trunc(min(128 top - 128 x, 128 * 87))``, a monotone function of ``x``
+    within a row (scaling by a power of two is exact, so this is ``-128 max(x - top, -87)``, the
+    weight's exponent scaled, truncated). The scatter-add needs int64 indices and float64
+    weights; on CPU they are made one column chunk at a time, in cache, instead of two
+    8-byte-per-token arrays going through memory."""
+    rows, vocab = logits.shape
+
+    def scratch(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = _buffer(work, name, like, dtype)
+        return buf if buf is not None else torch.empty(like.shape, dtype=dtype, device=like.device)
+
+    chunks = column_chunks(logits)
+    bins16 = scratch("bins16", logits, torch.int16)
+    mass = scratch("mass", logits[:, :1].expand(rows, _GROUPS * _GROUP), torch.float64).zero_()
+    chunk = logits[:, chunks[0]]
+    position, index, weights64 = (scratch("chunk_position", chunk, torch.float32),
+                                  scratch("chunk_index", chunk, torch.int64),
+                                  scratch("chunk_weights64", chunk, torch.float64))
+    top_scaled = top * _SCALE
+    for cols in chunks:
+        n = cols.stop - cols.start
+        pos = torch.add(top_scaled, logits[:, cols], alpha=-_SCALE, out=position[:, :n]).clamp_(max=_BINS)
+        # Truncation toward zero (monotone); the int16 copy stays for the boundary bin's search.
+        chunk_bins = bins16[:, cols].copy_(pos)
+        mass.scatter_add_(1, index[:, :n].copy_(chunk_bins), weights64[:, :n].copy_(weights[:, cols]))
+    return bins16, mass
 
 
 def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
