@@ -132,6 +132,11 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     of at most one block is a single race over every token. ``workspace`` (``[B, V]`` float32)
     holds the weights instead of a fresh allocation.
 
+    With a ``threshold`` (a truncation ``x >= threshold`` the sampler applies itself, reusing the
+    truncation's ``weights``), stage 1 needs each block's kept mass. On CPU the winning block is
+    usually certified from 16 blocks' kept masses (:func:`_race_kept_blocks_lazily`), not from a
+    pass that masks every weight; the same block either way.
+
     >>> x = torch.tensor([[0.0, float('-inf'), 1.0]])
     >>> keys = row_keys(torch.tensor([7]), torch.tensor([0]))
     >>> int(race_sample(x, keys)) in (0, 2)
