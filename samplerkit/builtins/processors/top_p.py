@@ -82,12 +82,11 @@ class TopP(ThresholdProcessor):
             self._remember(logits, stats)
             return None
         values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
-        _, covered = nucleus_threshold(values, top, total, p)
+        threshold, covered = nucleus_threshold(values, top, total, p)
         if not bool(covered.all()):        # the nucleus extends past the candidates
             self._remember(logits, stats, values)
             return None
-        keep = top_p_on_sorted(values, p, (top, total))
-        return values.masked_fill_(~keep, NEG_INF), ids
+        return values.masked_fill_(~(values >= threshold), NEG_INF), ids      # NaN is dropped too
 
     def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return top_p_on_sorted(values, self.p.top_p)
