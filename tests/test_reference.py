@@ -185,11 +185,11 @@ def test_top_p_histogram_path_equals_reference_on_wide_rows(seed, chunk_elements
     """Flat rows over a vocabulary larger than one scale of bins: the histogram path (with and
     without its reusable workspace, and after a temperature) keeps the reference's sets, in one
     column chunk or in many (with a short last one)."""
-    from samplerkit.ops import truncation
+    from samplerkit.ops import histogram
     from samplerkit.ops.truncation import exp_weights, nucleus_stats, nucleus_threshold_histogram
 
     if chunk_elements is not None:
-        monkeypatch.setattr(truncation, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(histogram, "CHUNK_ELEMENTS", chunk_elements)
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(12, 40_000, generator=g) * torch.linspace(0.2, 3, 12).unsqueeze(-1)
@@ -235,7 +235,7 @@ def test_cut_below_keeps_signed_zeros_at_a_zero_threshold():
 
 
 def test_sparse_nonzero_equals_nonzero():
-    from samplerkit.ops.truncation import _sparse_nonzero
+    from samplerkit.ops.histogram import _sparse_nonzero
 
     g = torch.Generator().manual_seed(0)
     for vocab in (64, 1000, 4001):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from samplerkit.ops import histogram
 from samplerkit.ops.sync import sync_free
 
 NEG_INF = float("-inf")
@@ -73,6 +74,8 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor, work: dict | None = None) 
 # smallest normal number) instead of less: a difference below float64's resolution of a total
 # >= 1, and it keeps exp off the subnormal range, where x86 runs it tens of times slower.
 EXP_FLOOR = -87.0
+# The nucleus histogram's last bin holds exactly the tokens at the floor (all weigh exp(-87)).
+assert histogram.BINS == -EXP_FLOOR * histogram.SCALE
 
 
 def exp_weights(logits: torch.Tensor, top: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,22 +86,9 @@ def exp_weights(logits: torch.Tensor, top: torch.Tensor, out: torch.Tensor | Non
     a time: each chunk's three passes stay in cache (the step is memory-bound there)."""
     if out is None:
         return torch.sub(logits, top).clamp_(min=EXP_FLOOR).exp_()
-    for cols in column_chunks(logits):
+    for cols in histogram.column_chunks(logits):
         torch.sub(logits[:, cols], top, out=out[:, cols]).clamp_(min=EXP_FLOOR).exp_()
     return out
-
-
-# CPU passes over [R, V] run in column chunks of about this many elements (4 MB of float32, the
-# size of this machine's L2 caches together) where a chunk's intermediate results are reused:
-# the steps are memory-bound, so keeping them in cache saves whole passes through memory.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-def column_chunks(x: torch.Tensor) -> list[slice]:
-    """Column slices covering ``x`` ``[R, V]``: one on CUDA, about ``_CHUNK_ELEMENTS`` each on CPU."""
-    rows, vocab = x.shape
-    width = vocab if x.device.type != "cpu" else min(vocab, max(256, _CHUNK_ELEMENTS // max(rows, 1)))
-    return [slice(start, min(vocab, start + width)) for start in range(0, vocab, width)]
 
 
 def safe_top(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,7 +109,7 @@ class Stats(NamedTuple):
 def nucleus_stats(logits: torch.Tensor, work: dict | None = None) -> Stats:
     row_max = logits.amax(dim=-1, keepdim=True)
     top = safe_top(logits, row_max)
-    weights = exp_weights(logits, top, out=_buffer(work, "weights", logits, torch.float32))
+    weights = exp_weights(logits, top, out=histogram.buffer(work, "weights", logits, torch.float32))
     return Stats(top, weights, weights.sum(dim=-1, keepdim=True), row_max)
 
 
@@ -130,17 +120,6 @@ class Cut(NamedTuple):
     threshold: torch.Tensor
     row_max: torch.Tensor
     weights: torch.Tensor | None = None
-
-
-def _buffer(work: dict | None, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """A reusable ``like``-shaped buffer from ``work`` (a fresh ``[B, V]`` allocation costs more
-    in page faults than a pass over it on CPU), or ``None`` to allocate."""
-    if work is None:
-        return None
-    buf = work.get(name)
-    if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
-        buf = work[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
-    return buf
 
 
 def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dict | None = None,
@@ -188,70 +167,39 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
     return threshold
 
 
-# Histogram of the nucleus: bins of logit distance below the row maximum.
-_SCALE = 128.0                      # bins per nat (a power of two: the scaling is exact)
-_BINS = int(-EXP_FLOOR * _SCALE)    # tokens 87 nats or more below the maximum share the last bin
-# The boundary bin is found in two levels, groups of 128 bins then the bins of one group: two
-# short cumulative sums instead of one over all 11137 bins (a slow, sequential op on CPU).
-_GROUP = 128
-_GROUPS = _BINS // _GROUP + 1       # the mass array is padded to _GROUPS * _GROUP bins
-
-
-def _boundary_bin(mass: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first bin where the running mass reaches ``target`` (``[R, 1]``, at most ``_BINS``)
-    and the mass of the bins before it, from per-bin masses ``[R, _GROUPS * _GROUP]`` float64."""
-    rows = mass.shape[0]
-    by_group = mass.view(rows, _GROUPS, _GROUP)
-    group_mass = by_group.sum(-1)
-    group_through = group_mass.cumsum(-1)
-    group = torch.searchsorted(group_through, target).clamp_(max=_GROUPS - 1)
-    before_group = group_through.gather(-1, group) - group_mass.gather(-1, group)
-    inner = by_group.gather(1, group.unsqueeze(-1).expand(rows, 1, _GROUP)).squeeze(1)     # [R, 128]
-    inner_through = inner.cumsum(-1).add_(before_group)
-    # Clamped: a group found by its total may, summed bin by bin, round just short of the target.
-    bin_in_group = torch.searchsorted(inner_through, target).clamp_(max=_GROUP - 1)
-    boundary = (group * _GROUP + bin_in_group).clamp_(max=_BINS)
-    before_bin = inner_through.gather(-1, bin_in_group) - inner.gather(-1, bin_in_group)
-    return boundary, before_bin
-
-
 def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
                                 total: torch.Tensor, p: torch.Tensor, work: dict | None = None) -> torch.Tensor:
     """The nucleus threshold ``[R, 1]`` of each row without sorting the vocabulary.
 
     Tokens are binned by ``min(top - x, 87) * 128`` (bins ordered by value, descending; the
-    binning is monotone in ``x``); one scatter-add gives each bin's weight in float64 (:func:`_bin_masses`), a
-    cumulative sum over the bins finds the bin where the running weight reaches ``p W``, and only
+    binning is monotone in ``x``); one scatter-add gives each bin's weight in float64
+    (:mod:`samplerkit.ops.histogram`), a cumulative sum over the bins finds the bin where the running weight reaches ``p W``, and only
     that bin's tokens (a few hundred at most on a flat row of 128k) are gathered and sorted to
     place the boundary exactly. Same definition and float64 accumulation as :func:`top_p_mask_reference`; rows whose
     boundary lies among tokens 87 nats or more below the maximum (which all weigh ``exp(-87)``)
     use the full sort.
     """
-    rows, vocab = logits.shape
-    bins16, mass = _bin_masses(logits, top, weights, work)
+    top_scaled = top * histogram.SCALE
+
+    def position_into(cols: slice, out: torch.Tensor) -> torch.Tensor:
+        # 128 top - 128 x: both products exact, one rounding, so this is -128 max(x - top, -87)
+        # (the weight's exponent, scaled) once clamped: monotone in x, 0 for the top token.
+        return torch.add(top_scaled, logits[:, cols], alpha=-histogram.SCALE, out=out).clamp_(max=histogram.BINS)
+
+    bins16, mass = histogram.bin_masses(position_into, weights, work)
     target = p.double().unsqueeze(-1) * total.double()
-    boundary, before_bin = _boundary_bin(mass, target)
+    boundary, before_bin = histogram.boundary_bin(mass, target)
     # The boundary bin's tokens, padded into [R, width] and sorted by value.
-    in_bin = _buffer(work, "in_bin", logits, torch.bool)
-    boundary16 = boundary.to(torch.int16)
-    in_bin = torch.eq(bins16, boundary16, out=in_bin) if in_bin is not None else bins16 == boundary16
-    row, col = _sparse_nonzero(in_bin)
-    counts = torch.bincount(row, minlength=rows)
-    width = max(int(counts.max()), 1)
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(row.shape[0], device=logits.device) - starts.index_select(0, row)
-    flat = row * vocab + col
-    bin_values = torch.full((rows, width), NEG_INF, dtype=logits.dtype, device=logits.device)
-    bin_values.index_put_((row, slot), logits.reshape(-1).index_select(0, flat))
-    bin_weights = torch.zeros(rows, width, dtype=torch.float64, device=logits.device)
-    bin_weights.index_put_((row, slot), weights.reshape(-1).index_select(0, flat).double())
+    members = histogram.bin_members(bins16, boundary, work)
+    bin_values = members.padded(logits, NEG_INF)
+    bin_weights = members.padded(weights, 0.0, torch.float64)
     bin_values, order = bin_values.sort(dim=-1, descending=True)
     bin_weights = bin_weights.gather(-1, order)
     mass_before = before_bin + bin_weights.cumsum(-1) - bin_weights
-    keep = (mass_before < target) & (torch.arange(width, device=logits.device) < counts.unsqueeze(-1))
+    keep = (mass_before < target) & (torch.arange(members.width, device=logits.device) < members.counts.unsqueeze(-1))
     keep[:, 0].fill_(True)                  # fill_, not setitem: no host round trip on CUDA
     threshold = bin_values.gather(-1, keep.sum(-1, keepdim=True) - 1)
-    underflow = (boundary == _BINS).squeeze(-1)
+    underflow = (boundary == histogram.BINS).squeeze(-1)
     if bool(underflow.any()):
         rows_u = underflow.nonzero().squeeze(-1)
         full_values, _ = logits.index_select(0, rows_u).sort(dim=-1, descending=True)
@@ -259,50 +207,6 @@ def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights
                                               p.index_select(0, rows_u))
         threshold = threshold.index_copy(0, rows_u, full_threshold)
     return threshold
-
-
-def _bin_masses(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
-                work: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's bin ``[R, V]`` int16 and each bin's float64 mass ``[R, _GROUPS * _GROUP]``
-    (bins past ``_BINS`` stay empty).
-
-    The bin of ``x`` is ``trunc(min(128 top - 128 x, 128 * 87))``, a monotone function of ``x``
-    within a row (scaling by a power of two is exact, so this is ``-128 max(x - top, -87)``, the
-    weight's exponent scaled, truncated). The scatter-add needs int64 indices and float64
-    weights; on CPU they are made one column chunk at a time, in cache, instead of two
-    8-byte-per-token arrays going through memory."""
-    rows, vocab = logits.shape
-
-    def scratch(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buf = _buffer(work, name, like, dtype)
-        return buf if buf is not None else torch.empty(like.shape, dtype=dtype, device=like.device)
-
-    chunks = column_chunks(logits)
-    bins16 = scratch("bins16", logits, torch.int16)
-    mass = scratch("mass", logits[:, :1].expand(rows, _GROUPS * _GROUP), torch.float64).zero_()
-    chunk = logits[:, chunks[0]]
-    position, index, weights64 = (scratch("chunk_position", chunk, torch.float32),
-                                  scratch("chunk_index", chunk, torch.int64),
-                                  scratch("chunk_weights64", chunk, torch.float64))
-    top_scaled = top * _SCALE
-    for cols in chunks:
-        n = cols.stop - cols.start
-        pos = torch.add(top_scaled, logits[:, cols], alpha=-_SCALE, out=position[:, :n]).clamp_(max=_BINS)
-        # Truncation toward zero (monotone); the int16 copy stays for the boundary bin's search.
-        chunk_bins = bins16[:, cols].copy_(pos)
-        mass.scatter_add_(1, index[:, :n].copy_(chunk_bins), weights64[:, :n].copy_(weights[:, cols]))
-    return bins16, mass
-
-
-def _sparse_nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mask.nonzero(as_tuple=True)`` (row-major order) for a sparse ``[R, V]`` bool mask: the
-    nonzero 8-byte words first, then the bytes of those words (several times faster on CPU)."""
-    rows, vocab = mask.shape
-    if vocab % 8 or not mask.is_contiguous():
-        return mask.nonzero(as_tuple=True)
-    word_row, word = mask.view(torch.int64).nonzero(as_tuple=True)
-    hit, byte = mask.view(rows, vocab // 8, 8)[word_row, word].nonzero(as_tuple=True)
-    return word_row.index_select(0, hit), word.index_select(0, hit) * 8 + byte
 
 
 def top_p_mask_reference(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -356,7 +260,7 @@ def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor |
     if out is None:
         out = torch.empty_like(logits)
     threshold = torch.where(threshold == 0, threshold.new_full((), -0.0), threshold)
-    bound = out if out is not logits else _buffer(work, "bound", logits, logits.dtype)
+    bound = out if out is not logits else histogram.buffer(work, "bound", logits, logits.dtype)
     bound = torch.sub(logits, threshold, out=bound) if bound is not None else logits - threshold
     torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
     return torch.clamp(logits, max=bound, out=out)
