@@ -19,10 +19,12 @@ import torch
 
 import samplerkit
 
+# name: (samplerkit steps, (temperature, top_k, top_p, min_p, typical_p) for transformers)
 PIPELINES = {
-    "temperature+top_k+top_p": ([{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}], (0.7, 50, 0.9, None)),
-    "temperature+top_p": ([{"temperature": 0.7}, {"top_p": 0.9}], (0.7, None, 0.9, None)),
-    "min_p": ([{"min_p": 0.05}], (None, None, None, 0.05)),
+    "temperature+top_k+top_p": ([{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}], (0.7, 50, 0.9, None, None)),
+    "temperature+top_p": ([{"temperature": 0.7}, {"top_p": 0.9}], (0.7, None, 0.9, None, None)),
+    "min_p": ([{"min_p": 0.05}], (None, None, None, 0.05, None)),
+    "temperature+typical_p": ([{"temperature": 0.7}, {"typical_p": 0.9}], (0.7, None, None, None, 0.9)),
 }
 
 
@@ -79,10 +81,11 @@ def build_transformers(params):
             TemperatureLogitsWarper,
             TopKLogitsWarper,
             TopPLogitsWarper,
+            TypicalLogitsWarper,
         )
     except ImportError:
         return None
-    temperature, top_k, top_p, min_p = params
+    temperature, top_k, top_p, min_p, typical_p = params
     procs = []
     if temperature is not None:
         procs.append(TemperatureLogitsWarper(temperature))
@@ -92,6 +95,8 @@ def build_transformers(params):
         procs.append(TopPLogitsWarper(top_p))
     if min_p is not None:
         procs.append(MinPLogitsWarper(min_p))
+    if typical_p is not None:
+        procs.append(TypicalLogitsWarper(typical_p))
     return LogitsProcessorList(procs)
 
 
@@ -130,7 +135,7 @@ def main() -> None:
                     nucleus = float(torch.isfinite(bound.process(x)).sum(-1).float().mean())
                     t_sk = timeit(lambda: bound.sample(x), args.reps, args.device)
                     t_tf = timeit(lambda: transformers_step(x, tf), args.reps, args.device) if tf else float("nan")
-                    temperature, top_k, top_p, _ = params
+                    temperature, top_k, top_p, _, _ = params
                     if top_p is not None and top_k is None:
                         t_seed = timeit(lambda: seed_step(x, temperature, top_p), args.reps, args.device)
                     else:

@@ -17,7 +17,7 @@ import torch
 
 from samplerkit.context import StepContext
 from samplerkit.ops.candidates import NEG_INF
-from samplerkit.ops.truncation import cut_below
+from samplerkit.ops.truncation import cut_below, remove_unkept
 from samplerkit.params import NoParams, StepParams
 
 
@@ -129,6 +129,10 @@ class MaskProcessor(Processor):
 
     argmax_invariant = True
 
+    def __init__(self, rows, device="cpu"):
+        super().__init__(rows, device)
+        self._work: dict = {}      # [B, V] buffers reused from step to step
+
     def keep(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
@@ -146,7 +150,7 @@ class MaskProcessor(Processor):
     def _remove(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if not self.all_active:
             keep = keep | ~self.active.unsqueeze(-1)
-        return x.masked_fill_(~keep, NEG_INF)
+        return remove_unkept(x, keep, self._work)
 
 
 class ThresholdProcessor(MaskProcessor):
@@ -155,10 +159,6 @@ class ThresholdProcessor(MaskProcessor):
     :func:`samplerkit.ops.truncation.cut_below` (arithmetic, no bool mask; in place or into the
     pipeline's buffer) and gives neutral rows the threshold ``-inf``. Override :meth:`select_cut`
     to hand the sampler the threshold (it usually has the row maximum at hand)."""
-
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        self._work: dict = {}      # [B, V] buffers reused from step to step
 
     def threshold(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -397,3 +397,27 @@ def test_temperature_deferred_past_top_k_equals_the_dense_order(kind, monkeypatc
         assert taken["fused"] > 0 and taken["fell_back"] == 0
     else:
         assert taken["fell_back"] > 0
+
+
+def test_remove_unkept_equals_masked_fill():
+    """The branch-free removal gives masked_fill_'s result bit for bit: random masks, -inf
+    already present, +-inf and NaN (the masked_fill_ route), an all-kept and an all-removed row,
+    a reused buffer."""
+    from samplerkit.ops.truncation import remove_unkept
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4000, generator=g) * 3
+    x[1, ::3] = -INF
+    x[2, 0] = 0.0
+    keep = torch.rand(6, 4000, generator=g) < 0.4
+    keep[3] = True
+    keep[4] = False
+    work = {}
+    for _ in range(2):
+        assert torch.equal(remove_unkept(x.clone(), keep, work), x.masked_fill(~keep, -INF))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[5, 10:20] = bad
+        y[1, 0] = INF
+        assert torch.equal(remove_unkept(y.clone(), keep).isnan(), y.masked_fill(~keep, -INF).isnan())
+        assert torch.equal(remove_unkept(y.clone(), keep).nan_to_num(), y.masked_fill(~keep, -INF).nan_to_num())

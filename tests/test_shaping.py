@@ -304,3 +304,71 @@ def test_every_shaping_step_runs_in_generate():
     again = samplerkit.generate(["The"], config)
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert all(c.token_ids for c in first)
+
+
+# -- typical_p without a sort ------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_elements", [None, 3000])
+@pytest.mark.parametrize("seed", range(3))
+def test_typical_histogram_path_equals_the_sorted_reference(seed, chunk_elements, monkeypatch):
+    """Over vocabularies where typical_p takes the histogram, it keeps exactly the stable-sort
+    reference's set, min_tokens_to_keep included, on random and adversarial rows (flat, exact
+    ties, mostly -inf, huge and tiny magnitudes, and rows the reference must handle: NaN, +inf,
+    all -inf), in one column chunk or many."""
+    from samplerkit.ops import histogram
+    from samplerkit.ops.shaping import typical_mask, typical_mask_reference
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(histogram, "CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(seed)
+    rows, vocab = 20, 5000
+    scale = torch.tensor([0.3, 1.0, 2.0, 4.0, 8.0, 1e-3, 1e4, 0.5] + [1.5] * 12).unsqueeze(-1)
+    x = torch.randn(rows, vocab, generator=g) * scale
+    x[8] = 0.0                                                               # all equal
+    x[9] = torch.randint(0, 40, (vocab,), generator=g).float() / 8          # many exact ties
+    x[10, torch.rand(vocab, generator=g) < 0.98] = NEG_INF                  # mostly -inf
+    x[11, :vocab // 2] = NEG_INF
+    x[12, 7] = float("nan")
+    x[13, 3] = float("inf")
+    x[14] = NEG_INF
+    x[15, :vocab - 3] = NEG_INF                                              # three tokens left
+    mass = torch.rand(rows, generator=g) * 0.94 + 0.05
+    mass[16] = 0.999999
+    for min_keep, min_keep_max in ((torch.ones(rows, dtype=torch.int64), 1),
+                                   (torch.randint(1, 9, (rows,), generator=g), 8)):
+        want = typical_mask_reference(x, mass, min_keep, min_keep_max)
+        got = typical_mask(x, mass, min_keep, min_keep_max)
+        assert torch.equal(got, want), (got != want).any(-1).nonzero().flatten().tolist()
+    # The histogram path was taken (one wide bin would be a sort in disguise).
+    assert (want.sum(-1) > 1).sum() > rows // 2
+
+
+def test_typical_p_processor_on_a_large_vocabulary_matches_transformers():
+    """The processor over 5000 tokens (the histogram path) against transformers' warper, on rows
+    whose float32 running mass is far from the cut (transformers sums in float32)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 5000, generator=g) * torch.tensor([0.3, 1.0, 2.0, 4.0, 8.0, 1.5, 3.0, 6.0]).unsqueeze(-1)
+    for mass in (0.2, 0.9):
+        ours = run(TypicalP, {"typical_p": mass}, x)
+        ref = transformers_lp.TypicalLogitsWarper(mass=mass)(None, x.clone())
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+
+
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_typical_p_processor_threshold_path_equals_its_mask(min_keep):
+    """The processor writes score <= s as arithmetic (no bool mask) when it can: the same
+    logits as removing what keep() drops, in place and into a buffer, with neutral rows in the
+    batch (typical_p = 1) left unchanged; min_tokens_to_keep > 1 takes the mask."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 5000, generator=g) * torch.tensor([0.3, 1.0, 2.0, 4.0, 8.0, 1.5, 3.0, 6.0]).unsqueeze(-1)
+    x[3, :100] = NEG_INF
+    params = [{"typical_p": m, "min_tokens_to_keep": min_keep} for m in (0.2, 1.0, 0.5, 0.9, 0.3, 1.0, 0.7, 0.95)]
+    step = TypicalP([TypicalP.Params(**p) for p in params])
+    ctx = StepContext(8, 5000)
+    keep = step.keep(x, ctx) | ~step.active.unsqueeze(-1)
+    want = x.masked_fill(~keep, NEG_INF)
+    assert torch.equal(step.apply(x.clone(), ctx), want)
+    out = torch.full_like(x, 7.0)
+    assert torch.equal(step.apply_into(x, out, ctx), want) and torch.equal(out, want)
+    assert torch.equal(want[1], x[1]) and torch.equal(want[5], x[5])
+    assert bool((torch.isfinite(want).sum(-1)[[0, 2, 4]] < 5000).all())

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from samplerkit.ops import histogram
+from samplerkit.ops.sync import sync_free
+from samplerkit.ops.truncation import top_k_mask
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats ``[B]`` of ``softmax(logits)``, in float64 (``0 log 0 = 0``).
@@ -32,22 +36,102 @@ def keep_top_count(logits: torch.Tensor, count: torch.Tensor, count_max: int) ->
     return logits >= kth
 
 
-def typical_mask(logits: torch.Tensor, mass: torch.Tensor, min_keep: torch.Tensor, min_keep_max: int) -> torch.Tensor:
+def typical_scores(logits: torch.Tensor, work: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, |-log p - H|)`` ``[B, V]`` float32: the probabilities and each token's typicality
+    score (the distance of its surprise from the row's entropy ``H``); ``-inf`` logits score
+    ``inf``. ``work``: reusable buffers (the same numbers as without)."""
+    score_buf = histogram.buffer(work, "typical_score", logits, torch.float32)
+    normalized = (torch.log_softmax(logits, dim=-1) if score_buf is None
+                  else torch.log_softmax(logits, dim=-1, out=score_buf))
+    p = torch.exp(normalized, out=histogram.buffer(work, "typical_p", logits, torch.float32))
+    product = torch.mul(normalized, p, out=histogram.buffer(work, "typical_product", logits, torch.float32))
+    ent = -product.nansum(-1, keepdim=True)
+    return p, normalized.neg_().sub_(ent).abs_()
+
+
+# Vocabularies up to this size take the sort (cheap there); larger ones the histogram.
+_TYPICAL_SORT_MAX = 1024
+
+
+def typical_cut(logits: torch.Tensor, mass: torch.Tensor, work: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """typical_p (without ``min_keep``) as a threshold on the score: ``(score [B, V], s [B, 1])``,
+    the kept tokens being ``score <= s``; ``None`` where the histogram does not apply (small
+    vocabularies, sync-free CUDA steps, rows with NaN, ``+inf`` or no finite logit, a boundary
+    among scores of 87 or more): use :func:`typical_mask` then.
+
+    No sort of the vocabulary: scores are binned (``min(score, 87) * 128``), a float64 histogram
+    of the probabilities finds the bin where the ranking's running mass reaches ``mass`` and only
+    that bin's tokens are sorted (:mod:`samplerkit.ops.histogram`), which keeps the same set as
+    :func:`typical_mask_reference`.
+    """
+    if (logits.shape[-1] <= _TYPICAL_SORT_MAX or sync_free(logits)
+            or not bool(torch.isfinite(logits.amax(dim=-1)).all())):
+        return None
+    score, threshold, overflow = _typical_threshold(logits, mass, work)
+    return None if bool(overflow.any()) else (score, threshold)
+
+
+def _typical_threshold(logits: torch.Tensor, mass: torch.Tensor, work: dict | None):
+    """``(score, s, overflow [B])`` on rows whose maximum is finite: see :func:`typical_cut`."""
+    p, score = typical_scores(logits, work)
+
+    def position_into(cols: slice, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(score[:, cols], histogram.SCALE, out=out).clamp_(max=histogram.BINS)
+
+    bins16, bin_mass = histogram.bin_masses(position_into, p, work)
+    target = mass.double().unsqueeze(-1)
+    boundary, before_bin = histogram.boundary_bin(bin_mass, target)
+    # The boundary bin's tokens, in id order, ranked as the reference does: a stable sort.
+    members = histogram.bin_members(bins16, boundary, work)
+    bin_scores, order = members.padded(score, float("inf")).sort(dim=-1, stable=True)
+    cumulative = members.padded(p, 0.0, torch.float64).gather(-1, order).cumsum(-1).add_(before_bin)
+    last = torch.minimum((cumulative < target).sum(-1, keepdim=True), (members.counts.unsqueeze(-1) - 1).clamp(min=0))
+    return score, bin_scores.gather(-1, last), (boundary == histogram.BINS).squeeze(-1)
+
+
+def typical_mask(logits: torch.Tensor, mass: torch.Tensor, min_keep: torch.Tensor, min_keep_max: int,
+                 work: dict | None = None) -> torch.Tensor:
     """Locally typical sampling (transformers ``TypicalLogitsWarper``).
 
     Tokens are ranked by ``|-log p_i - H|`` (distance of their surprise from the entropy),
     ascending; the smallest prefix whose probability reaches ``mass`` is kept, with every token
     whose distance ties the last kept one, and at least the first ``min_keep`` of the ranking
-    (ties in the ranking: the lower token id first).
+    (ties in the ranking: the lower token id first). The running mass is a float64 sum of the
+    float32 probabilities (as the nucleus). Computed without a sort (:func:`typical_cut`) except
+    on the rows that needs; equal to :func:`typical_mask_reference`.
 
     >>> x = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
     >>> typical_mask(x, torch.tensor([0.45]), torch.tensor([1]), 1)
     tensor([[False,  True,  True, False]])
     """
-    normalized = torch.log_softmax(logits, dim=-1)
-    p = normalized.exp()
-    ent = -(normalized * p).nansum(-1, keepdim=True)
-    shifted = ((-normalized) - ent).abs()
+    rows, vocab = logits.shape
+    if vocab <= _TYPICAL_SORT_MAX or sync_free(logits):     # sync-free (CUDA): the sort is fixed-shape work
+        return typical_mask_reference(logits, mass, min_keep, min_keep_max)
+    regular = torch.isfinite(logits.amax(dim=-1))
+    if not bool(regular.all()):
+        keep = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+        for rows_of, mask_of in ((regular, typical_mask), (~regular, typical_mask_reference)):
+            if bool(rows_of.any()):
+                idx = rows_of.nonzero().squeeze(-1)
+                keep[idx] = mask_of(logits.index_select(0, idx), mass.index_select(0, idx),
+                                    min_keep.index_select(0, idx), min_keep_max)
+        return keep
+    score, threshold, overflow = _typical_threshold(logits, mass, work)
+    keep = score <= threshold
+    if min_keep_max > 1:
+        keep |= top_k_mask(-score, min_keep, min_keep_max)      # the first min_keep of the ranking
+    if bool(overflow.any()):
+        rows_o = overflow.nonzero().squeeze(-1)
+        keep[rows_o] = typical_mask_reference(logits.index_select(0, rows_o), mass.index_select(0, rows_o),
+                                              min_keep.index_select(0, rows_o), min_keep_max)
+    return keep
+
+
+def typical_mask_reference(logits: torch.Tensor, mass: torch.Tensor, min_keep: torch.Tensor,
+                           min_keep_max: int) -> torch.Tensor:
+    """:func:`typical_mask` by a full stable sort of the scores (the definition it must match)."""
+    p, shifted = typical_scores(logits)
     sorted_scores, order = shifted.sort(dim=-1, stable=True)
     # float64 running mass (as the nucleus): a float32 cumsum drifts over large vocabularies.
     cumulative = p.gather(-1, order).double().cumsum(-1)
@@ -176,4 +260,5 @@ def xtc_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["dynamic_temperature", "entropy", "epsilon_mask", "eta_threshold", "keep_top_count", "quadratic_smoothing",
-           "tail_free_mask", "top_a_mask", "top_n_sigma_mask", "typical_mask", "xtc_mask"]
+           "tail_free_mask", "top_a_mask", "top_n_sigma_mask", "typical_cut", "typical_mask",
+           "typical_mask_reference", "typical_scores", "xtc_mask"]

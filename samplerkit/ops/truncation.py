@@ -266,6 +266,23 @@ def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor |
     return torch.clamp(logits, max=bound, out=out)
 
 
+def remove_unkept(x: torch.Tensor, keep: torch.Tensor, work: dict | None = None) -> torch.Tensor:
+    """``x`` with every token not in ``keep`` (a bool mask) set to ``-inf``, in place: exactly
+    ``x.masked_fill_(~keep, -inf)``.
+
+    On CPU ``masked_fill_`` branches on each element, and a truncation's mask is random in token
+    order: about 17 ms for ``[64, 128256]`` on this machine, against about 5 ms for the
+    branch-free ``min(x, copysign(inf, keep - 1/2))`` (the mask's bytes read as 0/1, no bool
+    kernel). A NaN would survive ``min`` where ``masked_fill_`` removes it, so a tensor whose
+    sum is NaN (it holds a NaN, or both infinities) takes ``masked_fill_``. ``work``: reusable buffers.
+    """
+    if x.device.type != "cpu" or keep.shape != x.shape or bool(x.sum().isnan()):
+        return x.masked_fill_(~keep, NEG_INF)
+    bound = histogram.scratch(work, "bound", x, x.dtype).copy_(keep.view(torch.uint8)).sub_(0.5)
+    torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
+    return torch.clamp(x, max=bound, out=x)
+
+
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Keep tokens whose probability is at least ``min_p`` times the top probability.
 

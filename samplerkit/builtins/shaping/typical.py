@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from samplerkit.builtins.shaping._base import MaskProcessor
-from samplerkit.ops.shaping import typical_mask
+from samplerkit.context import StepContext
+from samplerkit.ops.shaping import typical_cut, typical_mask
 from samplerkit.params import StepParams
 
 
@@ -38,6 +40,25 @@ class TypicalP(MaskProcessor):
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
         self._min_keep_max = max(row.min_tokens_to_keep for row in self.rows)
+        # Neutral rows (typical_p = 1) are searched at a reachable mass, then keep everything.
+        self._mass = torch.where(self.active, self.p.typical_p, 0.5)
 
     def keep(self, logits, ctx):
-        return typical_mask(logits, self.p.typical_p, self.p.min_tokens_to_keep, self._min_keep_max)
+        return typical_mask(logits, self.p.typical_p, self.p.min_tokens_to_keep, self._min_keep_max, self._work)
+
+    def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self.apply_into(logits, logits, ctx)
+
+    def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        cut = typical_cut(logits, self._mass, self._work) if self._min_keep_max == 1 else None
+        if cut is None:
+            keep = self.keep(logits, ctx)
+            return self._remove(out if out is logits else out.copy_(logits), keep)
+        score, threshold = cut
+        if not self.all_active:
+            threshold = threshold.masked_fill(~self.active.unsqueeze(-1), float("inf"))
+        # Keep score <= threshold as min(x, copysign(inf, threshold - score)): the difference has
+        # the comparison's sign exactly (+0 when equal), and no bool mask is written (slow on CPU).
+        bound = torch.sub(threshold, score, out=score)
+        torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
+        return torch.clamp(logits, max=bound, out=out)
