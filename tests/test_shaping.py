@@ -372,3 +372,35 @@ def test_typical_p_processor_threshold_path_equals_its_mask(min_keep):
     assert torch.equal(step.apply_into(x, out, ctx), want) and torch.equal(out, want)
     assert torch.equal(want[1], x[1]) and torch.equal(want[5], x[5])
     assert bool((torch.isfinite(want).sum(-1)[[0, 2, 4]] < 5000).all())
+
+
+def test_top_n_sigma_float32_threshold_is_the_float64_comparison():
+    """The processor cuts at a float32 threshold; keeping x >= it is exactly keeping
+    x >= max - n std in float64 (the definition, computed here the direct way), on rows with and
+    without -inf, with +inf and NaN, constant rows and huge magnitudes."""
+    from samplerkit.ops.shaping import float32_at_least, top_n_sigma_mask
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 3000, generator=g) * torch.tensor([1.0, 3.0, 1e-3, 1e30, 0.5, 2.0, 1.0, 1.0, 1.0, 1.0]).unsqueeze(-1)
+    x[4, ::2] = NEG_INF
+    x[5] = 2.5
+    x[6, 9] = float("inf")
+    x[7, 1] = float("nan")
+    x[8] = NEG_INF
+    x[9] = x[9].round()                                   # many exact ties at the cut
+    for n in (0.5, 1.0, 2.3):
+        finite = torch.isfinite(x)
+        x64 = torch.where(finite, x.double(), 0.0)
+        count = finite.sum(-1, keepdim=True).clamp(min=1).double()
+        mean = x64.sum(-1, keepdim=True) / count
+        var = (torch.where(finite, x64 - mean, 0.0) ** 2).sum(-1, keepdim=True) / count
+        want = x.double() >= x.amax(-1, keepdim=True).double() - n * var.sqrt()
+        assert torch.equal(top_n_sigma_mask(x, torch.full((10,), n)), want)
+        out = run(TopNSigma, {"top_n_sigma": n}, x)
+        rows = [r for r in range(10) if r not in (6, 7)]   # +inf and NaN rows: invalid either way
+        assert torch.equal(out[rows], x.masked_fill(~want, NEG_INF)[rows])
+    t = torch.tensor([1.0, 1.0 + 1e-12, -1e-300, 3.5e38, -3.5e38, float("nan")], dtype=torch.float64)
+    t32 = float32_at_least(t)
+    assert bool((t32[:5].double() >= t[:5]).all()) and t32[5].isnan()
+    below = torch.nextafter(t32[:5], torch.tensor(float("-inf")))
+    assert bool((below.double() < t[:5]).all())

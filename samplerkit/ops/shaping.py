@@ -202,13 +202,32 @@ def top_n_sigma_mask(logits: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     >>> top_n_sigma_mask(torch.tensor([[4.0, 3.0, 1.0, 0.0]]), torch.tensor([1.0]))
     tensor([[ True,  True, False, False]])
     """
-    finite = torch.isfinite(logits)
-    x = logits.double().masked_fill(~finite, 0.0)
-    count = finite.sum(-1, keepdim=True).clamp(min=1).double()
-    mean = x.sum(-1, keepdim=True) / count
-    var = ((x - mean).masked_fill(~finite, 0.0) ** 2).sum(-1, keepdim=True) / count
+    return logits >= top_n_sigma_threshold(logits, n)
+
+
+def top_n_sigma_threshold(logits: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The float32 threshold ``[B, 1]`` of :func:`top_n_sigma_mask`: the smallest float32 ``t`` at
+    or above ``max(x) - n std(x)`` (float64), so that for float32 logits ``x >= t`` is exactly
+    the float64 comparison. Rows without a non-finite logit (the usual case) skip the masking."""
+    if sync_free(logits) or not bool(torch.isfinite(logits.sum(dim=-1)).all()):
+        finite = torch.isfinite(logits)
+        x = logits.double().masked_fill_(~finite, 0.0)
+        count = finite.sum(-1, keepdim=True).clamp(min=1).double()
+        mean = x.sum(-1, keepdim=True) / count
+        var = x.sub_(mean).masked_fill_(~finite, 0.0).square_().sum(-1, keepdim=True) / count
+    else:                                   # a finite row sum: every logit is finite
+        x = logits.double()
+        mean = x.sum(-1, keepdim=True) / logits.shape[-1]
+        var = x.sub_(mean).square_().sum(-1, keepdim=True) / logits.shape[-1]
     top = logits.amax(dim=-1, keepdim=True).double()
-    return logits.double() >= top - n.double().unsqueeze(-1) * var.sqrt()
+    return float32_at_least(top - n.double().unsqueeze(-1) * var.sqrt())
+
+
+def float32_at_least(t: torch.Tensor) -> torch.Tensor:
+    """The smallest float32 ``>= t`` (float64; NaN stays NaN): ``x >= result`` for float32 ``x``
+    is exactly ``x >= t`` in float64."""
+    t32 = t.float()
+    return torch.where(t32.double() < t, torch.nextafter(t32, t32.new_full((), float("inf"))), t32)
 
 
 def dynamic_temperature(logits: torch.Tensor, low: torch.Tensor, high: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -260,5 +279,5 @@ def xtc_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["dynamic_temperature", "entropy", "epsilon_mask", "eta_threshold", "keep_top_count", "quadratic_smoothing",
-           "tail_free_mask", "top_a_mask", "top_n_sigma_mask", "typical_cut", "typical_mask",
+           "tail_free_mask", "top_a_mask", "top_n_sigma_mask", "top_n_sigma_threshold", "typical_cut", "typical_mask",
            "typical_mask_reference", "typical_scores", "xtc_mask"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from samplerkit.builtins.shaping._base import MaskProcessor
-from samplerkit.ops.shaping import top_n_sigma_mask
+from samplerkit.ops.shaping import top_n_sigma_threshold
 from samplerkit.params import StepParams
+from samplerkit.steps import ThresholdProcessor
 
 
-class TopNSigma(MaskProcessor):
+class TopNSigma(ThresholdProcessor):
     """Keep logits within ``n`` standard deviations of the top: ``x_i >= max(x) - n * std(x)``.
 
     llama.cpp's ``top_n_sigma`` (Tang et al. 2024): mean and population standard deviation over
@@ -28,5 +28,5 @@ class TopNSigma(MaskProcessor):
     class Params(StepParams):
         top_n_sigma: float = Field(0.0, ge=0.0, description="standard deviations below the top logit kept; 0 disables")
 
-    def keep(self, logits, ctx):
-        return top_n_sigma_mask(logits, self.p.top_n_sigma)
+    def threshold(self, logits):
+        return top_n_sigma_threshold(logits, self.p.top_n_sigma)
