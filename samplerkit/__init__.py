@@ -33,7 +33,7 @@ from samplerkit.hookspecs import hookimpl
 from samplerkit.params import StepParams
 from samplerkit.pipeline import BoundPipeline, Pipeline
 from samplerkit.registry import Registry, default_registry
-from samplerkit.steps import MaskProcessor, Processor, Sampler
+from samplerkit.steps import MaskProcessor, Processor, Sampler, ThresholdProcessor
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ def load_pipeline(source: str | Path | Mapping[str, Any] | RunConfig, *, registr
 __all__ = [
     "Backend", "BoundPipeline", "Completion", "ConfigError", "Delta", "GenerationError", "Generator", "InvalidLogitsError", "MaskProcessor",
     "ModelNotFoundError", "Pipeline", "PluginError", "PrefillOutput", "Processor", "Registry", "RunConfig",
-    "Sampler", "SamplerkitError", "StepContext", "StepParams", "StepSpec", "TokenLogprob", "UnknownNameError",
+    "Sampler", "SamplerkitError", "StepContext", "StepParams", "StepSpec", "ThresholdProcessor", "TokenLogprob",
+    "UnknownNameError",
     "default_registry", "generate", "hookimpl", "load_pipeline",
 ]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import Field
 
-from samplerkit import Processor, Sampler, StepParams
+from samplerkit import Processor, Sampler, StepContext, StepParams, ThresholdProcessor
 from samplerkit.builtins.penalties import BUILTIN_PENALTIES
 from samplerkit.builtins.processors import BUILTIN_PROCESSORS
 from samplerkit.builtins.samplers import BUILTIN_SAMPLERS
@@ -124,6 +124,29 @@ def test_contract_rejects_broken_processors(cls, needle):
 
 def test_contract_accepts_a_correct_processor():
     check_processor(Fine, [{"scale": 2.0}, {"scale": 0.5}])
+
+
+class _Within(StepParams):
+    within: float = Field(0.0, ge=0.0, description="nats below the top logit kept; 0 disables")
+
+    def is_neutral(self) -> bool:
+        return self.within == 0.0
+
+
+class WithinOfTop(ThresholdProcessor):
+    """A third-party threshold truncation: keep logits within ``within`` of the row's top."""
+    name = "within_of_top"
+    Params = _Within
+
+    def threshold(self, logits):
+        return logits.amax(dim=-1, keepdim=True) - self.p.within.unsqueeze(-1)
+
+
+def test_contract_accepts_a_threshold_processor_from_the_public_base_class():
+    check_processor(WithinOfTop, [{"within": 1.0}, {"within": 0.0}])
+    x = torch.tensor([[3.0, 2.5, 1.0, 2.0]])
+    assert WithinOfTop([_Within(within=1.0)]).apply(x.clone(), StepContext(1, 4)).tolist() == [
+        [3.0, 2.5, float("-inf"), 2.0]]
 
 
 def test_contract_rejects_bad_example_params():
