@@ -60,6 +60,19 @@ def chi2_sf(stat: float, df: int) -> float:
     return float(chi2.sf(stat, df))
 
 
+def assert_frequencies_match(ids: torch.Tensor, expected: torch.Tensor, label: str) -> None:
+    """``N`` draws ``ids`` never land outside ``expected``'s support and pass the chi-square test
+    against it (every expected count above 5, as the test needs)."""
+    kept = expected > 0
+    counts = torch.bincount(ids, minlength=expected.numel()).to(torch.float64)
+    assert counts[~kept].sum() == 0
+    exp_counts = expected[kept] * N
+    assert float(exp_counts.min()) > 5
+    stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
+    p_value = chi2_sf(stat, int(kept.sum()) - 1)
+    assert p_value > ALPHA, f"{label}: chi2={stat:.1f} p={p_value:.2e}"
+
+
 def test_chi2_sf_fallback_is_right():
     # Known quantiles: P(chi2_1 > 3.841) = 0.05, P(chi2_10 > 23.209) = 0.01.
     assert chi2_sf(3.8415, 1) == pytest.approx(0.05, abs=1e-4)
@@ -239,20 +252,11 @@ def test_categorical_frequencies_through_a_lazy_threshold_on_many_blocks(steps, 
     """A truncation last hands its threshold to the sampler; over 20 blocks of the two-stage
     race the lazy block stage runs (top_p on flat rows: nearly every row decided; min_p: many
     rows left to the full pass). The frequencies match the truncated distribution."""
-    vocab = 5000
-    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * scale
+    row = torch.randn(5000, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * scale
     key, value = next(iter(steps[0].items()))
     expected = softmax(top_p(row.clone(), value) if key == "top_p" else min_p(row.clone(), value))
-    kept = expected > 0
     pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
-    ids = draw(pipe, row, seed0=11)
-    counts = torch.bincount(ids, minlength=vocab).to(torch.float64)
-    assert counts[~kept].sum() == 0
-    exp_counts = expected[kept] * N
-    assert float(exp_counts.min()) > 5
-    stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
-    p_value = chi2_sf(stat, int(kept.sum()) - 1)
-    assert p_value > ALPHA, f"{steps}: chi2={stat:.1f} p={p_value:.2e}"
+    assert_frequencies_match(draw(pipe, row, seed0=11), expected, str(steps))
 
 
 @pytest.mark.parametrize("steps", [[{"min_p": 0.05}], [{"temperature": 0.7}, {"top_p": 0.9}], [{"top_p": 0.6}]])
@@ -296,13 +300,5 @@ def test_categorical_frequencies_on_a_large_vocabulary(case):
                   # within the 256 top_p candidates: the candidate list (K > 64) reaches the sampler
                   "top_p_0.15": ([{"top_p": 0.15}], lambda x: top_p(x, 0.15))}[case]
     expected = softmax(ref(BIG_LOGITS.clone()))
-    kept = expected > 0
     pipe = load_pipeline({"pipeline": steps, "sampler": "categorical"})
-    ids = draw(pipe, BIG_LOGITS, seed0=7)
-    counts = torch.bincount(ids, minlength=BIG_V).to(torch.float64)
-    assert counts[~kept].sum() == 0
-    exp_counts = expected[kept] * N
-    assert float(exp_counts.min()) > 5
-    stat = float(((counts[kept] - exp_counts) ** 2 / exp_counts).sum())
-    p_value = chi2_sf(stat, int(kept.sum()) - 1)
-    assert p_value > ALPHA, f"{case}: chi2={stat:.1f} p={p_value:.2e}"
+    assert_frequencies_match(draw(pipe, BIG_LOGITS, seed0=7), expected, case)
