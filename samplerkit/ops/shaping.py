@@ -44,7 +44,8 @@ def typical_scores(logits: torch.Tensor, work: dict | None = None) -> tuple[torc
     normalized = (torch.log_softmax(logits, dim=-1) if score_buf is None
                   else torch.log_softmax(logits, dim=-1, out=score_buf))
     p = torch.exp(normalized, out=histogram.buffer(work, "typical_p", logits, torch.float32))
-    product = torch.mul(normalized, p, out=histogram.buffer(work, "typical_product", logits, torch.float32))
+    # "bound": the float32 scratch buffer that remove_unkept also uses, later in the step.
+    product = torch.mul(normalized, p, out=histogram.buffer(work, "bound", logits, torch.float32))
     ent = -product.nansum(-1, keepdim=True)
     return p, normalized.neg_().sub_(ent).abs_()
 
