@@ -421,3 +421,26 @@ def test_remove_unkept_equals_masked_fill():
         y[1, 0] = INF
         assert torch.equal(remove_unkept(y.clone(), keep).isnan(), y.masked_fill(~keep, -INF).isnan())
         assert torch.equal(remove_unkept(y.clone(), keep).nan_to_num(), y.masked_fill(~keep, -INF).nan_to_num())
+
+
+def test_top_p_ties_past_the_candidate_list_are_kept():
+    """A nucleus that ends inside the 256 candidates at a value tied with tokens outside them
+    keeps those tokens too (ties with a kept token are kept): the candidate path must not
+    decide such rows. Dense process() and the sampling path both match the reference."""
+    import samplerkit
+
+    x = torch.zeros(3, 1000)
+    x[1, :300] = 1.0                                    # 300 tied tokens at the top
+    x[2, 500:] = 2.0
+    x[2, 17] = 3.0
+    p = torch.full((3,), 0.1)
+    want = top_p_mask_reference(x, p)
+    assert want.sum(-1).tolist() == [1000, 300, 501]
+    assert torch.equal(top_p_mask(x, p), want)
+    pipe = samplerkit.load_pipeline({"pipeline": [{"top_p": 0.1}], "sampler": "categorical"})
+    assert torch.equal(torch.isfinite(pipe.bind(3).process(x)), want)
+    for seed in range(20):
+        ids = pipe.sample(x, seeds=[seed, seed + 100, seed + 200])
+        assert bool(want.gather(1, ids.unsqueeze(1)).all())
+    drawn = torch.stack([pipe.sample(x, seeds=[s, s, s]) for s in range(200)])
+    assert int((drawn[:, 1] >= 256).sum()) > 0           # tokens past the first 256 ties are drawn

@@ -223,10 +223,12 @@ def nucleus_threshold(sorted_values: torch.Tensor, top: torch.Tensor, total: tor
     keep = nucleus_keep_sorted(sorted_values, top, total, p)
     n_keep = keep.sum(-1, keepdim=True)
     threshold = sorted_values.gather(-1, n_keep - 1)
-    # Decided when a candidate is dropped (the prefix ended inside the candidates) or the
-    # candidates are the whole vocabulary.
-    covered = n_keep.squeeze(-1) < sorted_values.shape[-1]
-    return threshold, covered
+    # Decided when the prefix ended inside the candidates and the threshold is above the last
+    # candidate: a token outside the list (at most that value) could otherwise tie with the
+    # threshold, and ties with a kept token are kept. (The whole vocabulary as candidates is
+    # decided whatever this says.)
+    covered = (n_keep < sorted_values.shape[-1]) & (threshold > sorted_values[:, -1:])
+    return threshold, covered.squeeze(-1)
 
 
 def nucleus_keep_sorted(sorted_values: torch.Tensor, top: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
