@@ -444,3 +444,25 @@ def test_top_p_ties_past_the_candidate_list_are_kept():
         assert bool(want.gather(1, ids.unsqueeze(1)).all())
     drawn = torch.stack([pipe.sample(x, seeds=[s, s, s]) for s in range(200)])
     assert int((drawn[:, 1] >= 256).sum()) > 0           # tokens past the first 256 ties are drawn
+
+
+@pytest.mark.parametrize("vocab, k", [(128 * 32, 32), (256 * 32 + 7, 51), (40_000, 256), (1000, 256)])
+def test_largest_equals_topk_values(vocab, k):
+    """The group-maxima preselection returns topk's values exactly, with ids that hold them
+    (distinct ids), on random rows, rows of many exact ties, -inf rows, rows with NaN, and a
+    short last group."""
+    from samplerkit.ops.truncation import largest
+
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(8, vocab, generator=g)
+    x[1] = torch.randint(0, 5, (vocab,), generator=g).float()            # ties everywhere
+    x[2] = -INF
+    x[3, ::3] = -INF
+    x[4, 5] = float("nan")
+    x[5, -3:] = 10.0                                                      # the top in the last group
+    x[6] = 1.0
+    values, ids = largest(x, k)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(values.nan_to_num(), want.nan_to_num()) and torch.equal(values.isnan(), want.isnan())
+    assert torch.equal(x.gather(-1, ids).nan_to_num(), values.nan_to_num())
+    assert all(len(set(row.tolist())) == k for row in ids)

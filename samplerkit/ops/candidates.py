@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from samplerkit.ops import _triton
-from samplerkit.ops.truncation import NEG_INF, exp_weights, nucleus_threshold, safe_top
+from samplerkit.ops.truncation import NEG_INF, exp_weights, largest, nucleus_threshold, safe_top
 
 
 def densify(values: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def top_k_candidates(logits: torch.Tensor, k: torch.Tensor, k_max: int, transfor
     """
     vocab = logits.shape[-1]
     width = min(k_max + 1, vocab)
-    values, ids = logits.topk(width, dim=-1)
+    values, ids = largest(logits, width)
     if transform is not None:
         values = transform(values, ids)
     k_eff = k.clamp(min=1, max=width)

@@ -13,7 +13,7 @@ import torch
 
 from samplerkit.ops import histogram
 from samplerkit.ops.sync import sync_free
-from samplerkit.ops.truncation import top_k_mask
+from samplerkit.ops.truncation import largest, top_k_mask
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def keep_top_count(logits: torch.Tensor, count: torch.Tensor, count_max: int) ->
     """Tokens at or above the ``count[b]``-th highest logit of row ``b`` (transformers'
     ``min_tokens_to_keep`` rule: ``scores >= topk(scores, k)[-1]``, ties included)."""
     k = min(max(count_max, 1), logits.shape[-1])
-    kth = logits.topk(k, dim=-1).values.gather(-1, (count.clamp(min=1, max=k) - 1).unsqueeze(-1))
+    kth = largest(logits, k)[0].gather(-1, (count.clamp(min=1, max=k) - 1).unsqueeze(-1))
     return logits >= kth
 
 

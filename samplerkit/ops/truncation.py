@@ -38,7 +38,7 @@ def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tenso
     """
     vocab = logits.shape[-1]
     k_sel = min(max(k_max, 1), vocab)
-    kth = logits.topk(k_sel, dim=-1).values
+    kth = largest(logits, k_sel)[0]
     k_eff = k.clamp(min=1, max=k_sel)
     threshold = kth.gather(-1, (k_eff - 1).unsqueeze(-1))                   # [B, 1]
     above = logits > threshold
@@ -50,6 +50,36 @@ def top_k_mask(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tenso
         rank_among_ties = at.to(torch.int32).cumsum(-1)
         at = at & (rank_among_ties <= slots)
     return above | at
+
+
+# Groups of consecutive logits whose maxima preselect the candidates of :func:`largest` on CPU.
+_GROUP = 32
+
+
+def largest(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest logits of each row, sorted descending, and their ids: the values of
+    ``logits.topk(k)`` exactly (among tied values any of the tied ids, as ``topk``'s own order
+    is unspecified there).
+
+    On CPU, when the row has at least ``4 k`` groups of 32 logits, the candidates come from the
+    ``k`` groups with the largest maxima: with ``v`` the ``k``-th largest value, every logit above
+    ``v`` lies in a group whose maximum is above ``v`` (fewer than ``k`` such groups, all ranked
+    first), and each further chosen group has maximum ``v`` and holds one. So the ``k`` largest
+    of those ``32 k`` logits (plus the short last group) are the row's. Two to three times
+    faster than one ``topk`` over the vocabulary here.
+    """
+    rows, vocab = logits.shape
+    n_groups = vocab // _GROUP
+    if logits.device.type != "cpu" or n_groups < 4 * k:
+        return logits.topk(k, dim=-1)
+    full = n_groups * _GROUP
+    maxima = logits[:, :full].unflatten(-1, (n_groups, _GROUP)).amax(-1)
+    groups = maxima.topk(k, dim=-1, sorted=False).indices
+    ids = (groups.unsqueeze(-1) * _GROUP + torch.arange(_GROUP, device=logits.device)).flatten(1)
+    if full < vocab:
+        ids = torch.cat([ids, torch.arange(full, vocab, device=logits.device).expand(rows, -1)], dim=-1)
+    values, position = logits.gather(-1, ids).topk(k, dim=-1)
+    return values, ids.gather(-1, position)
 
 
 def top_p_mask(logits: torch.Tensor, p: torch.Tensor, work: dict | None = None) -> torch.Tensor:
@@ -154,7 +184,7 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
         return stats.row_max.clone().index_copy_(0, good, nucleus_threshold_histogram(
             logits.index_select(0, good), top.index_select(0, good), weights.index_select(0, good),
             total.index_select(0, good), p.index_select(0, good)))
-    values = candidates if candidates is not None else logits.topk(n_cand, dim=-1).values   # descending
+    values = candidates if candidates is not None else largest(logits, n_cand)[0]   # descending
     threshold, covered = nucleus_threshold(values, top, total, p)
     wide = wide | ~covered
     if bool(wide.all()):

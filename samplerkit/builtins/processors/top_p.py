@@ -13,6 +13,7 @@ from samplerkit.ops.truncation import (
     TOP_P_CANDIDATES,
     Cut,
     Stats,
+    largest,
     nucleus_stats,
     nucleus_threshold,
     top_p_threshold,
@@ -81,7 +82,7 @@ class TopP(ThresholdProcessor):
         if bool((p.double().unsqueeze(-1) * total.double() > TOP_P_CANDIDATES).any()):
             self._remember(logits, stats)
             return None
-        values, ids = logits.topk(TOP_P_CANDIDATES, dim=-1)
+        values, ids = largest(logits, TOP_P_CANDIDATES)
         threshold, covered = nucleus_threshold(values, top, total, p)
         if not bool(covered.all()):        # the nucleus extends past the candidates
             self._remember(logits, stats, values)
