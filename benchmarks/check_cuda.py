@@ -43,6 +43,7 @@ def main() -> int:
                 pp = torch.full((x.shape[0],), p, device=DEVICE)
                 mismatches += int((top_p_mask(x, pp) != top_p_mask_reference(x, pp)).sum())
         check(f"top_p fast == reference, V={vocab}", mismatches == 0, f"({mismatches} differing entries)")
+    check_checked_paths_on_cuda(g)
 
     configs = [
         [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
@@ -156,12 +157,47 @@ def check_triton_matches_torch() -> None:
     check("sync-free top-k: float32 topk + tie repair == int64 keys", bool(torch.equal(*sets)))
 
 
+def check_checked_paths_on_cuda(g: torch.Generator) -> None:
+    """The paths eager CUDA steps take with ``SAMPLERKIT_SYNC_FREE=0`` (host checks allowed):
+    top_p's histogram and candidates, typical_p's histogram, top_n_sigma's float32 threshold,
+    each against its reference on the GPU."""
+    from samplerkit.ops import sync
+    from samplerkit.ops.shaping import top_n_sigma_mask, typical_mask, typical_mask_reference
+
+    saved, sync.EAGER_CUDA = sync.EAGER_CUDA, False
+    try:
+        for vocab in (5000, 128256):
+            top_p_bad = typical_bad = sigma_bad = 0
+            for x in adversarial(16, vocab, g):
+                x = x.to(DEVICE)
+                ones = torch.ones(x.shape[0], dtype=torch.int64, device=DEVICE)
+                for p in (0.1, 0.5, 0.9, 0.99):
+                    pp = torch.full((x.shape[0],), p, device=DEVICE)
+                    top_p_bad += int((top_p_mask(x, pp) != top_p_mask_reference(x, pp)).sum())
+                    typical_bad += int((typical_mask(x, pp, ones, 1) != typical_mask_reference(x, pp, ones, 1)).sum())
+                for n in (0.5, 2.0):
+                    nn = torch.full((x.shape[0],), n, device=DEVICE)
+                    finite = torch.isfinite(x)
+                    x64 = torch.where(finite, x.double(), 0.0)
+                    count = finite.sum(-1, keepdim=True).clamp(min=1).double()
+                    mean = x64.sum(-1, keepdim=True) / count
+                    std = ((torch.where(finite, x64 - mean, 0.0) ** 2).sum(-1, keepdim=True) / count).sqrt()
+                    want = x.double() >= x.amax(-1, keepdim=True).double() - n * std
+                    sigma_bad += int((top_n_sigma_mask(x, nn) != want).sum())
+            for name, bad in (("top_p", top_p_bad), ("typical_p", typical_bad), ("top_n_sigma", sigma_bad)):
+                check(f"checked CUDA path: {name} == reference, V={vocab}", bad == 0, f"({bad} differing entries)")
+    finally:
+        sync.EAGER_CUDA = saved
+
+
 CHAINS = [
     [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
     [{"temperature": 0.7}, {"top_p": 0.9}],
     [{"min_p": 0.05}],
     [{"top_k": 40}, {"temperature": 0.0}],
     [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
+    [{"temperature": 0.7}, {"typical_p": 0.9}],
+    [{"top_n_sigma": 1.5}, {"temperature": 0.8}],
 ]
 
 

@@ -20,6 +20,8 @@ CHAINS = [
     [{"top_k": 40}, {"temperature": 0.0}],
     [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
     [{"temperature": 1.5}, {"top_k": 1}],
+    [{"temperature": 0.7}, {"typical_p": 0.9}],
+    [{"top_n_sigma": 1.5}, {"temperature": 0.8}],
 ]
 
 
