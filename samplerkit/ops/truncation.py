@@ -62,11 +62,13 @@ def largest(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     is unspecified there).
 
     On CPU, when the row has at least ``4 k`` groups of 32 logits, the candidates come from the
-    ``k`` groups with the largest maxima: with ``v`` the ``k``-th largest value, every logit above
-    ``v`` lies in a group whose maximum is above ``v`` (fewer than ``k`` such groups, all ranked
-    first), and each further chosen group has maximum ``v`` and holds one. So the ``k`` largest
-    of those ``32 k`` logits (plus the short last group) are the row's. Two to three times
-    faster than one ``topk`` over the vocabulary here.
+    ``k`` groups with the largest maxima. Why that is exact, with ``v`` the ``k``-th largest value
+    and ``c < k`` logits above it: those ``c`` lie in the at most ``c`` groups whose maximum is
+    above ``v``, which rank first; the groups ranked next have maximum ``v`` and hold at least one
+    logit equal to ``v`` each, so the chosen groups hold either all of those groups or ``k - c``
+    or more logits equal to ``v``. Either way the ``k`` largest of the ``32 k`` candidates (plus
+    the short last group) are the row's. Two to three times faster than one ``topk`` over the
+    vocabulary here.
     """
     rows, vocab = logits.shape
     n_groups = vocab // _GROUP
