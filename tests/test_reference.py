@@ -449,8 +449,8 @@ def test_top_p_ties_past_the_candidate_list_are_kept():
 @pytest.mark.parametrize("vocab, k", [(128 * 32, 32), (256 * 32 + 7, 51), (40_000, 256), (1000, 256)])
 def test_largest_equals_topk_values(vocab, k):
     """The group-maxima preselection returns topk's values exactly, with ids that hold them
-    (distinct ids), on random rows, rows of many exact ties, -inf rows, rows with NaN, and a
-    short last group."""
+    (distinct ids), on random rows, rows of many exact ties, -inf rows, rows with NaN, a short
+    last group, and the top values packed into a few groups."""
     from samplerkit.ops.truncation import largest
 
     g = torch.Generator().manual_seed(vocab + k)
@@ -461,6 +461,7 @@ def test_largest_equals_topk_values(vocab, k):
     x[4, 5] = float("nan")
     x[5, -3:] = 10.0                                                      # the top in the last group
     x[6] = 1.0
+    x[7, :k] = 50.0 + torch.arange(k)                                     # the top packed into few groups
     values, ids = largest(x, k)
     want = x.topk(k, dim=-1).values
     assert torch.equal(values.nan_to_num(), want.nan_to_num()) and torch.equal(values.isnan(), want.isnan())
