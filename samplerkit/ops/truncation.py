@@ -296,8 +296,16 @@ def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor |
     threshold = torch.where(threshold == 0, threshold.new_full((), -0.0), threshold)
     bound = out if out is not logits else histogram.buffer(work, "bound", logits, logits.dtype)
     bound = torch.sub(logits, threshold, out=bound) if bound is not None else logits - threshold
-    torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
-    return torch.clamp(logits, max=bound, out=out)
+    return keep_where_nonnegative(logits, bound, out)
+
+
+def keep_where_nonnegative(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``sign`` is ``+0`` or positive, else ``-inf``, into ``out`` (may be ``x``);
+    ``sign`` (same shape, float) is overwritten. ``min(x, copysign(inf, sign))``: arithmetic, no
+    bool kernel (not vectorised on CPU); a NaN in ``x`` stays NaN. The callers make ``sign`` a
+    difference whose sign is exactly the comparison they mean."""
+    torch.copysign(sign.new_full((), float("inf")), sign, out=sign)
+    return torch.clamp(x, max=sign, out=out)
 
 
 def remove_unkept(x: torch.Tensor, keep: torch.Tensor, work: dict | None = None) -> torch.Tensor:
@@ -312,9 +320,8 @@ def remove_unkept(x: torch.Tensor, keep: torch.Tensor, work: dict | None = None)
     """
     if x.device.type != "cpu" or keep.shape != x.shape or bool(x.sum().isnan()):
         return x.masked_fill_(~keep, NEG_INF)
-    bound = histogram.scratch(work, "bound", x, x.dtype).copy_(keep.view(torch.uint8)).sub_(0.5)
-    torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
-    return torch.clamp(x, max=bound, out=x)
+    sign = histogram.scratch(work, "bound", x, x.dtype).copy_(keep.view(torch.uint8)).sub_(0.5)
+    return keep_where_nonnegative(x, sign, x)
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

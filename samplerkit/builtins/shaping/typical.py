@@ -8,6 +8,7 @@ from pydantic import Field
 from samplerkit.builtins.shaping._base import MaskProcessor
 from samplerkit.context import StepContext
 from samplerkit.ops.shaping import typical_cut, typical_mask
+from samplerkit.ops.truncation import keep_where_nonnegative
 from samplerkit.params import StepParams
 
 
@@ -57,8 +58,6 @@ class TypicalP(MaskProcessor):
         score, threshold = cut
         if not self.all_active:
             threshold = threshold.masked_fill(~self.active.unsqueeze(-1), float("inf"))
-        # Keep score <= threshold as min(x, copysign(inf, threshold - score)): the difference has
-        # the comparison's sign exactly (+0 when equal), and no bool mask is written (slow on CPU).
-        bound = torch.sub(threshold, score, out=score)
-        torch.copysign(bound.new_full((), float("inf")), bound, out=bound)
-        return torch.clamp(logits, max=bound, out=out)
+        # Keep score <= threshold: threshold - score has the comparison's sign exactly (+0 when
+        # equal), and no bool mask is written (slow on CPU).
+        return keep_where_nonnegative(logits, torch.sub(threshold, score, out=score), out)
