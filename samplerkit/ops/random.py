@@ -80,8 +80,7 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 def uniform(keys: torch.Tensor, stream: int) -> torch.Tensor:
     """One float64 uniform in ``[0, 1)`` per row key (53 bits), from an independent ``stream``."""
-    h = _mix(keys + _signed(stream * 0x632BE59BD9B4E019))
-    return _shift_right(h, 11).to(torch.float64) * (1.0 / (1 << 53))
+    return _shift_right(_stream_keys(keys, stream), 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
 def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -151,8 +150,7 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
         workspace = None
     block_keys = _stream_keys(keys, _BLOCK_STREAM)
     if threshold is None:
-        weights = exp_weights(logits, safe_top(logits), out=workspace)
-        block = race_candidates(_block_masses(weights).log(), _block_ids(weights), block_keys).unsqueeze(-1)
+        block = _race_blocks(exp_weights(logits, safe_top(logits), out=workspace), block_keys)
     else:
         if weights is None:
             weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
@@ -165,9 +163,7 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
             block = block.index_copy(0, rows, _race_kept_blocks(
                 logits.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
                 block_keys.index_select(0, rows)))
-    ids = block * RACE_BLOCK + torch.arange(RACE_BLOCK, device=logits.device)
-    inside = ids < vocab                              # the last block may be short
-    ids = torch.where(inside, ids, vocab - 1)
+    ids, inside = _block_tokens(block, vocab)
     values = logits.gather(-1, ids).masked_fill_(~inside, float("-inf"))
     if threshold is not None:
         values = values.masked_fill_(values < threshold, float("-inf"))
@@ -180,8 +176,20 @@ def _race_kept_blocks(logits: torch.Tensor, weights: torch.Tensor, threshold: to
     every block's kept mass (a masking pass and a blocked sum over ``[B, V]``)."""
     # A float comparison result: writing a bool mask is several times slower on CPU.
     kept = torch.ge(logits, threshold, out=workspace) if workspace is not None else (logits >= threshold).float()
-    kept = kept.mul_(weights)
-    return race_candidates(_block_masses(kept).log(), _block_ids(kept), block_keys).unsqueeze(-1)
+    return _race_blocks(kept.mul_(weights), block_keys)
+
+
+def _race_blocks(weights: torch.Tensor, block_keys: torch.Tensor) -> torch.Tensor:
+    """Stage 1: ``[B, 1]`` block ids, ``argmax_b (log S_b + G'_b)`` over every block of ``weights``."""
+    return race_candidates(_block_masses(weights).log(), _block_ids(weights), block_keys).unsqueeze(-1)
+
+
+def _block_tokens(blocks: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of ``blocks`` ``[B, n]``, ``[B, n * RACE_BLOCK]`` (a short last block's
+    missing ids clamped to ``vocab - 1``), and which of them are real tokens."""
+    ids = (blocks.unsqueeze(-1) * RACE_BLOCK + torch.arange(RACE_BLOCK, device=blocks.device)).flatten(1)
+    inside = ids < vocab
+    return ids.clamp_(max=vocab - 1), inside
 
 
 def _block_masses(weights: torch.Tensor) -> torch.Tensor:
@@ -233,9 +241,7 @@ def _race_kept_blocks_lazily(logits: torch.Tensor, weights: torch.Tensor, thresh
     upper = (_block_masses(weights) * _UPPER_SLACK).log_().add_(noise)
     bound, order = upper.topk(_LAZY_BLOCKS + 1, dim=-1)
     chosen = order[:, :_LAZY_BLOCKS]
-    ids = (chosen.unsqueeze(-1) * RACE_BLOCK + torch.arange(RACE_BLOCK, device=logits.device)).view(rows, -1)
-    inside = ids < vocab                              # the last block may be short
-    ids = ids.clamp_(max=vocab - 1)
+    ids, inside = _block_tokens(chosen, vocab)
     kept = (logits.gather(-1, ids) >= threshold) & inside
     mass = (weights.gather(-1, ids) * kept).view(rows, _LAZY_BLOCKS, RACE_BLOCK).sum(-1)
     score = mass.log_().add_(noise.gather(-1, chosen))
