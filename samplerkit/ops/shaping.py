@@ -109,23 +109,27 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor, min_keep: torch.Tenso
     rows, vocab = logits.shape
     if vocab <= _TYPICAL_SORT_MAX or sync_free(logits):     # sync-free (CUDA): the sort is fixed-shape work
         return typical_mask_reference(logits, mass, min_keep, min_keep_max)
+
+    def on_rows(mask_of, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rows.nonzero().squeeze(-1)
+        return idx, mask_of(logits.index_select(0, idx), mass.index_select(0, idx),
+                            min_keep.index_select(0, idx), min_keep_max)
+
     regular = torch.isfinite(logits.amax(dim=-1))
     if not bool(regular.all()):
         keep = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
         for rows_of, mask_of in ((regular, typical_mask), (~regular, typical_mask_reference)):
             if bool(rows_of.any()):
-                idx = rows_of.nonzero().squeeze(-1)
-                keep[idx] = mask_of(logits.index_select(0, idx), mass.index_select(0, idx),
-                                    min_keep.index_select(0, idx), min_keep_max)
+                idx, rows_keep = on_rows(mask_of, rows_of)
+                keep[idx] = rows_keep
         return keep
     score, threshold, overflow = _typical_threshold(logits, mass, work)
     keep = score <= threshold
     if min_keep_max > 1:
         keep |= top_k_mask(-score, min_keep, min_keep_max)      # the first min_keep of the ranking
     if bool(overflow.any()):
-        rows_o = overflow.nonzero().squeeze(-1)
-        keep[rows_o] = typical_mask_reference(logits.index_select(0, rows_o), mass.index_select(0, rows_o),
-                                              min_keep.index_select(0, rows_o), min_keep_max)
+        idx, rows_keep = on_rows(typical_mask_reference, overflow)
+        keep[idx] = rows_keep
     return keep
 
 
@@ -210,16 +214,20 @@ def top_n_sigma_threshold(logits: torch.Tensor, n: torch.Tensor) -> torch.Tensor
     """The float32 threshold ``[B, 1]`` of :func:`top_n_sigma_mask`: the smallest float32 ``t`` at
     or above ``max(x) - n std(x)`` (float64), so that for float32 logits ``x >= t`` is exactly
     the float64 comparison. Rows without a non-finite logit (the usual case) skip the masking."""
-    if sync_free(logits) or not bool(torch.isfinite(logits.sum(dim=-1)).all()):
+    # A finite row sum means every logit is finite: then the masking passes are skipped.
+    masked = sync_free(logits) or not bool(torch.isfinite(logits.sum(dim=-1)).all())
+    x = logits.double()
+    if masked:
         finite = torch.isfinite(logits)
-        x = logits.double().masked_fill_(~finite, 0.0)
+        x.masked_fill_(~finite, 0.0)
         count = finite.sum(-1, keepdim=True).clamp(min=1).double()
-        mean = x.sum(-1, keepdim=True) / count
-        var = x.sub_(mean).masked_fill_(~finite, 0.0).square_().sum(-1, keepdim=True) / count
-    else:                                   # a finite row sum: every logit is finite
-        x = logits.double()
-        mean = x.sum(-1, keepdim=True) / logits.shape[-1]
-        var = x.sub_(mean).square_().sum(-1, keepdim=True) / logits.shape[-1]
+    else:
+        count = logits.shape[-1]
+    mean = x.sum(-1, keepdim=True) / count
+    x.sub_(mean)
+    if masked:
+        x.masked_fill_(~finite, 0.0)
+    var = x.square_().sum(-1, keepdim=True) / count
     top = logits.amax(dim=-1, keepdim=True).double()
     return float32_at_least(top - n.double().unsqueeze(-1) * var.sqrt())
 
