@@ -15,6 +15,7 @@ import torch
 import samplerkit
 from samplerkit.context import StepContext
 from samplerkit.ops.truncation import top_p_mask, top_p_mask_reference
+from samplerkit.testing import FAST_PATH_CHAINS
 
 DEVICE = "cuda"
 failures = 0
@@ -190,17 +191,6 @@ def check_checked_paths_on_cuda(g: torch.Generator) -> None:
         sync.EAGER_CUDA = saved
 
 
-CHAINS = [
-    [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
-    [{"temperature": 0.7}, {"top_p": 0.9}],
-    [{"min_p": 0.05}],
-    [{"top_k": 40}, {"temperature": 0.0}],
-    [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
-    [{"temperature": 0.7}, {"typical_p": 0.9}],
-    [{"top_n_sigma": 1.5}, {"temperature": 0.8}],
-]
-
-
 def check_sync_free_and_graphs() -> None:
     """No host synchronisation inside a step on CUDA (torch's sync debug mode raises on one),
     the same tokens as the CPU pipeline, and a CUDA-graph replay equal to the eager step."""
@@ -208,7 +198,7 @@ def check_sync_free_and_graphs() -> None:
 
     g = torch.Generator().manual_seed(5)
     batch, vocab = 64, 128256
-    for steps in CHAINS:
+    for steps in FAST_PATH_CHAINS:
         name = "+".join(next(iter(d)) for d in steps)
         config = {"backend": "bigram", "pipeline": steps, "sampler": "categorical"}
         x = torch.randn(batch, vocab, generator=g) * torch.linspace(0.3, 4, batch).unsqueeze(-1)

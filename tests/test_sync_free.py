@@ -12,17 +12,7 @@ from samplerkit.context import StepContext
 from samplerkit.errors import InvalidLogitsError
 from samplerkit.ops import sync, top_k_mask
 from samplerkit.ops.candidates import top_k_candidates_keyed, top_k_candidates_repaired
-
-CHAINS = [
-    [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
-    [{"temperature": 0.7}, {"top_p": 0.9}],
-    [{"min_p": 0.05}],
-    [{"top_k": 40}, {"temperature": 0.0}],
-    [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
-    [{"temperature": 1.5}, {"top_k": 1}],
-    [{"temperature": 0.7}, {"typical_p": 0.9}],
-    [{"top_n_sigma": 1.5}, {"temperature": 0.8}],
-]
+from samplerkit.testing import FAST_PATH_CHAINS
 
 
 def _logits(seed, batch=24, vocab=3000):
@@ -40,7 +30,7 @@ def _bound(steps, batch, policy="raise"):
     return pipe.bind(batch, seeds=list(range(batch)))
 
 
-@pytest.mark.parametrize("steps", CHAINS, ids=lambda s: "+".join(next(iter(d)) for d in s))
+@pytest.mark.parametrize("steps", FAST_PATH_CHAINS, ids=lambda s: "+".join(next(iter(d)) for d in s))
 @pytest.mark.parametrize("seed", range(3))
 def test_sync_free_path_equals_the_checked_path_and_the_dense_reference(steps, seed, monkeypatch):
     x = _logits(seed)

@@ -29,7 +29,22 @@ from samplerkit.testing.contract import (
     temporary_plugin,
 )
 
+#: Built-in pipelines that together take every fast path of a sampling step (candidate lists,
+#: deferred temperature, greedy rows, thresholds handed to the sampler, the histograms, a
+#: truncation followed by a monotone step). The sync-free tests on CPU and the CUDA check
+#: (benchmarks/check_cuda.py) both run them.
+FAST_PATH_CHAINS = [
+    [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}],
+    [{"temperature": 0.7}, {"top_p": 0.9}],
+    [{"min_p": 0.05}],
+    [{"top_k": 40}, {"temperature": 0.0}],
+    [{"top_p": 0.8}, {"min_p": 0.1}, {"temperature": 1.3}],
+    [{"temperature": 1.5}, {"top_k": 1}],
+    [{"temperature": 0.7}, {"typical_p": 0.9}],
+    [{"top_n_sigma": 1.5}, {"temperature": 0.8}],
+]
+
 __all__ = [
-    "BUILTIN_EXAMPLES", "check_processor", "check_sampler", "check_step", "examples_for",
+    "BUILTIN_EXAMPLES", "FAST_PATH_CHAINS", "check_processor", "check_sampler", "check_step", "examples_for",
     "parametrize_registered", "registered_classes", "temporary_plugin",
 ]
