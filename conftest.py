@@ -6,7 +6,16 @@ import os
 import shutil
 import tempfile
 
+import torch
+
 _CACHE = tempfile.mkdtemp(prefix="samplerkit-test-cache-")
+
+# Without a GPU, Triton's kernels run in its interpreter (numpy on CPU tensors), so
+# tests/test_triton_kernels.py checks them everywhere. Set before anything imports Triton:
+# @triton.jit picks the interpreter when it decorates. The library only launches Triton
+# kernels on CUDA tensors, so no other test takes them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -144,6 +144,43 @@ def check_triton_matches_torch() -> None:
     check("Triton top-k keys (with temperature) == torch keys", bool(torch.equal(_triton.topk_keys(x, divisor), want)))
     check("Triton temperature division == torch", bool(torch.equal(_triton.divide(x, divisor).view(torch.int32),
                                                                       quotient.view(torch.int32))))
+    # The fused two-kernel selection == one int64 topk over the torch keys: values bit for bit, ids.
+    x[5] = torch.randint(0, 3, (128256,), generator=g).float().to(DEVICE)
+    xn = x.clone()
+    xn[6, 100:200] = float("nan")              # (the tie repair below does not order NaN ties)
+    quotient = _finite_division(xn.clone(), divisor, torch.empty_like(xn))
+    bits = (quotient + 0.0).view(torch.int32)
+    want = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(128256, device=DEVICE))
+    for k_max in (1, 50, 256):
+        k = torch.randint(1, k_max + 1, (64,), generator=g).to(DEVICE)
+        ids = ((1 << 32) - 1) - (want.topk(k_max, dim=-1).values & 0xFFFFFFFF)
+        values = quotient.gather(-1, ids).masked_fill(torch.arange(k_max, device=DEVICE) >= k.unsqueeze(-1), float("-inf"))
+        got_values, got_ids = _triton.top_k_candidates(xn, k, k_max, divisor)
+        check(f"fused Triton top-k == int64 keys topk, k_max={k_max}",
+              bool(torch.equal(got_ids, ids)) and bool(torch.equal(got_values.view(torch.int32), values.view(torch.int32))))
+    # top_p and the two-stage race on candidate lists, one kernel each == the torch ops.
+    from samplerkit.ops.candidates import top_p_on_sorted
+    from samplerkit.ops.random import race_sample_candidates
+    from samplerkit.ops.truncation import remove_unkept
+    values = (torch.randn(20_000, 50, generator=g) * torch.linspace(0.1, 8, 20_000).unsqueeze(-1))
+    values[1::9] = values[1::9].round()
+    values[3::9, 20:] = float("-inf")
+    values = values.sort(dim=-1, descending=True).values.to(DEVICE)
+    cand_ids = torch.randint(0, 4096, (20_000, 50), generator=g).to(DEVICE)
+    p = torch.rand(20_000, generator=g).clamp(min=0.05).to(DEVICE)
+    got = _triton.top_p_candidates_(values.clone(), p)
+    want = remove_unkept(values.clone(), top_p_on_sorted(values, p))
+    same = int((got.view(torch.int32) == want.view(torch.int32)).all(-1).sum())
+    check("Triton top_p on candidates == torch", same == 20_000, f"({same}/20000 rows equal)")
+    keys = torch.randint(-(2**63), 2**63 - 1, (20_000,), generator=g).to(DEVICE)
+    got = race_sample_candidates(values, cand_ids, keys, 128256)
+    os.environ["SAMPLERKIT_NO_TRITON"] = "1"
+    try:
+        want = race_sample_candidates(values, cand_ids, keys, 128256)
+    finally:
+        del os.environ["SAMPLERKIT_NO_TRITON"]
+    same = int((got == want).sum())
+    check("Triton two-stage candidate race == torch", same == 20_000, f"({same}/20000 rows equal)")
     # The two sync-free exact top-k selections keep the same sets (x has ties and -inf).
     from samplerkit.ops.candidates import top_k_candidates_keyed, top_k_candidates_repaired
     x[4] = torch.randint(0, 5, (128256,), generator=g).float().to(DEVICE)
@@ -227,7 +264,11 @@ def check_sync_free_and_graphs() -> None:
             bad = 0
             for step in range(4):
                 xs = (torch.randn(batch, vocab, generator=g) * (1 + step)).to(DEVICE)
-                got, _ = captured(xs)
+                if step % 2:                                 # written into the graph's input: no copy
+                    captured.logits.copy_(xs)
+                    got, _ = captured(captured.logits)
+                else:
+                    got, _ = captured(xs)
                 got = got.clone()
                 want, _ = bound.sample_async(xs, ctx)
                 bad += int((got != want).sum())

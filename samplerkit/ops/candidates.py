@@ -61,11 +61,16 @@ def top_k_candidates_keyed(logits: torch.Tensor, k: torch.Tensor, k_max: int, tr
     ``transform`` (values, ids) -> values is a deferred order-preserving map (temperature): keys
     are built from the transformed logits, so ties it creates follow the same rule, and only the
     selected values are transformed again for the list (the same elementwise result). With
-    ``divisor`` (the transform is ``x / divisor`` with saturation) and Triton on CUDA, one fused
-    kernel builds the keys without writing the divided logits.
+    Triton on CUDA, :func:`samplerkit.ops._triton.top_k_candidates` selects the same list
+    without the ``topk`` over ``[B, V]`` keys (``k_max <= 256``, ``V <= 2^18``; ``divisor``: the
+    transform is ``x / divisor`` with saturation, fused into its kernels); otherwise, with
+    ``divisor``, one fused kernel builds the keys without writing the divided logits.
     """
     vocab = logits.shape[-1]
     width = min(max(k_max, 1), vocab)
+    fusable = transform is None or divisor is not None       # nothing deferred, or only the division
+    if fusable and _triton.available(logits) and _triton.fused_top_k_supported(vocab, k_max):
+        return _triton.top_k_candidates(logits, k, k_max, divisor)
     if divisor is not None and _triton.available(logits):
         keys = _triton.topk_keys(logits, divisor)
     else:
@@ -128,6 +133,8 @@ def top_p_on_sorted(values: torch.Tensor, p: torch.Tensor, stats=None) -> torch.
     """
     if stats is None:
         top = safe_top(values)
-        stats = (top, exp_weights(values, top).sum(dim=-1, keepdim=True))
+        # Summed in float64 and rounded once: the float32 total does not depend on the order of
+        # the sum (:func:`samplerkit.ops._triton.top_p_candidates_` sums in another order).
+        stats = (top, exp_weights(values, top).double().sum(dim=-1, keepdim=True).float())
     threshold, _ = nucleus_threshold(values, *stats, p)
     return values >= threshold

@@ -103,9 +103,14 @@ _BLOCK_STREAM = 3
 _PAIRWISE_MAX = 64
 
 
+def _stream_salt(stream: int) -> int:
+    """The 64-bit constant added to row keys for ``stream`` (unsigned)."""
+    return (stream * 0x632BE59BD9B4E019) & _MASK64
+
+
 def _stream_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
     """Row keys of an independent stream: mixing with a stream constant decorrelates them."""
-    return _mix(keys + _signed(stream * 0x632BE59BD9B4E019))
+    return _mix(keys + _signed(_stream_salt(stream)))
 
 
 def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tensor | None = None, *,
@@ -260,14 +265,19 @@ def race_sample_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.
     row (block masses are summed in another order, which can only matter at float32 rounding)."""
     if vocab_size <= RACE_BLOCK:
         return race_candidates(values, ids, keys)
-    weights = exp_weights(values, safe_top(values))
+    if _triton.available(values) and values.shape[-1] <= _PAIRWISE_MAX:
+        return _triton.race_blocks_candidates(values, ids, keys, _stream_salt(_BLOCK_STREAM), RACE_BLOCK)
+    # Block masses are float64 sums rounded once to float32: the same float32 whatever the
+    # order of the sum (the Triton kernel sums in another order), short of a float64 rounding
+    # landing on a float32 rounding boundary.
+    weights = exp_weights(values, safe_top(values)).double()
     block = torch.div(ids, RACE_BLOCK, rounding_mode="floor")
     if values.shape[-1] <= _PAIRWISE_MAX:
         same = block.unsqueeze(-1) == block.unsqueeze(-2)                      # [B, K, K]
-        mass = (weights.unsqueeze(-2) * same).sum(-1)
+        mass = (weights.unsqueeze(-2) * same).sum(-1).float()
     else:
         n_blocks = (vocab_size + RACE_BLOCK - 1) // RACE_BLOCK
         totals = torch.zeros(values.shape[0], n_blocks, dtype=weights.dtype, device=values.device)
-        mass = totals.scatter_add_(-1, block, weights).gather(-1, block)
+        mass = totals.scatter_add_(-1, block, weights).gather(-1, block).float()
     chosen = race_candidates(mass.log(), block, _stream_keys(keys, _BLOCK_STREAM)).unsqueeze(-1)
     return race_candidates(values.masked_fill(block != chosen, float("-inf")), ids, keys)

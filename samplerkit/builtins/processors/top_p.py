@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
-from samplerkit.ops import NEG_INF
+from samplerkit.ops import NEG_INF, _triton
 from samplerkit.ops.candidates import top_p_on_sorted
 from samplerkit.ops.sync import sync_free
 from samplerkit.ops.truncation import (
@@ -91,3 +91,9 @@ class TopP(ThresholdProcessor):
 
     def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return top_p_on_sorted(values, self.p.top_p)
+
+    def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # On CUDA one Triton kernel does what keep_candidates and the removal do in ~20 kernels.
+        if _triton.available(values) and values.shape[-1] <= 1024 and values.stride(-1) == 1:
+            return _triton.top_p_candidates_(values, self.p.top_p, None if self.all_active else self.active)
+        return super().apply_candidates(values, ids, ctx)
