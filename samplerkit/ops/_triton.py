@@ -181,7 +181,7 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
 # ``topk`` over all V keys, without that topk (about 60% of a captured B=64 step on an H200).
 
 #: Below this key no real token's key lies (the smallest is -2^63 + 2^32 - V): padding.
-_KEY_NONE = -9223372036854775807
+KEY_NONE = -9223372036854775807
 GROUP = 32
 #: Largest ``k_max`` the fused selection takes (kernel 2 holds K * GROUP keys in one program).
 FUSED_TOP_K_MAX = 256
@@ -189,6 +189,7 @@ FUSED_TOP_K_MAX = 256
 FUSED_VOCAB_MAX = 8192 * GROUP
 
 if triton is not None:
+    _KEY_NONE = tl.constexpr(KEY_NONE)      # compiled kernels read only constexpr globals
 
     @triton.jit
     def _largest_by_sort(x, N: tl.constexpr, K: tl.constexpr):
