@@ -43,22 +43,31 @@ def available(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    if INTERPRETED:
-        @triton.jit
-        def _log(x):
-            return tl.log(x)
-    else:
-        @triton.jit
-        def _log(x):
-            return libdevice.log(x)
+    _math = tl if INTERPRETED else libdevice       # a module: kernels may read it as a global
+
+    @triton.jit
+    def _log(x):
+        return _math.log(x)
+
+    @triton.jit
+    def _exp(x):
+        return _math.exp(x)
 
     @triton.jit
     def _mix(x):
+        """SplitMix64's finaliser on uint64 (``random._mix``)."""
         x = x ^ (x >> 30)
         x = x * 0xBF58476D1CE4E5B9
         x = x ^ (x >> 27)
         x = x * 0x94D049BB133111EB
         return x ^ (x >> 31)
+
+    @triton.jit
+    def _gumbel(key, ids):
+        """``gumbel_noise`` of (row key, ids): SplitMix64, 24-bit uniforms, ``-log(-log u)``."""
+        h = _mix(key + ids.to(tl.uint64) * 0xD1B54A32D192ED03)
+        u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return -_log(-_log(u))
 
     @triton.jit
     def _row_keys_kernel(seeds_ptr, counters_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -77,11 +86,7 @@ if triton is not None:
         mask = cols < k
         values = tl.load(values_ptr + row * stride_v + cols, mask=mask, other=float("-inf"))
         ids = tl.load(ids_ptr + row * stride_i + cols, mask=mask, other=0)
-        key = tl.load(keys_ptr + row).to(tl.uint64)
-        h = _mix(key + ids.to(tl.uint64) * 0xD1B54A32D192ED03)
-        u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        noise = -_log(-_log(u))
-        score = tl.where(mask, values + noise, float("-inf"))
+        score = tl.where(mask, values + _gumbel(tl.load(keys_ptr + row).to(tl.uint64), ids), float("-inf"))
         best = tl.argmax(score, axis=0)
         token = tl.sum(tl.where(cols == best, ids, 0), axis=0)
         tl.store(out_ptr + row, token)
@@ -286,14 +291,6 @@ def top_k_candidates(logits: torch.Tensor, k: torch.Tensor, k_max: int, divisor:
 # two-stage race about twenty-five; here each is one program per row.
 
 if triton is not None:
-    if INTERPRETED:
-        @triton.jit
-        def _exp(x):
-            return tl.exp(x)
-    else:
-        @triton.jit
-        def _exp(x):
-            return libdevice.exp(x)
 
     @triton.jit
     def _safe_top(values):
@@ -343,13 +340,6 @@ def top_p_candidates_(values: torch.Tensor, p: torch.Tensor, active: torch.Tenso
 
 
 if triton is not None:
-
-    @triton.jit
-    def _gumbel(key, ids):
-        """``gumbel_noise`` of (row key, ids): SplitMix64, 24-bit uniforms, ``-log(-log u)``."""
-        h = _mix(key + ids.to(tl.uint64) * 0xD1B54A32D192ED03)
-        u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        return -_log(-_log(u))
 
     @triton.jit
     def _race_blocks_kernel(values_ptr, ids_ptr, keys_ptr, out_ptr, k, stride_v, stride_i,
