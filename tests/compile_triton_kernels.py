@@ -7,7 +7,9 @@ compiler rejects: globals that are not ``tl.constexpr``, ops the GPU backend lac
 each kernel, for the shapes the library launches, through Triton's own pipeline down to a cubin
 (Triton ships ptxas), and prints each kernel's registers and spill stack (``cuobjdump``), so
 register pressure shows up before a GPU run. Exits non-zero if a kernel fails to compile or
-spills. tests/test_triton_kernels.py runs it with ``TRITON_INTERPRET`` unset.
+spills. tests/test_triton_kernels.py runs it with ``TRITON_INTERPRET`` unset (with it set,
+``@triton.jit`` makes interpreted functions, which do not compile). Importing it has no side
+effects (pytest imports every module for doctests).
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)          # compile real kernels, not interpreted ones
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from samplerkit.ops import _triton  # noqa: E402
-from samplerkit.ops.random import _BLOCK_STREAM, RACE_BLOCK, _stream_salt  # noqa: E402
+from samplerkit.ops import _triton
+from samplerkit.ops.random import _BLOCK_STREAM, RACE_BLOCK, _stream_salt
 
 
 @triton.jit
@@ -82,6 +82,9 @@ def resources(cubin: bytes) -> tuple[int, int]:
 
 
 def main(archs: list[int]) -> int:
+    if _triton.INTERPRETED:
+        print("TRITON_INTERPRET=1 is set: unset it to compile the kernels", file=sys.stderr)
+        return 2
     failures = 0
     for arch in archs:
         for kernel, signature, constexprs, warps in CASES:
