@@ -372,9 +372,9 @@ def race_blocks_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.
                            race_block: int) -> torch.Tensor:
     """``race_sample_candidates``'s two stages (``K <= 64`` candidates: pairwise block masses)
     in one kernel: the same token as the torch ops."""
-    values = values.float()
+    values = values.float().contiguous()
     rows, k = values.shape
-    ids = ids.expand_as(values).to(torch.int64)
+    ids = ids.expand_as(values).to(torch.int64).contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=values.device)
     _race_blocks_kernel[(rows,)](values, ids, keys.contiguous(), out, k, values.stride(0), ids.stride(0),
                                  BLOCK_STREAM_SALT=block_stream_salt, RACE_BLOCK=race_block,
