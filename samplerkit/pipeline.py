@@ -16,6 +16,7 @@ import torch
 from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError
+from samplerkit.ops import _triton
 from samplerkit.ops.candidates import densify
 from samplerkit.ops.sync import sync_free, sync_free_scope
 from samplerkit.ops.truncation import cut_below
@@ -426,6 +427,8 @@ def _valid_rows(dense: torch.Tensor | None, candidates) -> torch.Tensor:
     ``topk`` ranks NaN and +inf first."""
     if candidates is not None:
         values = candidates[0]
+        if _triton.available(values) and values.shape[-1] <= 1024:    # one kernel instead of five
+            return _triton.candidates_valid(values)
         return torch.isfinite(values[:, 0]) & ~values.isnan().any(dim=-1)
     return torch.isfinite(dense.amax(dim=-1))
 

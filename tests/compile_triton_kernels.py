@@ -63,6 +63,8 @@ CASES = [
     (_triton._race_blocks_kernel, {**_RACE, "BLOCK_STREAM_SALT": "constexpr", "RACE_BLOCK": "constexpr",
                                    "BLOCK": "constexpr"},
      {"BLOCK_STREAM_SALT": _stream_salt(_BLOCK_STREAM), "RACE_BLOCK": RACE_BLOCK, "BLOCK": 64}, 4),
+    (_triton._candidates_valid_kernel, {"values_ptr": "*fp32", "out_ptr": "*i1", "k": "i32", "stride_v": "i32",
+                                        "BLOCK": "constexpr"}, {"BLOCK": 64}, 4),
     (_largest_by_sort_kernel, {"x_ptr": "*i64", "out_ptr": "*i64", "N": "constexpr", "K": "constexpr"},
      {"N": 4096, "K": 64}, 8),
 ]

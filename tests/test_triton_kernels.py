@@ -157,6 +157,17 @@ def test_block_race_kernel_equals_the_torch_race(k, monkeypatch):
     assert torch.equal(got[valid], want[valid])
 
 
+def test_validity_kernel_equals_the_torch_ops():
+    g = torch.Generator().manual_seed(5)
+    for k in (1, 9, 50):
+        values, _ = candidate_lists(90, k, g)
+        values[8::9, 0] = float("-inf")                                   # nothing left
+        values[7::9, k - 1] = float("nan")                                # a NaN past the first slot
+        want = torch.isfinite(values[:, 0]) & ~values.isnan().any(dim=-1)
+        assert torch.equal(_triton.candidates_valid(values), want)
+        assert not want.all() and want.any()
+
+
 def test_fused_top_k_reads_strided_rows():
     g = torch.Generator().manual_seed(7)
     wide = adversarial_rows(2048 + 96, g)
@@ -216,10 +227,11 @@ def test_pipeline_tokens_do_not_depend_on_triton(monkeypatch):
         bound = pipe.bind(rows, seeds=list(range(rows)))
         ctx = StepContext(rows, x.shape[-1], device=DEVICE)
         with sync_free_scope():
-            results.append((bound.process(x, ctx), bound.sample_async(x, ctx)[0]))
-    (dense_torch, ids_torch), (dense_triton, ids_triton) = results
+            results.append((bound.process(x, ctx), *bound.sample_async(x, ctx)))
+    (dense_torch, ids_torch, valid_torch), (dense_triton, ids_triton, valid_triton) = results
     assert torch.equal(torch.isfinite(dense_torch), torch.isfinite(dense_triton))
     assert torch.equal(ids_torch, ids_triton)
+    assert torch.equal(valid_torch, valid_triton) and bool(valid_torch.all())
 
 
 def test_kernels_compile_for_cuda_without_spills():

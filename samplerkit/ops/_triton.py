@@ -380,3 +380,25 @@ def race_blocks_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.
                                  BLOCK_STREAM_SALT=block_stream_salt, RACE_BLOCK=race_block,
                                  BLOCK=max(16, triton.next_power_of_2(k)))
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _candidates_valid_kernel(values_ptr, out_ptr, k, stride_v, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        values = tl.load(values_ptr + row * stride_v + cols, mask=cols < k, other=0.0)
+        first = tl.sum(tl.where(cols == 0, values, 0.0), axis=0)
+        nan = tl.sum((values != values).to(tl.int32), axis=0) > 0
+        tl.store(out_ptr + row, (tl.abs(first) < float("inf")) & ~nan)
+
+
+def candidates_valid(values: torch.Tensor) -> torch.Tensor:
+    """``isfinite(values[:, 0]) & ~values.isnan().any(-1)`` (``[B]`` bool) in one kernel: a
+    candidate list's rows that are usable (the pipeline's validity flag)."""
+    values = values.float().contiguous()
+    rows, k = values.shape
+    out = torch.empty(rows, dtype=torch.bool, device=values.device)
+    _candidates_valid_kernel[(rows,)](values, out, k, values.stride(0), BLOCK=max(16, triton.next_power_of_2(k)))
+    return out
