@@ -102,11 +102,21 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def check_triton_matches_torch() -> None:
-    """The fused Triton race draws bit-identical tokens to the torch path."""
+def without_triton(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the torch path (``SAMPLERKIT_NO_TRITON=1`` while it runs)."""
     import os
 
+    os.environ["SAMPLERKIT_NO_TRITON"] = "1"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        del os.environ["SAMPLERKIT_NO_TRITON"]
+
+
+def check_triton_matches_torch() -> None:
+    """The Triton kernels give bit-identical keys, candidate lists and tokens to the torch path."""
     from samplerkit.ops import _triton
+    from samplerkit.ops.candidates import order_keys, top_k_candidates_keyed
     from samplerkit.ops.random import race_candidates, row_keys
 
     if not _triton.available(torch.zeros(1, device=DEVICE)):
@@ -121,12 +131,8 @@ def check_triton_matches_torch() -> None:
     counters = torch.randint(0, 5000, (rows,), generator=g).to(DEVICE)
     fused_keys = row_keys(seeds, counters)
     fused = race_candidates(values, ids, fused_keys)
-    os.environ["SAMPLERKIT_NO_TRITON"] = "1"
-    try:
-        torch_keys = row_keys(seeds, counters)
-        reference = race_candidates(values, ids, torch_keys)
-    finally:
-        del os.environ["SAMPLERKIT_NO_TRITON"]
+    torch_keys = without_triton(row_keys, seeds, counters)
+    reference = without_triton(race_candidates, values, ids, torch_keys)
     check("Triton row keys == torch row keys", bool(torch.equal(fused_keys, torch_keys)))
     same = int((fused == reference).sum())
     check("Triton race == torch race", same == rows, f"({same}/{rows} rows equal)")
@@ -138,23 +144,21 @@ def check_triton_matches_torch() -> None:
     x[3] = torch.randint(0, 3, (128256,), generator=g).float().to(DEVICE)
     divisor = torch.linspace(0.05, 3.0, 64, device=DEVICE).unsqueeze(-1)
     quotient = _finite_division(x.clone(), divisor, torch.empty_like(x))
-    bits = (quotient + 0.0).view(torch.int32)
-    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    want = (order.to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(128256, device=DEVICE))
-    check("Triton top-k keys (with temperature) == torch keys", bool(torch.equal(_triton.topk_keys(x, divisor), want)))
+    check("Triton top-k keys (with temperature) == torch keys",
+          bool(torch.equal(_triton.topk_keys(x, divisor), order_keys(quotient))))
     check("Triton temperature division == torch", bool(torch.equal(_triton.divide(x, divisor).view(torch.int32),
                                                                       quotient.view(torch.int32))))
     # The fused two-kernel selection == one int64 topk over the torch keys: values bit for bit, ids.
     x[5] = torch.randint(0, 3, (128256,), generator=g).float().to(DEVICE)
     xn = x.clone()
     xn[6, 100:200] = float("nan")              # (the tie repair below does not order NaN ties)
-    quotient = _finite_division(xn.clone(), divisor, torch.empty_like(xn))
-    bits = (quotient + 0.0).view(torch.int32)
-    want = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(128256, device=DEVICE))
+
+    def divide(values, ids):
+        return _finite_division(values, divisor, values)
+
     for k_max in (1, 50, 256):
         k = torch.randint(1, k_max + 1, (64,), generator=g).to(DEVICE)
-        ids = ((1 << 32) - 1) - (want.topk(k_max, dim=-1).values & 0xFFFFFFFF)
-        values = quotient.gather(-1, ids).masked_fill(torch.arange(k_max, device=DEVICE) >= k.unsqueeze(-1), float("-inf"))
+        values, ids = without_triton(top_k_candidates_keyed, xn, k, k_max, divide)
         got_values, got_ids = _triton.top_k_candidates(xn, k, k_max, divisor)
         check(f"fused Triton top-k == int64 keys topk, k_max={k_max}",
               bool(torch.equal(got_ids, ids)) and bool(torch.equal(got_values.view(torch.int32), values.view(torch.int32))))
@@ -174,15 +178,11 @@ def check_triton_matches_torch() -> None:
     check("Triton top_p on candidates == torch", same == 20_000, f"({same}/20000 rows equal)")
     keys = torch.randint(-(2**63), 2**63 - 1, (20_000,), generator=g).to(DEVICE)
     got = race_sample_candidates(values, cand_ids, keys, 128256)
-    os.environ["SAMPLERKIT_NO_TRITON"] = "1"
-    try:
-        want = race_sample_candidates(values, cand_ids, keys, 128256)
-    finally:
-        del os.environ["SAMPLERKIT_NO_TRITON"]
+    want = without_triton(race_sample_candidates, values, cand_ids, keys, 128256)
     same = int((got == want).sum())
     check("Triton two-stage candidate race == torch", same == 20_000, f"({same}/20000 rows equal)")
     # The two sync-free exact top-k selections keep the same sets (x has ties and -inf).
-    from samplerkit.ops.candidates import top_k_candidates_keyed, top_k_candidates_repaired
+    from samplerkit.ops.candidates import top_k_candidates_repaired
     x[4] = torch.randint(0, 5, (128256,), generator=g).float().to(DEVICE)
     k = torch.randint(1, 64, (64,), generator=g).to(DEVICE)
     sets = []

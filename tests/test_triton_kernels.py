@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from samplerkit.builtins.processors.temperature import _finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
 from samplerkit.ops import random as torch_random  # noqa: E402
-from samplerkit.ops.candidates import top_k_candidates_keyed  # noqa: E402
+from samplerkit.ops.candidates import order_keys, top_k_candidates_keyed  # noqa: E402
 
 # In the interpreter numpy warns about IEEE arithmetic the kernels mean to do on adversarial
 # rows (-inf - -inf, log of a zero mass, a quotient that overflows and is then saturated).
@@ -53,12 +53,6 @@ def divisors(rows: int) -> torch.Tensor:
     return torch.linspace(0.05, 3.0, rows, device=DEVICE).unsqueeze(-1)
 
 
-def torch_keys(quotient: torch.Tensor) -> torch.Tensor:
-    bits = (quotient + 0.0).view(torch.int32)
-    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (order.to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(quotient.shape[-1], device=DEVICE))
-
-
 def bitwise(a: torch.Tensor) -> torch.Tensor:
     return a.view(torch.int32) if a.dtype == torch.float32 else a
 
@@ -69,8 +63,8 @@ def test_division_and_keys_equal_the_torch_ops():
     div = divisors(x.shape[0])
     quotient = _finite_division(x.clone(), div, torch.empty_like(x))
     assert torch.equal(bitwise(_triton.divide(x, div)), bitwise(quotient))
-    assert torch.equal(_triton.topk_keys(x, div), torch_keys(quotient))
-    assert torch.equal(_triton.topk_keys(x), torch_keys(x))
+    assert torch.equal(_triton.topk_keys(x, div), order_keys(quotient))
+    assert torch.equal(_triton.topk_keys(x), order_keys(x))
 
 
 def test_row_keys_and_race_equal_the_torch_path(monkeypatch):

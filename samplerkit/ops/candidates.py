@@ -49,6 +49,14 @@ def top_k_candidates(logits: torch.Tensor, k: torch.Tensor, k_max: int, transfor
     return values[:, :k_max], ids[:, :k_max]
 
 
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ``(order(x) << 32) + (2^32 - 1 - id)`` of float32 ``x`` ``[B, V]``: larger keys
+    are larger values and, among equal values, lower ids (see :func:`top_k_candidates_keyed`)."""
+    bits = (x + 0.0).view(torch.int32)                 # + 0.0: -0.0 becomes +0.0
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (order.to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(x.shape[-1], device=x.device))
+
+
 def top_k_candidates_keyed(logits: torch.Tensor, k: torch.Tensor, k_max: int, transform=None,
                            divisor: torch.Tensor | None = None):
     """The top ``k[b]`` logits of each row as a candidate list, exact under the lower-id tie rule
@@ -77,9 +85,7 @@ def top_k_candidates_keyed(logits: torch.Tensor, k: torch.Tensor, k_max: int, tr
         source = logits
         if transform is not None:
             source = transform(logits.clone(), torch.arange(vocab, device=logits.device).expand_as(logits))
-        bits = (source + 0.0).view(torch.int32)
-        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        keys = (order.to(torch.int64) << 32) + ((1 << 32) - 1 - torch.arange(vocab, device=logits.device))
+        keys = order_keys(source)
     top = keys.topk(width, dim=-1).values
     ids = ((1 << 32) - 1) - (top & 0xFFFFFFFF)
     values = logits.gather(-1, ids)
