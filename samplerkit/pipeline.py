@@ -427,7 +427,7 @@ def _valid_rows(dense: torch.Tensor | None, candidates) -> torch.Tensor:
     ``topk`` ranks NaN and +inf first."""
     if candidates is not None:
         values = candidates[0]
-        if _triton.available(values) and values.shape[-1] <= 1024:    # one kernel instead of five
+        if _triton.available(values) and values.shape[-1] <= _triton.CANDIDATES_MAX:    # one kernel instead of five
             return _triton.candidates_valid(values)
         return torch.isfinite(values[:, 0]) & ~values.isnan().any(dim=-1)
     return torch.isfinite(dense.amax(dim=-1))

@@ -42,6 +42,15 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and not os.environ.get("SAMPLERKIT_NO_TRITON")
 
 
+#: Longest candidate list the one-program-per-row kernels take (a row is held in registers).
+CANDIDATES_MAX = 1024
+
+
+def _row_block(k: int) -> int:
+    """The block of a one-program-per-row kernel over ``k`` columns (a power of two)."""
+    return max(16, triton.next_power_of_2(k))
+
+
 if triton is not None:
     _math = tl if INTERPRETED else libdevice       # a module: kernels may read it as a global
 
@@ -171,7 +180,7 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
     rows, k = values.shape
     out = torch.empty(rows, dtype=torch.int64, device=values.device)
     _race_kernel[(rows,)](values, ids, keys.contiguous(), out, k, values.stride(0), ids.stride(0),
-                          BLOCK=max(16, triton.next_power_of_2(k)))
+                          BLOCK=_row_block(k))
     return out
 
 
@@ -327,7 +336,7 @@ if triton is not None:
 
 def top_p_candidates_(values: torch.Tensor, p: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
     """Top-p on a candidate list in place, in one kernel: ``values`` (``[B, K]`` float32, sorted
-    descending, ``K <= 1024``) with every candidate outside the nucleus set to ``-inf``, as
+    descending, ``K <= CANDIDATES_MAX``) with every candidate outside the nucleus set to ``-inf``, as
     ``remove_unkept(values, top_p_on_sorted(values, p) | ~active)`` computes it. Rows where
     ``active`` is false are left as they are."""
     rows, k = values.shape
@@ -335,7 +344,7 @@ def top_p_candidates_(values: torch.Tensor, p: torch.Tensor, active: torch.Tenso
         raise ValueError("top_p_candidates_ needs rows with unit stride")
     act = active.to(torch.int8).contiguous() if active is not None else values
     _top_p_candidates_kernel[(rows,)](values, p.float().contiguous(), act, k, values.stride(0),
-                                      HAS_ACTIVE=active is not None, BLOCK=max(16, triton.next_power_of_2(k)))
+                                      HAS_ACTIVE=active is not None, BLOCK=_row_block(k))
     return values
 
 
@@ -378,7 +387,7 @@ def race_blocks_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.
     out = torch.empty(rows, dtype=torch.int64, device=values.device)
     _race_blocks_kernel[(rows,)](values, ids, keys.contiguous(), out, k, values.stride(0), ids.stride(0),
                                  BLOCK_STREAM_SALT=block_stream_salt, RACE_BLOCK=race_block,
-                                 BLOCK=max(16, triton.next_power_of_2(k)))
+                                 BLOCK=_row_block(k))
     return out
 
 
@@ -400,5 +409,5 @@ def candidates_valid(values: torch.Tensor) -> torch.Tensor:
     values = values.float().contiguous()
     rows, k = values.shape
     out = torch.empty(rows, dtype=torch.bool, device=values.device)
-    _candidates_valid_kernel[(rows,)](values, out, k, values.stride(0), BLOCK=max(16, triton.next_power_of_2(k)))
+    _candidates_valid_kernel[(rows,)](values, out, k, values.stride(0), BLOCK=_row_block(k))
     return out

@@ -89,7 +89,7 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
     Each token's noise depends on its id only, so the winner is the token the race over the
     whole vocabulary would pick when every non-candidate is ``-inf``.
     """
-    if _triton.available(values) and values.shape[-1] <= 1024:
+    if _triton.available(values) and values.shape[-1] <= _triton.CANDIDATES_MAX:
         return _triton.race_candidates(values, ids.expand_as(values), keys)
     winner = (values + gumbel_noise(keys, ids)).argmax(dim=-1, keepdim=True)
     return ids.gather(-1, winner).squeeze(-1)

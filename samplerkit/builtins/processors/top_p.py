@@ -94,6 +94,6 @@ class TopP(ThresholdProcessor):
 
     def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # On CUDA one Triton kernel does what keep_candidates and the removal do in ~20 kernels.
-        if _triton.available(values) and values.shape[-1] <= 1024 and values.stride(-1) == 1:
+        if _triton.available(values) and values.shape[-1] <= _triton.CANDIDATES_MAX and values.stride(-1) == 1:
             return _triton.top_p_candidates_(values, self.p.top_p, None if self.all_active else self.active)
         return super().apply_candidates(values, ids, ctx)
