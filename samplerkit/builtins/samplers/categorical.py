@@ -7,6 +7,7 @@ from pydantic import Field
 
 from samplerkit.context import StepContext
 from samplerkit.ops import race_sample, row_keys
+from samplerkit.ops.histogram import scratch
 from samplerkit.ops.random import race_sample_candidates
 from samplerkit.params import StepParams
 from samplerkit.steps import Sampler
@@ -41,28 +42,17 @@ class Categorical(Sampler):
         seeds = [row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
                  for row in self.rows]
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
-        self._workspace: torch.Tensor | None = None     # [B, V] weights, reused from step to step
-
-        self._mask_workspace: torch.Tensor | None = None
-
-    def _buffers(self, logits: torch.Tensor, mask: bool = False):
-        ws = self._workspace
-        if ws is None or ws.shape != logits.shape or ws.device != logits.device:
-            ws = self._workspace = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        if not mask:
-            return ws
-        ms = self._mask_workspace
-        if ms is None or ms.shape != logits.shape or ms.device != logits.device:
-            ms = self._mask_workspace = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        return ws, ms
+        self._work: dict = {}        # [B, V] float32 buffers (weights, kept weights), reused step to step
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return race_sample(logits, row_keys(self.seeds, ctx.num_generated), workspace=self._buffers(logits))
+        return race_sample(logits, row_keys(self.seeds, ctx.num_generated),
+                           workspace=scratch(self._work, "weights", logits, torch.float32))
 
     def sample_cut(self, logits: torch.Tensor, cut, ctx: StepContext) -> torch.Tensor:
-        ws, ms = self._buffers(logits, mask=True)
-        return race_sample(logits, row_keys(self.seeds, ctx.num_generated), workspace=ws, threshold=cut.threshold,
-                           weights=cut.weights, mask_workspace=ms, row_max=cut.row_max)
+        return race_sample(logits, row_keys(self.seeds, ctx.num_generated),
+                           workspace=scratch(self._work, "weights", logits, torch.float32), threshold=cut.threshold,
+                           weights=cut.weights, mask_workspace=scratch(self._work, "mask", logits, torch.float32),
+                           row_max=cut.row_max)
 
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62
