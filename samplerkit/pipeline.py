@@ -156,7 +156,7 @@ class BoundPipeline:
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Run every active processor in order on a float32 copy of ``logits``."""
         self._check_batch(logits)
-        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+        ctx = _context(logits, ctx)
         dense, candidates, _ = self._run(logits, ctx)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
@@ -174,13 +174,13 @@ class BoundPipeline:
         if sync_free(logits):
             ids, valid = self.sample_async(logits, ctx, processed)
             if self.pipeline.on_invalid == "raise" and not bool(valid.all()):   # one sync, after the step
-                ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+                ctx = _context(logits, ctx)
                 raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
             return ids, valid
         self._check_batch(logits)
-        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+        ctx = _context(logits, ctx)
         processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
+        valid = _valid_rows(processed, candidates, cut)
         all_valid = bool(valid.all())
         if not all_valid:
             if self.pipeline.on_invalid == "raise":
@@ -210,9 +210,9 @@ class BoundPipeline:
     def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
                       processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch(logits)
-        ctx = ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+        ctx = _context(logits, ctx)
         processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates) if cut is None else torch.isfinite(cut.row_max).squeeze(-1)
+        valid = _valid_rows(processed, candidates, cut)
         ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
         if self.pipeline.on_invalid != "raise":
             ids = torch.where(valid, ids, _finite_argmax(logits))
@@ -416,11 +416,18 @@ def _with_seed(spec: StepSpec, seed: int, row: int) -> StepSpec:
     return StepSpec(spec.cls, spec.params.model_copy(update={"seed": seed}), spec.location, spec.plugin)
 
 
-def _valid_rows(dense: torch.Tensor | None, candidates) -> torch.Tensor:
+def _context(logits: torch.Tensor, ctx: StepContext | None) -> StepContext:
+    """``ctx``, or a fresh context for a call made outside a decode loop."""
+    return ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
+
+
+def _valid_rows(dense: torch.Tensor | None, candidates, cut) -> torch.Tensor:
     """``[B]`` bool: the row has a finite maximum (so no NaN, no +inf, something left).
 
     One read pass on dense logits (``amax`` propagates NaN); free on candidate lists, where
-    ``topk`` ranks NaN and +inf first."""
+    ``topk`` ranks NaN and +inf first, and on a cut not yet applied, whose row maximum is kept."""
+    if cut is not None:
+        return torch.isfinite(cut.row_max).squeeze(-1)
     if candidates is not None:
         values = candidates[0]
         if _triton.available(values) and values.shape[-1] <= _triton.CANDIDATES_MAX:    # one kernel instead of five
