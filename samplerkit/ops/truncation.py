@@ -183,9 +183,7 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
         if not bool(bad.any()):
             return nucleus_threshold_histogram(logits, top, weights, total, p, work)
         good = (~bad).nonzero().squeeze(-1)
-        return stats.row_max.clone().index_copy_(0, good, nucleus_threshold_histogram(
-            logits.index_select(0, good), top.index_select(0, good), weights.index_select(0, good),
-            total.index_select(0, good), p.index_select(0, good)))
+        return stats.row_max.clone().index_copy_(0, good, _histogram_on_rows(good, logits, top, weights, total, p))
     values = candidates if candidates is not None else largest(logits, n_cand)[0]   # descending
     threshold, covered = nucleus_threshold(values, top, total, p)
     wide = wide | ~covered
@@ -193,10 +191,14 @@ def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dic
         return nucleus_threshold_histogram(logits, top, weights, total, p, work)
     if bool(wide.any()):
         rows_w = wide.nonzero().squeeze(-1)
-        threshold = threshold.index_copy(0, rows_w, nucleus_threshold_histogram(
-            logits.index_select(0, rows_w), top.index_select(0, rows_w), weights.index_select(0, rows_w),
-            total.index_select(0, rows_w), p.index_select(0, rows_w)))
+        threshold = threshold.index_copy(0, rows_w, _histogram_on_rows(rows_w, logits, top, weights, total, p))
     return threshold
+
+
+def _histogram_on_rows(rows: torch.Tensor, *row_tensors: torch.Tensor) -> torch.Tensor:
+    """:func:`nucleus_threshold_histogram` of the ``rows`` (ids) of its arguments
+    ``(logits, top, weights, total, p)``."""
+    return nucleus_threshold_histogram(*(t.index_select(0, rows) for t in row_tensors))
 
 
 def nucleus_threshold_histogram(logits: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
