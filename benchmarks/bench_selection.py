@@ -26,7 +26,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from samplerkit.builtins.processors.temperature import _finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
+from samplerkit.ops.candidates import top_k_candidates_keyed  # noqa: E402
 
 
 def timeit(fn, reps: int, inner: int, device: str) -> float:
@@ -44,13 +46,14 @@ def timeit(fn, reps: int, inner: int, device: str) -> float:
 
 
 def keyed(x: torch.Tensor, k: torch.Tensor, k_max: int, divisor: torch.Tensor):
-    """``top_k_candidates_keyed``'s unfused path: Triton keys, one int64 topk, gather, divide."""
-    keys = _triton.topk_keys(x, divisor)
-    top = keys.topk(k_max, dim=-1).values
-    ids = ((1 << 32) - 1) - (top & 0xFFFFFFFF)
-    values = _triton.divide(x.gather(-1, ids), divisor)
-    values = values.masked_fill(torch.arange(k_max, device=x.device) >= k.unsqueeze(-1), float("-inf"))
-    return values, ids
+    """:func:`top_k_candidates_keyed` with the fused selection switched off: on CUDA the path it
+    took before (Triton keys with the division fused, one int64 topk, gather, divide)."""
+    supported, _triton.fused_top_k_supported = _triton.fused_top_k_supported, lambda vocab, k_max: False
+    try:
+        return top_k_candidates_keyed(x, k, k_max, lambda values, ids: _finite_division(values, divisor, values),
+                                      divisor)
+    finally:
+        _triton.fused_top_k_supported = supported
 
 
 def main() -> int:
