@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from samplerkit.errors import PluginError, UnknownNameError
+from samplerkit.params import StepParams
 from samplerkit.plugins import LoadedPlugins, PluginInfo, make_plugin_manager
 
 Kind = Literal["processor", "sampler", "backend"]
@@ -113,6 +114,10 @@ def _check_class(cls: object, kind: Kind, base: type, info: PluginInfo) -> None:
     if not isinstance(name, str) or not _SNAKE.match(name):
         raise PluginError(f"{where}: class {cls.__qualname__} needs a snake_case class attribute "
                           f"`name` (got {name!r})")
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and issubclass(params, StepParams)):
+        raise PluginError(f"{where}: {cls.__qualname__}.Params must be a subclass of samplerkit.StepParams "
+                          f"(got {params!r}), which forbids unknown keys and makes the defaults the neutral values")
 
 
 def default_registry(block: Iterable[str] = ()) -> Registry:

@@ -7,6 +7,12 @@ Plugin authors run the same contract the built-ins pass::
     def test_my_processor_contract():
         check_processor(MyProcessor, [{"strength": 0.5}, {"strength": 2.0}])
 
+    def test_my_backend_contract():
+        check_backend(MyBackend(MyBackend.Params(...)))
+
+    def test_my_plugin_module():
+        check_plugin(my_plugin_module)      # hooks decorated and spelled right, classes accepted
+
     def test_registered():
         with temporary_plugin(my_plugin_module, "my_plugin") as registry:
             assert registry.has("processor", "my_processor")
@@ -18,8 +24,11 @@ Or over every class a registry holds (built-ins and installed plugins)::
         check_processor(cls)
 """
 
+from samplerkit.testing.backend_contract import check_backend
 from samplerkit.testing.contract import (
     BUILTIN_EXAMPLES,
+    check_distribution,
+    check_plugin,
     check_processor,
     check_sampler,
     check_step,
@@ -45,6 +54,7 @@ FAST_PATH_CHAINS = [
 ]
 
 __all__ = [
-    "BUILTIN_EXAMPLES", "FAST_PATH_CHAINS", "check_processor", "check_sampler", "check_step", "examples_for",
+    "BUILTIN_EXAMPLES", "FAST_PATH_CHAINS", "check_backend", "check_distribution", "check_plugin", "check_processor",
+    "check_sampler", "check_step", "examples_for",
     "parametrize_registered", "registered_classes", "temporary_plugin",
 ]

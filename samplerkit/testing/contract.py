@@ -218,6 +218,7 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
     examples = examples_for(cls, params_examples)
     neutral = cls.Params()
     params = [neutral, *_validated(cls, examples)]
+    _require_something_to_test(cls, params, "check_processor")
     logits = _logit_cases(vocab_size, seed)
     batch = logits.shape[0]
     prompts = _prompts(batch, vocab_size)
@@ -229,9 +230,10 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
             ctx.select_rows(list(rows))
         return ctx
 
-    # Neutral parameters: the identity, bitwise.
-    out = _apply(cls, [neutral] * batch, logits.clone(), ctx_for())
-    _assert_rows_equal(out, logits, f"{cls.name} with neutral parameters must be the identity", exact=True)
+    # Neutral parameters: the identity, bitwise (a step without parameters has no neutral value: it always runs).
+    if cls.Params.model_fields:
+        out = _apply(cls, [neutral] * batch, logits.clone(), ctx_for())
+        _assert_rows_equal(out, logits, f"{cls.name} with neutral parameters must be the identity", exact=True)
 
     # Each example on every kind of row: finite survivors, no NaN.
     for p in params:
@@ -240,6 +242,8 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
             what = f"{cls.name}({_describe(p)}) on test row {i}"
             assert not bool(out[i].isnan().any()), f"{what}: produced NaN"
             assert bool(torch.isfinite(out[i]).any()), f"{what}: removed every token (at least one must stay finite)"
+        if cls.argmax_invariant:
+            _assert_argmax_kept(cls, p, logits, out)
 
     # Rows independent: a mixed batch vs each row alone, and the batch reversed.
     assignments = [[params[(i + shift) % len(params)] for i in range(batch)] for shift in range(min(len(params), 3))]
@@ -275,6 +279,36 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
         assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
 
     _check_processor_candidates(cls, params, seed)
+
+
+def _require_something_to_test(cls: type, params: list[StepParams], check: str) -> None:
+    """A step with parameters but no non-neutral example would only be checked as the identity:
+    fail instead of passing vacuously."""
+    fields = list(cls.Params.model_fields)
+    if issubclass(cls, Sampler) and cls.stochastic and "seed" in fields:
+        fields.remove("seed")          # check_sampler tries a few seeds of its own
+    if fields and all(p.is_neutral() for p in params):
+        raise AssertionError(
+            f"{cls.name}: nothing to test: {cls.__qualname__}.Params has fields {fields} but no example "
+            f"parameters that change anything (every example is neutral). Pass non-neutral examples, "
+            f"{check}({cls.__qualname__}, [{{{fields[0]!r}: ...}}]), or define a classmethod "
+            f"contract_examples() on {cls.__qualname__} returning them.")
+
+
+def _assert_argmax_kept(cls: type, p: StepParams, logits: torch.Tensor, out: torch.Tensor) -> None:
+    """``argmax_invariant = True`` claims the step never changes which token has the highest
+    logit: the output's top token must be one of the input's top tokens (ties allowed)."""
+    top_out = out.argmax(dim=-1)
+    row_max = logits.max(dim=-1).values
+    moved = (logits.gather(1, top_out.unsqueeze(1)).squeeze(1) != row_max).nonzero().squeeze(-1).tolist()
+    if moved:
+        i = moved[0]
+        was = (logits[i] == row_max[i]).nonzero().squeeze(-1).tolist()
+        raise AssertionError(
+            f"{cls.name}({_describe(p)}) declares argmax_invariant = True but changed the top token of "
+            f"test row {i} (rows {moved} in all): input top token(s) {was}, output top token "
+            f"{int(top_out[i])}. A greedy pipeline skips argmax-invariant steps, so this step would be "
+            f"silently ignored there: set argmax_invariant = False on {cls.__qualname__}.")
 
 
 def _overrides(cls: type, base: type, method: str) -> bool:
@@ -359,11 +393,19 @@ def _sample(cls: type, rows: Sequence[StepParams], logits: torch.Tensor, ctx: St
 
 
 def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None, *,
-                  vocab_size: int = 32, seed: int = 0, steps: int = 4) -> None:
-    """Check that sampler class ``cls`` meets the contract (raises AssertionError)."""
+                  vocab_size: int = 32, seed: int = 0, steps: int = 4, draws: int = 2000) -> None:
+    """Check that sampler class ``cls`` meets the contract (raises AssertionError).
+
+    A stochastic sampler's draws are tested against the distribution it claims (its
+    ``distribution(logits, ctx)`` method, else ``softmax(logits)``) by a chi-square test at
+    level ``1e-6``, ``draws`` draws per test row (see :func:`check_distribution`). 2,000 draws
+    catch a sampler drawing ``softmax(2x)`` instead of ``softmax(x)``; raise ``draws`` to detect
+    subtler biases.
+    """
     _check_class(cls, Sampler)
     examples = examples_for(cls, params_examples)
     params = [cls.Params(), *_validated(cls, examples)]
+    _require_something_to_test(cls, params, "check_sampler")
     logits = _logit_cases(vocab_size, seed)
     batch = logits.shape[0]
     prompts = _prompts(batch, vocab_size)
@@ -407,12 +449,12 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
     if cls.stochastic and seeded:
         flat = torch.zeros(1, vocab_size)
         # The stream advances with the row's step counter ...
-        draws = set()
+        seen = set()
         for t in range(16):
             ctx = StepContext(1, vocab_size, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=16)
             ctx.num_generated.fill_(t)
-            draws.add(int(_sample(cls, [cls.Params(seed=_DEFAULT_SEEDS[0])], flat.clone(), ctx)[0]))
-        assert len(draws) > 1, f"{cls.name}: a seeded row drew {draws} at 16 consecutive steps of a flat distribution"
+            seen.add(int(_sample(cls, [cls.Params(seed=_DEFAULT_SEEDS[0])], flat.clone(), ctx)[0]))
+        assert len(seen) > 1, f"{cls.name}: a seeded row drew {seen} at 16 consecutive steps of a flat distribution"
         # ... and different seeds give different streams.
         many = _sample(cls, [cls.Params(seed=s) for s in range(16)], flat.expand(16, -1).clone(),
                        StepContext(16, vocab_size, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=1))
@@ -437,6 +479,11 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
                     assert torch.equal(got, dense), (f"{cls.name}({_describe(p)}).sample_candidates (K={k}, step {t}) "
                                                      f"drew {got.tolist()} but sample() on the dense rows drew {dense.tolist()}")
 
+    # The draws follow the claimed distribution.
+    if cls.stochastic or callable(getattr(cls, "distribution", None)):
+        for p in _distinct_distributions(params):
+            check_distribution(cls, p, logits, prompts, draws=draws)
+
     # Through the pipeline: the caller's tensor is never modified.
     from samplerkit.pipeline import Pipeline
 
@@ -447,12 +494,114 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
         assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
 
 
+#: Significance level of the distribution test: a correct sampler fails it once in a million runs.
+ALPHA = 1e-6
+
+
+def claimed_distribution(step: Sampler, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """The probabilities ``[B, V]`` (float64) a sampler instance claims to draw from: its
+    ``distribution(logits, ctx)`` method when it has one, else ``softmax(logits)``."""
+    own = getattr(step, "distribution", None)
+    if callable(own):
+        probs = own(logits.clone(), ctx)
+        where = f"{type(step).__qualname__}.distribution"
+        assert isinstance(probs, torch.Tensor) and probs.shape == logits.shape, \
+            f"{where} must return [B, V] probabilities shaped like the logits {tuple(logits.shape)}, got {probs!r:.80}"
+        probs = probs.to(torch.float64)
+        assert bool((probs >= 0).all()) and torch.allclose(probs.sum(-1), torch.ones(probs.shape[0], dtype=torch.float64), atol=1e-4), \
+            f"{where} must return nonnegative rows that sum to 1, got row sums {probs.sum(-1).tolist()[:4]}"
+        return probs
+    return torch.softmax(logits.to(torch.float64), dim=-1)
+
+
+def chi_square(observed: torch.Tensor, expected: torch.Tensor) -> tuple[float, int, float]:
+    """Pearson's chi-square goodness of fit: ``(statistic, degrees of freedom, p-value)``.
+
+    ``X^2 = sum_j (O_j - E_j)^2 / E_j`` over bins with ``E_j >= 5``; the tokens with smaller
+    expected counts are pooled into one bin (the usual validity rule of the test). With ``k``
+    bins, ``X^2`` is asymptotically chi-square with ``k - 1`` degrees of freedom, and the
+    p-value is ``Q((k - 1) / 2, X^2 / 2)``, the regularised upper incomplete gamma function.
+    Returns p-value 1.0 when fewer than two bins remain (nothing to compare).
+    """
+    observed = observed.to(torch.float64)
+    expected = expected.to(torch.float64)
+    big = expected >= 5.0
+    obs = observed[big]
+    exp = expected[big]
+    rest_e = expected[~big].sum()
+    if rest_e > 0:
+        obs = torch.cat([obs, observed[~big].sum().reshape(1)])
+        exp = torch.cat([exp, rest_e.reshape(1)])
+    if obs.numel() < 2:
+        return 0.0, 0, 1.0
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    dof = obs.numel() - 1
+    pvalue = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                           torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, dof, pvalue
+
+
+def _distinct_distributions(params: list[StepParams]) -> list[StepParams]:
+    """One example per distinct set of parameters other than ``seed``, plus one with a fixed seed
+    (its draws run along one row's stream) and one without: the seed changes the draws, not the
+    distribution, and each test costs thousands of draws."""
+    chosen: dict[tuple, StepParams] = {}
+    for p in params:
+        rest = tuple(sorted((k, repr(v)) for k, v in p.model_dump().items() if k != "seed"))
+        chosen.setdefault((rest, getattr(p, "seed", None) is None), p)
+    return list(chosen.values())
+
+
+def check_distribution(cls: type, params: StepParams, logits: torch.Tensor, prompts: list[list[int]] | None = None,
+                       *, draws: int = 2000, alpha: float = ALPHA) -> None:
+    """Draw ``draws`` tokens per row of ``logits`` (``[C, V]``) with sampler ``cls`` and test
+    their frequencies against the distribution the sampler claims (:func:`claimed_distribution`)
+    by :func:`chi_square` at level ``alpha``.
+
+    The draws of one row are ``draws`` rows of one batch: unseeded rows each get their own
+    random seed; a fixed seed is drawn at ``draws`` different step counters
+    (``ctx.num_generated = 0, 1, ...``), i.e. along the row's own stream.
+    """
+    vocab = logits.shape[1]
+    uses = frozenset(getattr(cls, "uses", frozenset()))
+    for i in range(logits.shape[0]):
+        x = logits[i:i + 1].expand(draws, vocab).contiguous()
+        row_prompts = None if prompts is None else [prompts[i]] * draws
+
+        def ctx(row_prompts=row_prompts) -> StepContext:
+            c = StepContext(draws, vocab, prompt_ids=row_prompts, uses=uses, max_new_tokens=1)
+            c.num_generated.copy_(torch.arange(draws))
+            return c
+
+        step = cls([params] * draws, "cpu")
+        expected = claimed_distribution(step, x, ctx())[0] * draws
+        if int((expected >= 5.0).sum()) < 2:
+            continue            # (nearly) one possible token: nothing to compare, and the draw was checked above
+        ids = step.sample(x.clone(), ctx())
+        observed = torch.bincount(ids, minlength=vocab)[:vocab]
+        stat, dof, pvalue = chi_square(observed, expected)
+        if pvalue < alpha:
+            worst = int(((observed - expected) ** 2 / expected.clamp(min=1e-12)).argmax())
+            claim = "its distribution()" if callable(getattr(cls, "distribution", None)) else "softmax(logits)"
+            raise AssertionError(
+                f"{cls.name}({_describe(params)}) on test row {i}: the drawn tokens do not follow {claim} "
+                f"(chi-square {stat:.1f} with {dof} degrees of freedom over {draws} draws, p = {pvalue:.2g} < "
+                f"{alpha:g}); token {worst} was drawn {int(observed[worst])} times, expected {float(expected[worst]):.1f}. "
+                f"A sampler that draws from another distribution than softmax of its input logits must say "
+                f"which: define distribution(self, logits, ctx) returning the [B, V] probabilities it draws from.")
+
+
 def check_step(cls: type, params_examples: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
     """:func:`check_processor` or :func:`check_sampler`, whichever ``cls`` is."""
     if isinstance(cls, type) and issubclass(cls, Sampler):
         check_sampler(cls, params_examples, **kwargs)
-    else:
+    elif isinstance(cls, type) and issubclass(cls, Processor):
         check_processor(cls, params_examples, **kwargs)
+    else:
+        from samplerkit.backend import Backend
+
+        hint = " (for a backend use check_backend(instance))" if isinstance(cls, type) and issubclass(cls, Backend) else ""
+        raise AssertionError(f"check_step needs a samplerkit.Processor or samplerkit.Sampler subclass, got {cls!r}{hint}")
 
 
 # -- registries and temporary plugins -------------------------------------------------------
@@ -524,3 +673,74 @@ def temporary_plugin(plugin: Any, name: str | None = None, *, block: Iterable[st
     finally:
         if loaded.manager.is_registered(plugin):
             loaded.manager.unregister(plugin)
+
+
+# -- whole plugin modules -------------------------------------------------------------------
+
+def check_plugin(plugin: Any, name: str | None = None, *, check_steps: bool = True) -> None:
+    """Check a plugin module as samplerkit will load it (raises AssertionError listing every problem).
+
+    - every function named after a hook is decorated with ``@samplerkit.hookimpl`` (pluggy
+      silently ignores an undecorated one, so the plugin would register nothing);
+    - every ``@hookimpl`` function is a real hook (no misspelling) and at least one exists;
+    - the hooks return classes that registration accepts (the right base class, a snake_case
+      ``name``, ``Params`` deriving from :class:`~samplerkit.StepParams`); backends implement
+      every abstract method;
+    - with ``check_steps``, each processor and sampler passes :func:`check_step` with its own
+      ``contract_examples()``. Backends need a constructed instance: run
+      :func:`samplerkit.testing.check_backend` on one yourself.
+    """
+    import difflib
+    import inspect
+
+    from samplerkit import hookspecs
+    from samplerkit.backend import Backend
+    from samplerkit.errors import PluginError
+
+    hooks = sorted(n for n in dir(hookspecs) if n.startswith("register_"))
+    label = name or getattr(plugin, "__name__", repr(plugin))
+    problems: list[str] = []
+    marked = []
+    for attr in dir(plugin):
+        obj = getattr(plugin, attr, None)
+        if not callable(obj) or isinstance(obj, type):
+            continue
+        is_impl = hasattr(obj, f"{hookspecs.hookimpl.project_name}_impl")
+        close = difflib.get_close_matches(attr, hooks, n=1, cutoff=0.8)
+        if is_impl:
+            marked.append(attr)
+            if attr not in hooks:
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                problems.append(f"{attr}() is decorated with @samplerkit.hookimpl but samplerkit has no such hook.{hint} "
+                                f"Hooks: {', '.join(hooks)}.")
+        elif attr in hooks:
+            problems.append(f"{attr}() is not decorated with @samplerkit.hookimpl, so samplerkit never calls it: "
+                            f"put @samplerkit.hookimpl on the line above `def {attr}():`.")
+        elif close and attr.startswith("register"):
+            problems.append(f"{attr}() looks like the hook {close[0]!r} misspelled (and is not decorated with "
+                            f"@samplerkit.hookimpl): rename it to {close[0]} and decorate it.")
+    if not marked and not problems:
+        problems.append(f"no hook implementations: decorate one of {', '.join(hooks)} with @samplerkit.hookimpl.")
+    if problems:
+        raise AssertionError(f"plugin {label}: " + " ".join(f"({i + 1}) {p}" for i, p in enumerate(problems)))
+
+    plugin_name = name or f"check_plugin_{id(plugin)}"
+    try:
+        with temporary_plugin(plugin, plugin_name, load_entry_points=False) as registry:
+            entries = [e for kind in ("processor", "sampler", "backend") for e in registry.entries(kind)
+                       if e.plugin.name == plugin_name]
+    except PluginError as exc:
+        raise AssertionError(f"plugin {label} is rejected at registration: {exc}") from None
+    if not entries:
+        raise AssertionError(f"plugin {label}: its hooks returned no classes (return a list of classes).")
+    for entry in entries:
+        if entry.kind == "backend":
+            params_cls = getattr(entry.cls, "Params", None)
+            assert isinstance(params_cls, type) and issubclass(params_cls, StepParams), \
+                f"backend {entry.name!r}: {entry.cls.__qualname__}.Params must be a subclass of samplerkit.StepParams"
+            missing = sorted(getattr(entry.cls, "__abstractmethods__", ()))
+            assert not inspect.isabstract(entry.cls), \
+                f"backend {entry.name!r}: {entry.cls.__qualname__} does not implement {missing} (see samplerkit.Backend)"
+            assert issubclass(entry.cls, Backend)
+        elif check_steps:
+            check_step(entry.cls)

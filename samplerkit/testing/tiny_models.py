@@ -27,3 +27,27 @@ def train_byte_level_bpe(vocab_size: int = 280):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TOKENIZER_TEXT], trainer)
     return tok
+
+
+def save_tiny_llama(path, *, seed: int = 0):
+    """Save a tiny random Llama (:data:`TINY_LLAMA`, weights scaled so its distributions are not
+    flat) and the BPE tokenizer as a local Hugging Face directory at ``path`` (needs transformers).
+    Both the built-in ``llama`` backend and ``samplerkit-transformers`` load it: ``model: path``."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    path = Path(path)
+    generator = torch.Generator().manual_seed(seed)
+    cfg = transformers.LlamaConfig(**TINY_LLAMA, bos_token_id=0, eos_token_id=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.08 * noise)
+    model.save_pretrained(path)
+    train_byte_level_bpe().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    return path
