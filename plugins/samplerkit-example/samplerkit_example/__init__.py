@@ -43,6 +43,11 @@ class SuppressTokens(Processor):
         token_ids: list[int] = Field(default_factory=list,
                                      description="token ids that are never sampled; [] disables; ids outside [0, V) are ignored")
 
+    @classmethod
+    def contract_examples(cls):
+        # What samplerkit.testing.check_processor tries besides the neutral value.
+        return [{"token_ids": [0, 5]}, {"token_ids": [31, 31, 7]}, {"token_ids": list(range(32))}]
+
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
         # Lists are not packed into ``self.p`` (only bool/int/float fields are), so flatten the

@@ -53,6 +53,22 @@ class _MirostatBase(Sampler):
     def draw(self, kept: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return race_sample(kept, row_keys(self.seeds, ctx.num_generated))
 
+    def kept(self, logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the tokens this step's truncation removes at ``mu`` set to ``-inf``."""
+        raise NotImplementedError
+
+    def distribution(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """What :meth:`sample` draws from: ``softmax`` over the kept tokens, ``[B, V]`` (the
+        claim ``samplerkit.testing.check_sampler`` tests the draws against)."""
+        return torch.softmax(self.kept(logits, self.mu(ctx)), dim=-1)
+
+    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        mu = self.mu(ctx)
+        kept = self.kept(logits, mu)
+        ids = self.draw(kept, ctx)
+        self.finish(kept, ids, mu, ctx)
+        return ids
+
 
 class _Params(StepParams):
     tau: float = Field(5.0, ge=0.0, description="target surprise in bits (cross-entropy); mu starts at 2 * tau")
@@ -96,14 +112,10 @@ class Mirostat(_MirostatBase):
         return [{"tau": 3.0, "eta": 0.1, "seed": 1}, {"tau": 0.5, "eta": 1.0, "m": 2, "seed": 2},
                 {"tau": 8.0, "eta": 0.0, "m": 10, "seed": 3}]
 
-    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        mu = self.mu(ctx)
+    def kept(self, logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         k = mirostat_k(logits, mu, self.p.m, self._m_max)
         vocab = logits.shape[-1]
-        kept = logits.masked_fill(~top_k_mask(logits, k, min(int(k.max()), vocab)), NEG_INF)
-        ids = self.draw(kept, ctx)
-        self.finish(kept, ids, mu, ctx)
-        return ids
+        return logits.masked_fill(~top_k_mask(logits, k, min(int(k.max()), vocab)), NEG_INF)
 
 
 def mirostat_k(logits: torch.Tensor, mu: torch.Tensor, m: torch.Tensor, m_max: int) -> torch.Tensor:
@@ -161,16 +173,12 @@ class MirostatV2(_MirostatBase):
     def contract_examples(cls):
         return [{"tau": 3.0, "eta": 0.1, "seed": 1}, {"tau": 0.5, "eta": 1.0, "seed": 2}, {"tau": 1.0, "eta": 0.0, "seed": 3}]
 
-    def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        mu = self.mu(ctx)
+    def kept(self, logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(logits, dim=-1)
         keep = (-logp / _LN2) <= mu.unsqueeze(-1)
         top = logits.argmax(dim=-1, keepdim=True)
         keep.scatter_(-1, top, True)                                       # never empty
-        kept = logits.masked_fill(~keep, NEG_INF)
-        ids = self.draw(kept, ctx)
-        self.finish(kept, ids, mu, ctx)
-        return ids
+        return logits.masked_fill(~keep, NEG_INF)
 
 
 @samplerkit.hookimpl
