@@ -14,8 +14,9 @@ import torch
 from pydantic import Field
 
 import samplerkit
-from samplerkit import Sampler, StepContext, StepParams
-from samplerkit.ops import NEG_INF, race_sample, row_keys, top_k_mask
+from samplerkit import StepContext
+from samplerkit.ops import NEG_INF, top_k_mask
+from samplerkit.seeded import SeededSampler, SeedParams
 
 __all__ = ["MU_KEY", "Mirostat", "MirostatV2", "mirostat_k", "register_samplers"]
 
@@ -25,16 +26,9 @@ MU_KEY = "mirostat.mu"
 _LN2 = math.log(2.0)
 
 
-class _MirostatBase(Sampler):
-    stochastic = True
-
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        # As `categorical`: unseeded rows get a seed from torch's global generator once per
-        # batch composition (the pipeline carries it over when rows are selected).
-        seeds = [row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
-                 for row in self.rows]
-        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+class _MirostatBase(SeededSampler):
+    # SeededSampler owns the per-row streams: unseeded rows get a seed from torch's global
+    # generator once per batch composition, and the pipeline carries it over when rows are selected.
 
     def mu(self, ctx: StepContext) -> torch.Tensor:
         """The rows' current ``mu`` ``[B]``; ``2 * tau`` for a context that has none yet."""
@@ -51,7 +45,7 @@ class _MirostatBase(Sampler):
         ctx.state[MU_KEY] = mu - self.p.eta * (surprise - self.p.tau)
 
     def draw(self, kept: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return race_sample(kept, row_keys(self.seeds, ctx.num_generated))
+        return self.streams.race(kept, ctx)
 
     def kept(self, logits: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """``logits`` with the tokens this step's truncation removes at ``mu`` set to ``-inf``."""
@@ -70,10 +64,9 @@ class _MirostatBase(Sampler):
         return ids
 
 
-class _Params(StepParams):
+class _Params(SeedParams):
     tau: float = Field(5.0, ge=0.0, description="target surprise in bits (cross-entropy); mu starts at 2 * tau")
     eta: float = Field(0.1, ge=0.0, description="learning rate of mu")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="random seed of the row's stream; null draws one at random")
 
 
 class Mirostat(_MirostatBase):
