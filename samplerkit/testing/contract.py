@@ -569,7 +569,9 @@ def check_distribution(cls: type, params: StepParams, logits: torch.Tensor, prom
         row_prompts = None if prompts is None else [prompts[i]] * draws
 
         def ctx(row_prompts=row_prompts) -> StepContext:
-            c = StepContext(draws, vocab, prompt_ids=row_prompts, uses=uses, max_new_tokens=1)
+            # num_generated says which step of the stream this is; a history buffer that long
+            # keeps it consistent for steps that read ctx.generated (all -1: nothing recorded).
+            c = StepContext(draws, vocab, prompt_ids=row_prompts, uses=uses, max_new_tokens=draws if uses else 1)
             c.num_generated.copy_(torch.arange(draws))
             return c
 
