@@ -233,6 +233,18 @@ def test_check_sampler_accepts_categorical_and_a_seeded_sampler():
     check_sampler(type("PlainSeeded", (SeededSampler,), {"name": "plain_seeded"}))
 
 
+def test_check_sampler_gives_a_sampler_the_history_it_declares():
+    class ReadsHistory(SeededSampler):
+        name = "reads_history"
+        uses = frozenset({"generated", "counts"})
+
+        def sample(self, logits, ctx):
+            assert ctx.generated is not None and ctx.counts is not None, "history missing"
+            return self.streams.race(logits, ctx)
+
+    check_sampler(ReadsHistory)
+
+
 def test_chi_square_matches_closed_forms():
     # Two degrees of freedom: p = exp(-X^2 / 2).
     stat, dof, p = chi_square(torch.tensor([60.0, 20.0, 20.0]), torch.tensor([40.0, 30.0, 30.0]))

@@ -490,7 +490,7 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
     for p in params:
         pipe = Pipeline([], sampler=cls.spec(**p.model_dump()))
         caller = logits.clone()
-        pipe.sample(caller)
+        pipe.bind(batch).sample(caller, ctx_at(steps - 1))      # the history the sampler declared in `uses`
         assert torch.equal(caller, logits), f"{cls.name}({_describe(p)}): pipeline.sample modified the caller's logits"
 
 
