@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -379,3 +381,28 @@ def test_a_plugin_sampler_exports_through_its_llamacpp_declaration():
     # Without a sampler declaring --mirostat 1, import says what to install.
     with pytest.raises(ConfigError, match="--mirostat: 1: no installed sampler declares llama.cpp's mirostat 1"):
         import_llamacpp("--mirostat 1", toy)
+
+
+def test_the_cli_docs_export_examples_are_what_the_cli_prints(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's `samplerkit export llamacpp` session, run: each command prints (stderr, then
+    stdout) exactly the lines shown under it; `$ cat FILE` blocks are written first."""
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    section = doc[doc.index("## `samplerkit export llamacpp`"):]
+    section = section[:section.index("\n## ", 10)] if "\n## " in section[10:] else section
+    monkeypatch.chdir(tmp_path)
+    commands = 0
+    for block in re.findall(r"```\n(.*?)```", section, flags=re.S):
+        steps = re.split(r"^\$ ", block, flags=re.M)[1:]
+        for step in steps:
+            command, _, shown = step.partition("\n")
+            if command.startswith("cat "):
+                Path(command.split()[1]).write_text(shown)
+                continue
+            argv = shlex.split(command)
+            assert argv[:3] == ["samplerkit", "export", "llamacpp"]
+            code = main(argv[1:])
+            out = capsys.readouterr()
+            assert (out.err + out.out).splitlines() == shown.splitlines(), command
+            assert code == (2 if "error:" in shown else 0)
+            commands += 1
+    assert commands == 4
