@@ -272,8 +272,25 @@ def test_import_maps_llama_cpps_off_values_and_refuses_what_it_cannot_represent(
         import_llamacpp("--samplers 'top_p;xtc' --top-p 0 --xtc-probability 0.5 --xtc-threshold 0", registry)
     assert [i.location for i in info.value.issues] == ["--top-p", "--xtc-threshold"]
     assert "use --top-k 1" in str(info.value)
+    with pytest.raises(ConfigError, match=r"--logit-bias: '9-inf': samplerkit takes .* bias in \[-100, 100\]"):
+        import_llamacpp("--logit-bias 9-inf", registry)
     # Flags of samplers not in --samplers do not matter to llama.cpp, so not to import either.
     assert import_llamacpp("--samplers top_k --top-p 0", registry)["pipeline"] == [{"top_k": {"top_k": 40}}]
+
+
+def test_conformance_refusals_name_the_step_its_position_and_the_difference(registry):
+    with pytest.raises(ConfigError) as info:
+        export({"pipeline": [{"top_n_sigma": 1.5}, {"typical_p": 0.8}, {"temperature": 1.2}]}, registry)
+    assert str(info.value.issues[0]).startswith("pipeline[1] typical_p: after pipeline[0] top_n_sigma: ")
+    assert "-0 * log 0 = NaN" in str(info.value) and "a top_p or min_p step between them" in str(info.value)
+    with pytest.raises(ConfigError, match=r"pipeline\[1\] dynamic_temperature: .*log\(candidates\)"):
+        export({"pipeline": [{"top_n_sigma": 1.5}, {"dynamic_temperature": {"low": 0.5, "high": 1.5}}]}, registry)
+    # A min_p (or top_p) in between removes llama.cpp's -inf entries; under greedy, --temp 0 replaces
+    # the dynamic temperature; a neutral typical_p does nothing: all export.
+    export({"pipeline": [{"top_n_sigma": 1.5}, {"min_p": 0.01}, {"typical_p": 0.8}]}, registry)
+    export({"pipeline": [{"top_n_sigma": 1.5}, {"dynamic_temperature": {"low": 0.5, "high": 1.5}}],
+            "sampler": "greedy"}, registry)
+    export({"pipeline": [{"top_n_sigma": 1.5}, {"typical_p": 1.0}]}, registry)
 
 
 def test_import_refuses_a_chain_llama_cpp_runs_differently(registry):

@@ -368,6 +368,8 @@ CASES = [
     ("temperature_zero", [{"temperature": 0.0}], None),
     ("dynamic_temperature", [{"dynamic_temperature": {"low": 0.5, "high": 1.5, "exponent": 2.0}}], None),
     ("greedy", [{"top_k": 40}], "greedy"),
+    ("greedy_after_top_n_sigma_dynamic_temperature", [{"top_n_sigma": 1.5},
+                                                      {"dynamic_temperature": {"low": 0.5, "high": 1.5}}], "greedy"),
     ("llama_cpp_default_chain", [{"repetition_penalty": {"repetition_penalty": 1.1, "last_n": 64}},
                                  {"frequency_penalty": 0.0}, {"presence_penalty": 0.0},
                                  {"dry": {"multiplier": 0.5, "penalty_last_n": 64}}, {"top_n_sigma": 0.0},
