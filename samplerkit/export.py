@@ -7,29 +7,40 @@ flags back into a config mapping (llama.cpp's defaults for what they leave out).
 
 Why exact or nothing: a user who moves a pipeline to llama.cpp must get the same distribution.
 Whatever llama.cpp cannot express with the same semantics (a step it has no sampler for, a
-second instance of a step, penalties that are not adjacent, samplerkit-only options such as
-``include_prompt: false``) is collected, each with its position and reason, into ONE
-:class:`~samplerkit.errors.ConfigError`; nothing is dropped silently (a step at its neutral
-value, which changes no logit, is left out with a note saying so). Random draws never match
-bitwise (different generators), so a seed only makes llama.cpp's run reproducible.
+second instance of a step with other values, penalties that are not adjacent, samplerkit-only
+options such as ``include_prompt: false``, and the placements tests/conformance shows llama.cpp
+runs differently, see :func:`_conformance`) is collected, each with its position and reason,
+into ONE :class:`~samplerkit.errors.ConfigError`; nothing is dropped silently (a step at its
+neutral value, which changes no logit, is left out with a note saying so). What is emitted is
+checked by tests/conformance: llama.cpp's own sampler chain (llama-cpp-python's C API) and
+samplerkit on the same logits keep the same tokens with the same probabilities, and their seeded
+draws pass a chi-square test. Random draws never match bitwise (different generators), so a
+seed only makes llama.cpp's run reproducible.
+
+Samplers: ``categorical`` is ``dist``, ``greedy`` is ``--temp 0``; any other sampler exports when
+its class declares a :class:`LlamaCppSampler` as ``llamacpp`` (samplerkit-mirostat does).
 
 llama.cpp facts relied on (``common/arg.cpp``, ``common/sampling.cpp``, ``src/llama-sampling.cpp``):
 its chain is ``logit_bias`` (always first) then ``--samplers`` in order then ``dist``; the
 penalties (repeat, frequency, presence) are one sampler over the last ``--repeat-last-n`` tokens
-of prompt + generated (``-1``: the whole context); ``--temp 0`` keeps only the top logit;
-``--mirostat`` ignores ``--samplers`` (its chain is ``temp`` then mirostat, with m = 100).
+of prompt + generated (``0``: off; ``-1``, once the whole context, is now rejected, as for
+``--dry-penalty-last-n``); ``--temp 0`` keeps only the top logit;
+``--mirostat`` ignores ``--samplers`` (its chain is ``temp`` then mirostat, with m = 100); a
+sampler named twice in ``--samplers`` runs twice with the same flag values.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from samplerkit.config import RunConfig, StepSpec
+from samplerkit.config import RunConfig, StepSpec, resolve
 from samplerkit.errors import ConfigError, ConfigIssue
+from samplerkit.registry import Registry, default_registry
 
 #: llama.cpp's default ``--samplers`` (common_params_sampling::samplers).
 DEFAULT_CHAIN = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
@@ -41,8 +52,6 @@ CHAIN_NAMES = {
     "min_p": "min_p", "xtc": "xtc", "temperature": "temperature", "dynamic_temperature": "temperature",
 }
 _PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
-#: Steps that never change the argmax (so greedy may move past them).
-_ARGMAX_INVARIANT = {"top_k", "top_p", "min_p", "top_n_sigma", "temperature", "dynamic_temperature"}
 _NO_SAMPLER = {
     "min_tokens": "llama.cpp has no minimum-length sampler",
     "bad_words": "llama.cpp has no banned-sequence sampler",
@@ -65,6 +74,29 @@ class LlamaCppExport:
         return shlex.join(self.args)
 
 
+@dataclass(frozen=True)
+class LlamaCppSampler:
+    """How a sampler maps to llama.cpp's flags: set it as the ``llamacpp`` class attribute of a
+    :class:`~samplerkit.Sampler` and ``samplerkit export llamacpp`` (and :func:`import_llamacpp`)
+    handle it without knowing its name. samplerkit-mirostat's, for example::
+
+        llamacpp = LlamaCppSampler(flags={"--mirostat": "2"},
+                                   params={"eta": "--mirostat-lr", "tau": "--mirostat-ent", "seed": "--seed"},
+                                   replaces_chain=True)
+
+    ``flags``: flags written as given (and, on import, the flags that select this sampler).
+    ``params``: parameter name -> the flag that carries its value (``--seed`` as a seed).
+    ``fixed``: parameters llama.cpp hard-codes (parameter -> its value); another value is refused.
+    ``replaces_chain``: llama.cpp ignores ``--samplers`` under ``flags`` and runs ``temp`` then
+    this sampler, so only a temperature step may precede it.
+    """
+
+    flags: Mapping[str, str]
+    params: Mapping[str, str] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    replaces_chain: bool = False
+
+
 def num(value: float | int) -> str:
     """``1.0`` -> ``1``, ``0.95`` -> ``0.95``: the shortest text that reads back the same float."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
@@ -81,7 +113,10 @@ class _Builder:
         self.issues: list[ConfigIssue] = []
         self.notes: list[str] = []
         self.chain_owner: dict[str, StepSpec] = {}
-        self.penalties: dict[str, StepSpec] = {}
+        self.owner_flags: dict[str, dict[str, str]] = {}     # the flags each chain sampler's first step set
+        self.chain_steps: list[StepSpec] = []                # the step behind each b.chain entry
+        self.penalty_groups: list[dict[str, StepSpec]] = []  # adjacent penalty steps, one `penalties` each
+        self.check = True                                    # refuse what tests/conformance shows differs
 
     def issue(self, spec: StepSpec | str, message: str) -> None:
         where = spec if isinstance(spec, str) else spec.location or spec.name
@@ -98,9 +133,17 @@ class _Builder:
 
 
 def export_llamacpp(config: RunConfig) -> LlamaCppExport:
-    """llama.cpp flags equivalent to ``config``; :class:`ConfigError` lists everything inexpressible."""
+    """llama.cpp flags equivalent to ``config``; :class:`ConfigError` lists everything inexpressible,
+    including the chains that tests/conformance shows llama.cpp runs differently (see :func:`_conformance`)."""
+    return _export(config)
+
+
+def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExport:
+    """:func:`export_llamacpp`; ``check_conformance=False`` gives the flags of a chain that llama.cpp
+    would run differently too (the conformance suite uses it to show each refusal is real)."""
     b = _Builder(config)
-    mirostat = config.sampler.name in ("mirostat", "mirostat_v2")
+    b.check = check_conformance
+    native = _native_sampler(config.sampler)
     _model_flag(b)
     previous: str | None = None
     for index, spec in enumerate(config.processors):
@@ -114,31 +157,34 @@ def export_llamacpp(config: RunConfig) -> LlamaCppExport:
                                                  "make it the first step")
         elif chain_name is None:
             left_out = b.inexpressible(spec, _NO_SAMPLER.get(name, f"llama.cpp has no {name!r} sampler"))
-        elif mirostat and name != "temperature":
-            left_out = b.inexpressible(spec, "llama.cpp ignores --samplers under --mirostat (its chain is "
-                                             "temperature -> mirostat): only a temperature step may precede it")
+        elif native is not None and native.replaces_chain and name != "temperature":
+            left_out = b.inexpressible(spec, f"llama.cpp ignores --samplers under {_flag_text(native.flags)} (its "
+                                             f"chain is temperature -> {config.sampler.name}): only a temperature "
+                                             "step may precede it")
         elif chain_name == "penalties":
             left_out = _add_penalty(b, spec, previous)
         elif chain_name in b.chain_owner:
-            first = b.chain_owner[chain_name]
-            left_out = b.inexpressible(spec, f"llama.cpp's {chain_name!r} sampler already comes from "
-                                             f"{first.location or first.name}; llama.cpp has one value per flag, "
-                                             "so a step cannot appear twice")
+            left_out = _repeat(b, spec, chain_name)
         else:
             b.chain_owner[chain_name] = spec
             b.chain.append(chain_name)
+            b.chain_steps.append(spec)
+            before = dict(b.flags)
             _STEP_FLAGS[name](b, spec)
+            b.owner_flags[chain_name] = {k: v for k, v in b.flags.items() if before.get(k) != v}
         if not left_out:                         # a neutral step left out does not break adjacency
             previous = name
-    if b.penalties:
+    if b.penalty_groups:
         _penalty_flags(b)
-    _sampler(b)
+    if check_conformance:
+        _conformance(b)
+    _sampler(b, native)
     _generation(b)
     if b.issues:
         raise ConfigError(sorted(b.issues, key=_position), "llama.cpp export")
     args: list[str] = []
     for flag, value in b.flags.items():
-        args += [flag] if value == "" else [flag, value]
+        args += [flag] if flag in _SWITCHES else [flag, value]
     for bias in b.bias:
         args += ["--logit-bias", bias]
     return LlamaCppExport(args, b.notes)
@@ -155,19 +201,20 @@ def _position(issue: ConfigIssue) -> tuple[int, int]:
 # -- steps --------------------------------------------------------------------------------
 
 def _add_penalty(b: _Builder, spec: StepSpec, previous: str | None) -> bool:
-    """Place a penalty step in llama.cpp's one ``penalties`` sampler; True when left out."""
-    if spec.name in b.penalties:
-        first = b.penalties[spec.name]
-        return b.inexpressible(spec, f"second {spec.name} (first at {first.location}); llama.cpp has one "
-                                     "penalties sampler")
-    if b.penalties and previous not in _PENALTIES:
-        return b.inexpressible(spec, "not adjacent to the other penalty steps; llama.cpp applies repetition, "
-                                     "frequency and presence penalties together as one `penalties` sampler")
-    if not b.penalties:
+    """Place a penalty step in a ``penalties`` sampler; True when left out.
+
+    Adjacent penalty steps (one of each at most) form one group, one ``penalties`` entry in
+    ``--samplers``; a later group is another ``penalties`` entry, which llama.cpp runs with the
+    same flag values, so :func:`_penalty_flags` accepts it only with the same values."""
+    group = b.penalty_groups[-1] if b.penalty_groups else None
+    if group is None or previous not in _PENALTIES or spec.name in group:
+        group = {}
+        b.penalty_groups.append(group)
         b.chain.append("penalties")
+        b.chain_steps.append(spec)
         for flag in ("--repeat-penalty", "--repeat-last-n", "--frequency-penalty", "--presence-penalty"):
-            b.flags[flag] = "?"                  # filled by _penalty_flags, here for the output order
-    b.penalties[spec.name] = spec
+            b.flags.setdefault(flag, "?")        # filled by _penalty_flags, here for the output order
+    group[spec.name] = spec
     p = spec.params
     if spec.name == "repetition_penalty":
         if not p.include_prompt and p.repetition_penalty != 1.0:
@@ -180,19 +227,81 @@ def _add_penalty(b: _Builder, spec: StepSpec, previous: str | None) -> bool:
     return False
 
 
+def _penalty_values(group: Mapping[str, StepSpec]) -> tuple[float, int | None, float, float]:
+    """What one group does in llama.cpp's terms: (repeat penalty, its window or None when off, frequency, presence)."""
+    rep = group.get("repetition_penalty")
+    value = rep.params.repetition_penalty if rep else 1.0
+    window = (rep.params.last_n if rep else 64) if value != 1.0 else None
+    freq, pres = (getattr(group[n].params, n) if n in group else 0.0 for n in ("frequency_penalty", "presence_penalty"))
+    return value, window, freq, pres
+
+
 def _penalty_flags(b: _Builder) -> None:
-    rep = b.penalties.get("repetition_penalty")
-    last_n = rep.params.last_n if rep is not None else 64
-    if rep is not None and any(n in b.penalties for n in ("frequency_penalty", "presence_penalty")):
-        names = list(b.penalties)
-        if names.index("repetition_penalty") != 0 and rep.params.repetition_penalty != 1.0:
+    first = b.penalty_groups[0]
+    reference = _penalty_values(first)
+    dropped: list[int] = []
+    for g, group in enumerate(b.penalty_groups[1:], start=1):
+        if _penalty_values(group) == reference:
+            continue
+        head = next(iter(group.values()))
+        if all(spec.params.is_neutral() for spec in group.values()):
+            dropped.append(g)
+            for spec in group.values():
+                b.notes.append(f"{spec.location or spec.name}: left out, it is neutral (changes nothing)")
+            continue
+        b.issue(head, f"not adjacent to the other penalty steps ({next(iter(first.values())).location}) and "
+                      "with other values: llama.cpp applies repetition, frequency and presence penalties together "
+                      "as one `penalties` sampler, with one set of values wherever --samplers names it")
+    if dropped:
+        heads = {id(next(iter(b.penalty_groups[g].values()))) for g in dropped}
+        kept = [(c, s) for c, s in zip(b.chain, b.chain_steps) if not (c == "penalties" and id(s) in heads)]
+        b.chain, b.chain_steps = [c for c, _ in kept], [s for _, s in kept]
+    for group in b.penalty_groups:
+        rep = group.get("repetition_penalty")
+        if rep is not None and len(group) > 1 and list(group).index("repetition_penalty") != 0 \
+                and rep.params.repetition_penalty != 1.0:
             b.issue(rep, "llama.cpp's penalties sampler applies the repetition penalty first: put it before "
                          "frequency_penalty and presence_penalty")
-    b.flags["--repeat-penalty"] = num(rep.params.repetition_penalty if rep else 1.0)
-    b.flags["--repeat-last-n"] = "-1" if last_n == 0 else str(last_n)
-    for name, flag in (("frequency_penalty", "--frequency-penalty"), ("presence_penalty", "--presence-penalty")):
-        spec = b.penalties.get(name)
-        b.flags[flag] = num(getattr(spec.params, name) if spec else 0.0)
+    value, window, freq, pres = reference
+    rep = first.get("repetition_penalty")
+    last_n = rep.params.last_n if rep is not None else 64
+    b.flags["--repeat-penalty"] = num(value)
+    whole = last_n == 0 and value != 1.0
+    if whole and b.check:
+        b.issue(rep, _WHOLE_CONTEXT.format(flag="--repeat-last-n"))
+    # 0 here: off (the group is neutral); -1 (unchecked only): what llama.cpp once read as the whole context.
+    b.flags["--repeat-last-n"] = "-1" if whole else str(last_n)
+    b.flags["--frequency-penalty"] = num(freq)
+    b.flags["--presence-penalty"] = num(pres)
+
+
+def _repeat(b: _Builder, spec: StepSpec, chain_name: str) -> bool:
+    """A second step for a sampler already in the chain: llama.cpp runs it again with the same flag
+    values (``--samplers top_k;temperature;top_k``), so it exports when its values are the same."""
+    first = b.chain_owner[chain_name]
+    saved, b.flags = b.flags, {}
+    _STEP_FLAGS[spec.name](b, spec)
+    mine, b.flags = b.flags, saved
+    theirs = b.owner_flags[chain_name]
+    keys = list(dict.fromkeys([*theirs, *mine]))
+    clash = [k for k in keys if mine.get(k, _IMPLIED.get(k)) != theirs.get(k, _IMPLIED.get(k))]
+    if clash:
+        return b.inexpressible(spec, f"llama.cpp's {chain_name!r} sampler already comes from "
+                                     f"{first.location or first.name} with "
+                                     f"{_flag_text({k: theirs.get(k, _IMPLIED.get(k)) for k in clash})}; llama.cpp "
+                                     f"has one value per flag, so a second {chain_name!r} needs the same values "
+                                     f"(this step: {_flag_text({k: mine.get(k, _IMPLIED.get(k)) for k in clash})})")
+    b.chain.append(chain_name)
+    b.chain_steps.append(spec)
+    return False
+
+
+#: The value llama.cpp uses for a flag a step does not set (a plain temperature is temp_ext with range 0).
+_IMPLIED = {"--dynatemp-range": "0", "--dynatemp-exp": "1"}
+
+
+def _flag_text(flags: Mapping[str, str | None]) -> str:
+    return " ".join(f"{k} {v}" for k, v in flags.items())
 
 
 def _dry(b: _Builder, spec: StepSpec) -> None:
@@ -200,14 +309,25 @@ def _dry(b: _Builder, spec: StepSpec) -> None:
     b.flags["--dry-multiplier"] = num(p.multiplier)
     b.flags["--dry-base"] = num(p.base)
     b.flags["--dry-allowed-length"] = str(p.allowed_length)
-    b.flags["--dry-penalty-last-n"] = "-1" if p.penalty_last_n == 0 else str(p.penalty_last_n)
+    # Off (multiplier 0), the window does not matter: 0, llama.cpp's other "off", which imports back as it is.
+    b.flags["--dry-penalty-last-n"] = "0" if p.multiplier == 0.0 else str(p.penalty_last_n)
     if p.multiplier == 0.0:
-        return                                   # off: breakers do not matter
+        return                                   # off: window and breakers do not matter
+    if p.penalty_last_n == 0:
+        if b.check:
+            b.issue(spec, _WHOLE_CONTEXT.format(flag="--dry-penalty-last-n"))
+        b.flags["--dry-penalty-last-n"] = "-1"
     if p.sequence_breakers:
         b.issue(spec, "sequence_breakers are token ids; llama.cpp takes strings (--dry-sequence-breaker) and "
                       "matches them differently: export without breakers or pass the strings yourself")
     else:
         b.flags["--dry-sequence-breaker"] = "none"   # llama.cpp's default is ["\n", ":", "\"", "*"]
+
+
+#: samplerkit's window 0 is the whole context; llama.cpp (llama-cpp-python 0.3.36's) has no such value.
+_WHOLE_CONTEXT = ("a window of 0 is the whole context in samplerkit, but llama.cpp's {flag} is a window >= 0 "
+                  "where 0 switches the penalty off (-1, once 'whole context', is rejected): set a window as long "
+                  "as your context (e.g. 4096), which penalises the same tokens")
 
 
 def _min_keep(b: _Builder, spec: StepSpec, value: int) -> None:
@@ -255,6 +375,48 @@ _STEP_FLAGS = {
 }
 
 
+# -- conformance -------------------------------------------------------------------------
+
+def _conformance(b: _Builder) -> None:
+    """Refuse the placements that tests/conformance shows llama.cpp runs differently.
+
+    The cause, in llama.cpp's ``src/llama-sampler.cpp``: ``top_n_sigma`` sets the logits of the
+    tokens it removes to ``-inf`` but leaves them in the candidate array, where
+    top_k/top_p/min_p/typical/xtc shrink it. Two later samplers read every entry:
+
+    * ``typical`` computes the entropy as ``sum -p_i log p_i`` over the array, and for a removed
+      token ``-0 * log 0 = NaN``: the entropy, every ``|-log p_i - H|`` score and so the
+      typicality order it cuts at ``typical_p`` are NaN / arbitrary (issue 13's 562 draws
+      outside the kept set for ``top_n_sigma 1.5 -> typical_p 0.8``);
+    * ``temp-ext`` (dynamic temperature) normalises the entropy by ``log(array size)``,
+      counting the removed tokens, where samplerkit counts the finite logits.
+
+    A min_p or top_p (below 1) in between removes the ``-inf`` entries (min_p keeps
+    ``logit >= max + log(min_p)``; top_p stops once the mass reaches ``p``), so the chain conforms.
+    (``--temp 0`` leaves ``-inf`` entries too, but only one token has a probability then, and the
+    suite shows typical and dynamic temperature keep it: it conforms.) The windows: samplerkit's
+    ``last_n: 0`` (whole context) has no llama.cpp value (``-1`` is rejected by llama-cli).
+    """
+    masked: StepSpec | None = None               # the step whose -inf entries are still in the array
+    for chain_name, spec in zip(b.chain, b.chain_steps):
+        p = spec.params
+        if chain_name == "top_n_sigma" and not p.is_neutral():
+            masked = spec
+        elif chain_name in ("top_p", "min_p") and not p.is_neutral():
+            masked = None
+        elif masked is not None and (
+                (chain_name == "typ_p" and not p.is_neutral())
+                or (spec.name == "dynamic_temperature" and p.low != p.high
+                    and b.config.sampler.name != "greedy")):     # greedy: --temp 0 replaces it
+            what = ("llama.cpp's typical sampler computes the entropy over them as sum -p log p, and "
+                    "-0 * log 0 = NaN makes its typicality order arbitrary" if chain_name == "typ_p" else
+                    "llama.cpp's dynamic temperature normalises the entropy by log(candidates) counting them, "
+                    "samplerkit by log(finite logits)")
+            b.issue(spec, f"after {masked.location or masked.name}: llama.cpp's {masked.name} leaves the tokens it "
+                          f"removes in its candidate list at -inf, and {what} (tests/conformance); put this step "
+                          f"before {masked.name}, or a top_p or min_p step between them")
+
+
 # -- sampler, generation, model -------------------------------------------------------------
 
 def _seed(b: _Builder, seed: int | None) -> None:
@@ -266,26 +428,38 @@ def _seed(b: _Builder, seed: int | None) -> None:
         b.flags["--seed"] = str(seed)
 
 
-def _sampler(b: _Builder) -> None:
+def _native_sampler(spec: StepSpec) -> LlamaCppSampler | None:
+    return _native_sampler_cls(spec.cls)
+
+
+def _sampler(b: _Builder, native: LlamaCppSampler | None) -> None:
     spec = b.config.sampler
     where = f"sampler {spec.name}"
     if spec.name == "categorical":
         _seed(b, spec.params.seed)
     elif spec.name == "greedy":
         _greedy(b)
-    elif spec.name in ("mirostat", "mirostat_v2"):
-        if spec.name == "mirostat" and spec.params.m != 100:
-            b.issue(f"{where}.m", "llama.cpp's mirostat uses m = 100")
-        b.flags.setdefault("--temp", "1")
-        b.flags["--mirostat"] = "1" if spec.name == "mirostat" else "2"
-        b.flags["--mirostat-lr"] = num(spec.params.eta)
-        b.flags["--mirostat-ent"] = num(spec.params.tau)
-        _seed(b, spec.params.seed)
-        b.chain.clear()                          # --samplers is ignored under --mirostat
+    elif native is not None:
+        for param, required in native.fixed.items():
+            if getattr(spec.params, param) != required:
+                b.issue(f"{where}.{param}", f"llama.cpp's {spec.name} uses {param} = {required}")
+        if native.replaces_chain:
+            b.flags.setdefault("--temp", "1")
+            b.chain.clear()                      # llama.cpp ignores --samplers under these flags
+        b.flags.update(native.flags)
+        for param, flag in native.params.items():
+            value = getattr(spec.params, param)
+            if flag == "--seed":
+                _seed(b, value)
+            else:
+                b.flags[flag] = num(value)
     else:
-        b.issue(where, "llama.cpp has no such sampler (its samplers: dist, greedy via --temp 0, mirostat 1/2)")
-    if b.chain:
-        b.flags = {"--samplers": ";".join(b.chain), **b.flags}
+        b.issue(where, "llama.cpp has no such sampler (its samplers: dist, greedy via --temp 0, and those whose "
+                       "class declares a `llamacpp` mapping, e.g. samplerkit-mirostat's)")
+    if native is None or not native.replaces_chain:
+        # Always written, empty too: without it llama.cpp runs its default chain with its defaults.
+        model = {"-m": b.flags.pop("-m")} if "-m" in b.flags else {}
+        b.flags = {**model, "--samplers": ";".join(b.chain), **b.flags}
 
 
 def _greedy(b: _Builder) -> None:
@@ -295,8 +469,8 @@ def _greedy(b: _Builder) -> None:
         b.chain.append("temperature")
     else:
         steps = list(b.config.processors)
-        later = [s for s in steps[steps.index(owner) + 1:] 
-                 if s.name in CHAIN_NAMES and s.name not in _ARGMAX_INVARIANT and not s.params.is_neutral()]
+        later = [s for s in steps[steps.index(owner) + 1:]
+                 if s.name in CHAIN_NAMES and not s.cls.argmax_invariant and not s.params.is_neutral()]
         for s in later:
             b.issue(s, f"with the greedy sampler llama.cpp takes the argmax at its temperature sampler "
                        f"({owner.location}); this step after it can change the argmax")
@@ -331,7 +505,7 @@ def _model_flag(b: _Builder) -> None:
 LLAMACPP_DEFAULTS: dict[str, str] = {
     "--samplers": ";".join(DEFAULT_CHAIN), "--repeat-penalty": "1", "--repeat-last-n": "64",
     "--frequency-penalty": "0", "--presence-penalty": "0", "--dry-multiplier": "0", "--dry-base": "1.75",
-    "--dry-allowed-length": "2", "--dry-penalty-last-n": "-1", "--top-nsigma": "-1", "--top-k": "40",
+    "--dry-allowed-length": "2", "--dry-penalty-last-n": "64", "--top-nsigma": "-1", "--top-k": "40",
     "--typical": "1", "--top-p": "0.95", "--min-p": "0.05", "--xtc-probability": "0", "--xtc-threshold": "0.1",
     "--temp": "0.8", "--dynatemp-range": "0", "--dynatemp-exp": "1", "--mirostat": "0", "--mirostat-lr": "0.1",
     "--mirostat-ent": "5", "--seed": "-1", "-n": "-1", "-m": "", "--dry-sequence-breaker": "",
@@ -342,13 +516,19 @@ _ALIASES = {"--top-n-sigma": "--top-nsigma", "--temperature": "--temp", "--typic
             "-l": "--logit-bias", "--n-predict": "-n", "--predict": "-n", "--model": "-m"}
 
 
-def import_llamacpp(args: Sequence[str] | str) -> dict[str, Any]:
+def import_llamacpp(args: Sequence[str] | str, registry: Registry | None = None) -> dict[str, Any]:
     """A config mapping for llama.cpp flags (a string is split like a shell); the inverse of
-    :func:`export_llamacpp` for what it emits. Unknown flags are a :class:`ConfigError`.
+    :func:`export_llamacpp`: whatever it returns exports back to flags that import to the same
+    config. Flags samplerkit cannot represent exactly (unknown flags, values outside what a step
+    accepts, chains llama.cpp runs differently) are one :class:`ConfigError` naming each flag.
+    llama.cpp's "off" values map to the step's neutral value (``--top-k 0``, ``--top-p 1``,
+    ``--dry-penalty-last-n 0`` ...). ``registry`` (default: the installed plugins) supplies the
+    samplers that declare a ``llamacpp`` mapping (``--mirostat``).
 
     >>> import_llamacpp("--samplers 'top_k;temperature' --top-k 5 --temp 0.7")["pipeline"]
     [{'top_k': {'top_k': 5}}, {'temperature': {'temperature': 0.7}}]
     """
+    registry = registry if registry is not None else default_registry()
     argv = shlex.split(args) if isinstance(args, str) else list(args)
     values, issues, bias = dict(LLAMACPP_DEFAULTS), [], {}
     switches: set[str] = set()
@@ -363,27 +543,42 @@ def import_llamacpp(args: Sequence[str] | str) -> dict[str, Any]:
                 break
             i += 1
             if flag == "--logit-bias":
-                token, sign, amount = _split_bias(argv[i])
-                bias[token] = float(amount) * (-1 if sign == "-" else 1)
+                parsed = _split_bias(argv[i], issues)
+                if parsed is not None:
+                    bias[parsed[0]] = parsed[1]
             else:
                 values[flag] = argv[i]
         else:
             issues.append(ConfigIssue(flag, "not a llama.cpp sampling flag samplerkit reads"))
         i += 1
+    f: dict[str, Any] = {}
+    for key, text in values.items():
+        if key in _TEXT_FLAGS:
+            f[key] = text
+            continue
+        try:
+            f[key] = float(text)
+        except ValueError:
+            issues.append(ConfigIssue(key, f"expected a number, got {text!r}"))
+            continue
+        if not math.isfinite(f[key]):
+            issues.append(ConfigIssue(key, f"expected a finite number, got {text!r}"))
     if issues:
         raise ConfigError(issues, "llama.cpp flags")
-    f = {k: float(v) if k not in ("--samplers", "-m", "--dry-sequence-breaker") else v for k, v in values.items()}
+    # An empty entry is no sampler (llama.cpp skips names it does not know, "" among them).
+    chain = [_SAMPLER_ALIASES.get(n.lower(), n.lower()) for n in f["--samplers"].split(";") if n]
+    _check_ranges(f, {"temperature", "mirostat"} if f["--mirostat"] else {*chain, "mirostat"}, issues)
     pipeline: list[dict[str, Any]] = [{"logit_bias": {"bias": bias}}] if bias else []
     sampler: dict[str, Any] = {"name": "categorical"}
-    if f["--seed"] >= 0 and f["--seed"] <= _SEED_MAX:
-        sampler["seed"] = int(f["--seed"])
+    seed = int(f["--seed"]) if 0 <= f["--seed"] <= _SEED_MAX else None
+    if seed is not None:
+        sampler["seed"] = seed
     if f["--mirostat"]:
-        pipeline.append({"temperature": {"temperature": f["--temp"]}})
-        name = "mirostat" if f["--mirostat"] == 1 else "mirostat_v2"
-        sampler = {**sampler, "name": name, "tau": f["--mirostat-ent"], "eta": f["--mirostat-lr"]}
+        pipeline.append({"temperature": {"temperature": max(0.0, f["--temp"])}})
+        sampler = _import_native(f, seed, registry, issues)
     else:
-        for chain_name in f["--samplers"].split(";"):
-            pipeline += _import_step(chain_name.strip(), f, issues)
+        for chain_name in chain:
+            pipeline += _import_step(chain_name, f, issues)
     generation: dict[str, Any] = {"ignore_eos": "--ignore-eos" in switches}
     if f["-n"] >= 0:
         generation["max_new_tokens"] = int(f["-n"])
@@ -392,18 +587,100 @@ def import_llamacpp(args: Sequence[str] | str) -> dict[str, Any]:
     out: dict[str, Any] = {"pipeline": pipeline, "sampler": sampler, "generation": generation}
     if f["-m"]:
         out["backend"] = {"name": "llama", "model": f["-m"]}
+    try:                                         # exactly what export accepts, so the round trip holds
+        _export(resolve(out, registry))
+    except ConfigError as exc:
+        raise ConfigError(exc.issues, "llama.cpp flags: the pipeline they import to (pipeline[i] is its i-th "
+                                      "step: the --logit-bias, then the --samplers in order, `penalties` as three "
+                                      "steps) cannot be exported back exactly") from None
     return out
 
 
-def _split_bias(text: str) -> tuple[int, str, str]:
+_TEXT_FLAGS = ("--samplers", "-m", "--dry-sequence-breaker")
+
+
+def _check_ranges(f: Mapping[str, Any], used: set[str], issues: list[ConfigIssue]) -> None:
+    """Values of the samplers in ``used`` (canonical --samplers names) that llama.cpp accepts but no
+    samplerkit parameter means (llama.cpp's "off" values are mapped instead, in :func:`_import_step`)."""
+    def bad(name: str, flag: str, ok: bool, why: str) -> None:
+        if name in used and not ok:
+            issues.append(ConfigIssue(flag, f"{num(f[flag])}: {why}"))
+    dry_on = f["--dry-multiplier"] != 0 and f["--dry-penalty-last-n"] != 0
+    bad("top_p", "--top-p", f["--top-p"] > 0, "llama.cpp keeps only the top token at top_p <= 0; samplerkit's "
+                                              "top_p is in (0, 1]: use --top-k 1")
+    bad("min_p", "--min-p", f["--min-p"] <= 1, "samplerkit's min_p is at most 1 (llama.cpp then keeps the top "
+                                               "token only: use --top-k 1)")
+    bad("typ_p", "--typical", f["--typical"] > 0, "samplerkit's typical_p is in (0, 1]")
+    bad("xtc", "--xtc-threshold", 0 < f["--xtc-threshold"] <= 1 or f["--xtc-probability"] <= 0,
+        "samplerkit's xtc threshold is in (0, 1] (above 0.5 nothing is removed, in both)")
+    bad("temperature", "--dynatemp-exp", f["--dynatemp-exp"] >= 0 or f["--dynatemp-range"] <= 0,
+        "samplerkit's dynamic_temperature exponent is >= 0")
+    bad("penalties", "--repeat-last-n", f["--repeat-last-n"] >= 0 and f["--repeat-last-n"].is_integer(),
+        "an integer >= 0 (0: off; llama.cpp rejects -1)")
+    bad("penalties", "--repeat-penalty", f["--repeat-penalty"] > 0 or f["--repeat-last-n"] == 0,
+        "samplerkit's repetition_penalty is > 0")
+    bad("dry", "--dry-penalty-last-n", f["--dry-penalty-last-n"] >= 0 and f["--dry-penalty-last-n"].is_integer(),
+        "an integer >= 0 (0: off; llama.cpp rejects -1)")
+    bad("dry", "--dry-multiplier", f["--dry-multiplier"] >= 0, "samplerkit's dry multiplier is >= 0")
+    bad("dry", "--dry-base", f["--dry-base"] >= 1 or not dry_on,
+        "llama.cpp switches DRY off for a base below 1; samplerkit's base is >= 1: remove --dry-multiplier")
+    bad("dry", "--dry-allowed-length", (f["--dry-allowed-length"] >= 1 and f["--dry-allowed-length"].is_integer())
+        or not dry_on, "samplerkit's dry allowed_length is an integer >= 1")
+    bad("top_k", "--top-k", f["--top-k"].is_integer(), "an integer")
+    bad("mirostat", "--mirostat", f["--mirostat"] in (0, 1, 2), "0 (off), 1 or 2")
+
+
+def _import_native(f: Mapping[str, Any], seed: int | None, registry: Registry,
+                   issues: list[ConfigIssue]) -> dict[str, Any]:
+    """The registered sampler whose ``llamacpp`` mapping has these flags (``--mirostat N``)."""
+    for entry in registry.entries("sampler"):
+        native = _native_sampler_cls(entry.cls)
+        if native is None or not all(_ALIASES.get(k, k) in f and num(f[_ALIASES.get(k, k)]) == v
+                                     for k, v in native.flags.items()):
+            continue
+        sampler: dict[str, Any] = {"name": entry.name, **native.fixed}
+        for param, flag in native.params.items():
+            if flag == "--seed":
+                if seed is not None:
+                    sampler[param] = seed
+            else:
+                sampler[param] = f[flag]
+        return sampler
+    issues.append(ConfigIssue("--mirostat", f"{num(f['--mirostat'])}: no installed sampler declares llama.cpp's "
+                                            f"mirostat {num(f['--mirostat'])} (pip install samplerkit-mirostat)"))
+    return {"name": "categorical"}
+
+
+def _native_sampler_cls(cls: type) -> LlamaCppSampler | None:
+    native = getattr(cls, "llamacpp", None)
+    return native if isinstance(native, LlamaCppSampler) else None
+
+
+def _split_bias(text: str, issues: list[ConfigIssue]) -> tuple[int, float] | None:
+    """``TOKEN+BIAS`` / ``TOKEN-BIAS`` (common/arg.cpp's ``%d%c%f``)."""
     for pos, ch in enumerate(text):
         if ch in "+-" and pos > 0:
-            return int(text[:pos]), ch, text[pos + 1:]
-    raise ConfigError(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {text!r}"))
+            try:
+                token, amount = int(text[:pos]), float(text[pos + 1:]) * (-1 if ch == "-" else 1)
+            except ValueError:
+                break
+            if token < 0 or not -100 <= amount <= 100:
+                issues.append(ConfigIssue("--logit-bias", f"{text!r}: samplerkit takes a token id >= 0 and a bias "
+                                                          "in [-100, 100] (llama.cpp's -inf bans are not "
+                                                          "supported)"))
+                return None
+            return token, amount
+    issues.append(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {text!r}"))
+    return None
 
 
-def _last_n(value: float) -> int:
-    return 0 if value < 0 else int(value)
+#: llama.cpp's other spellings of --samplers entries (common_sampler_types_from_names, which also
+#: ignores case): kebab-case and no-underscore forms of each name, and three more.
+_SAMPLER_ALIASES = {
+    **{alias: name for name in DEFAULT_CHAIN if "_" in name
+       for alias in (name.replace("_", "-"), name.replace("_", ""))},
+    "nucleus": "top_p", "temp": "temperature", "typ": "typ_p",
+}
 
 
 def _import_step(name: str, f: Mapping[str, Any], issues: list[ConfigIssue]) -> list[dict[str, Any]]:
@@ -414,32 +691,40 @@ def _import_step(name: str, f: Mapping[str, Any], issues: list[ConfigIssue]) -> 
                 issues.append(ConfigIssue(flag, "llama.cpp counts prompt + generated tokens in a window; "
                                                 "samplerkit's counts generated tokens only"))
         return [{"repetition_penalty": {"repetition_penalty": 1.0 if off else f["--repeat-penalty"],
-                                        "last_n": 64 if off else _last_n(f["--repeat-last-n"])}},
-                {"frequency_penalty": f["--frequency-penalty"]}, {"presence_penalty": f["--presence-penalty"]}]
+                                        "last_n": int(f["--repeat-last-n"])}},
+                {"frequency_penalty": 0.0 if off else f["--frequency-penalty"]},
+                {"presence_penalty": 0.0 if off else f["--presence-penalty"]}]
     if name == "dry":
-        if f["--dry-multiplier"] > 0 and f["--dry-sequence-breaker"] != "none":
+        # llama.cpp switches DRY off for multiplier 0, base < 1 or --dry-penalty-last-n 0.
+        off = f["--dry-multiplier"] == 0 or f["--dry-base"] < 1 or f["--dry-penalty-last-n"] == 0
+        if not off and f["--dry-sequence-breaker"] != "none":
             issues.append(ConfigIssue("--dry-sequence-breaker", "llama.cpp's string breakers have no samplerkit "
                                                                 "equivalent (token ids); use 'none'"))
-        return [{"dry": {"multiplier": f["--dry-multiplier"], "base": f["--dry-base"],
-                         "allowed_length": int(f["--dry-allowed-length"]),
-                         "penalty_last_n": _last_n(f["--dry-penalty-last-n"])}}]
+        return [{"dry": {"multiplier": 0.0 if off else f["--dry-multiplier"],
+                         "base": max(1.0, f["--dry-base"]),
+                         "allowed_length": max(1, int(f["--dry-allowed-length"])),
+                         "penalty_last_n": 0 if off else int(f["--dry-penalty-last-n"])}}]
     if name == "temperature":
         if f["--dynatemp-range"] > 0:
             t, d = f["--temp"], f["--dynatemp-range"]
             return [{"dynamic_temperature": {"low": max(0.0, t - d), "high": t + d, "exponent": f["--dynatemp-exp"]}}]
         return [{"temperature": {"temperature": max(0.0, f["--temp"])}}]
-    simple = {"top_n_sigma": ("top_n_sigma", "--top-nsigma"), "top_k": ("top_k", "--top-k"),
-              "typ_p": ("typical_p", "--typical"), "top_p": ("top_p", "--top-p"), "min_p": ("min_p", "--min-p")}
+    # llama.cpp's "off" values: top_k <= 0, top_n_sigma <= 0, top_p / typical >= 1, min_p <= 0.
+    simple = {"top_n_sigma": ("top_n_sigma", "--top-nsigma", lambda v: max(0.0, v)),
+              "top_k": ("top_k", "--top-k", lambda v: max(0, int(v))),
+              "typ_p": ("typical_p", "--typical", lambda v: min(1.0, v)),
+              "top_p": ("top_p", "--top-p", lambda v: min(1.0, v)),
+              "min_p": ("min_p", "--min-p", lambda v: max(0.0, v))}
     if name in simple:
-        step, flag = simple[name]
-        value = f[flag]
-        value = int(value) if step == "top_k" else (max(0.0, value) if step == "top_n_sigma" else value)
-        return [{step: {step: value}}]
+        step, flag, convert = simple[name]
+        return [{step: {step: convert(f[flag])}}]
     if name == "xtc":
-        return [{"xtc": {"threshold": f["--xtc-threshold"], "probability": f["--xtc-probability"]}}]
+        return [{"xtc": {"threshold": f["--xtc-threshold"],
+                         "probability": min(1.0, max(0.0, f["--xtc-probability"]))}}]
     issues.append(ConfigIssue("--samplers", f"{name!r}: not a llama.cpp sampler samplerkit maps "
                                             f"(known: {', '.join(DEFAULT_CHAIN)})"))
     return []
 
 
-__all__ = ["DEFAULT_CHAIN", "LLAMACPP_DEFAULTS", "LlamaCppExport", "export_llamacpp", "import_llamacpp"]
+__all__ = ["DEFAULT_CHAIN", "LLAMACPP_DEFAULTS", "LlamaCppExport", "LlamaCppSampler", "export_llamacpp",
+           "import_llamacpp"]

@@ -15,6 +15,7 @@ from pydantic import Field
 
 import samplerkit
 from samplerkit import StepContext
+from samplerkit.export import LlamaCppSampler
 from samplerkit.ops import NEG_INF, top_k_mask
 from samplerkit.seeded import SeededSampler, SeedParams
 
@@ -24,6 +25,8 @@ __all__ = ["MU_KEY", "Mirostat", "MirostatV2", "mirostat_k", "register_samplers"
 MU_KEY = "mirostat.mu"
 
 _LN2 = math.log(2.0)
+#: Parameter -> llama.cpp flag, shared by both versions (llama.cpp runs `temp` then mirostat, ignoring --samplers).
+_LLAMACPP_PARAMS = {"eta": "--mirostat-lr", "tau": "--mirostat-ent", "seed": "--seed"}
 
 
 class _MirostatBase(SeededSampler):
@@ -92,6 +95,9 @@ class Mirostat(_MirostatBase):
     """
 
     name = "mirostat"
+    #: ``samplerkit export llamacpp``: llama.cpp's ``--mirostat 1`` (its m is fixed at 100).
+    llamacpp = LlamaCppSampler(flags={"--mirostat": "1"}, params=_LLAMACPP_PARAMS, fixed={"m": 100},
+                               replaces_chain=True)
 
     class Params(_Params):
         m: int = Field(100, ge=2, description="number of top tokens used to estimate the Zipf exponent")
@@ -158,6 +164,8 @@ class MirostatV2(_MirostatBase):
     """
 
     name = "mirostat_v2"
+    #: ``samplerkit export llamacpp``: llama.cpp's ``--mirostat 2``.
+    llamacpp = LlamaCppSampler(flags={"--mirostat": "2"}, params=_LLAMACPP_PARAMS, replaces_chain=True)
 
     class Params(_Params):
         pass
