@@ -262,11 +262,14 @@ def test_a_planted_symlink_at_the_lock_path_is_refused(job, capsys):
 
 # -- 5. a directory, a read-only place, a full disk ----------------------------------------------
 
-def test_output_a_directory_is_a_clean_error(job, capsys):
+@pytest.mark.parametrize("flag", ["--output", "--errors"])
+def test_output_or_errors_a_directory_is_a_clean_error(job, capsys, flag):
     cfg, src, out, argv = job
-    out.mkdir()
-    code, _, err = run(capsys, argv)
-    assert code == 2 and f"--output {out} is a directory" in err and "Traceback" not in err
+    directory = src.parent / "somewhere"
+    directory.mkdir()
+    code, _, err = run(capsys, [*argv, flag, directory])
+    assert code == 2 and f"{flag} {directory} is a directory; give a file name" in err and "Traceback" not in err
+    assert list(directory.iterdir()) == [] and not out.exists()
 
 
 def test_output_in_a_read_only_location_is_a_clean_error(job, capsys, monkeypatch):
