@@ -348,12 +348,14 @@ def check_paths(input_path: Path, output_path: Path, errors_path: Path) -> None:
     """Refuse, before anything is opened for writing, an output that is a directory and any two
     of input/output/errors that are the same file (by name, symlink or hard link): writing one
     would empty the other."""
-    if output_path.is_dir():
-        raise SamplerkitError(f"--output {output_path} is a directory; give a file name, like "
-                              f"{output_path / 'results.jsonl'}")
-    if errors_path.is_dir():
-        raise SamplerkitError(f"--errors {errors_path} is a directory; give a file name, like "
-                              f"{errors_path / 'errors.jsonl'}")
+    for flag, path, example in (("--output", output_path, "results.jsonl"), ("--errors", errors_path, "errors.jsonl")):
+        if path.is_dir():
+            raise SamplerkitError(f"{flag} {path} is a directory; give a file name, like {path / example}")
+        # A device or a pipe (/dev/full, /dev/stderr) cannot be read back to resume, and renaming
+        # a new file over its name would replace the device node.
+        if path.exists() and not path.is_file():
+            raise SamplerkitError(f"{flag} {path} is not a regular file (a device, a pipe or a socket); give the "
+                                  f"name of a file")
     named = [("--input", input_path), ("--output", output_path), ("--errors", errors_path),
              ("the lock file", lock_path(output_path))]
     for (flag_a, a), (flag_b, b) in itertools.combinations(named, 2):

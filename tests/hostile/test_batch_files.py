@@ -260,7 +260,51 @@ def test_a_planted_symlink_at_the_lock_path_is_refused(job, capsys):
     assert victim.read_text() == "precious\n" and not out.exists()
 
 
+def test_the_real_command_finishes_past_a_bad_line_and_planted_links(job):
+    """Items 3 and 4 together through the real command: the issue's lone-surrogate line, a
+    planted symlink at the errors path and at the old temporary name while a rewrite is due."""
+    cfg, src, out, argv = job
+    assert real_command(*argv).returncode == 0
+    full = out.read_text()
+    out.write_text(full[:-20])                                        # a truncated last row: resume rewrites
+    with open(src, "a") as f:
+        f.write('{"id":"b38","prompt":"\\ud800 x"}\n')
+    victims = [src.parent / "victim1.txt", src.parent / "victim2.txt"]
+    for victim in victims:
+        victim.write_text("precious\n")
+    (src.parent / "out.jsonl.tmp").symlink_to(victims[0])
+    (src.parent / "errs.jsonl").symlink_to(victims[1])
+    proc = real_command(*argv, "--errors", src.parent / "errs.jsonl")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "7 lines, 1 rows written, 5 lines already done, 1 errors" in err
+    assert [v.read_text() for v in victims] == ["precious\n", "precious\n"]
+    assert keys(rows_of(out)) == keys(json.loads(x) for x in full.splitlines())
+    [error] = rows_of(src.parent / "errs.jsonl")
+    assert error["line"] == 7 and error["id"] == "b38" and "lone surrogate" in error["error"]
+
+
 # -- 5. a directory, a read-only place, a full disk ----------------------------------------------
+
+def test_the_real_command_in_a_place_it_cannot_write_exits_2(job):
+    """/sys accepts no new files, even from root: a real location the job cannot write to."""
+    cfg, src, out, argv = job
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys on this system")
+    proc = real_command("batch", "-c", cfg, "-i", src, "-o", "/sys/samplerkit-results.jsonl")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "cannot create the lock file /sys/samplerkit-results.jsonl.lock: Permission denied" in err
+
+
+@pytest.mark.parametrize("flag", ["--output", "--errors"])
+def test_a_device_as_output_or_errors_is_refused(job, capsys, flag):
+    """/dev/full as the output would be read forever on resume; /dev/stderr as the errors file
+    would have a new file renamed over the device's name."""
+    cfg, src, out, argv = job
+    code, _, err = run(capsys, [*argv, flag, "/dev/full"])
+    assert code == 2 and f"{flag} /dev/full is not a regular file" in err
+    assert Path("/dev/full").is_char_device()
 
 @pytest.mark.parametrize("flag", ["--output", "--errors"])
 def test_output_or_errors_a_directory_is_a_clean_error(job, capsys, flag):
