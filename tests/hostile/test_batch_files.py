@@ -144,6 +144,24 @@ def test_a_second_job_on_a_locked_output_exits_2_naming_the_holder(job):
     assert not (out.parent / "out.jsonl.lock").exists()               # released: the file is removed
 
 
+def test_two_real_jobs_started_together_never_duplicate_a_row(job):
+    """The issue's scenario: two jobs on one output at once both exited 0 with every row twice.
+    Now one holds the lock and the other exits 2 naming it (or, started late, finds all done)."""
+    cfg, src, out, argv = job
+    write_lines(src, lines(150))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMPLERKIT_QUIET": "1"}
+    procs = [subprocess.Popen([samplerkit_script(), *argv], stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    for code, err in results:
+        assert "Traceback" not in err, err
+        assert code == 0 or (code == 2 and "another samplerkit batch (pid " in err), err
+    assert 0 in [code for code, _ in results]
+    rows = rows_of(out)
+    assert keys(rows) == sorted((json.dumps(f"p{i}"), 0) for i in range(150))     # each row once
+
+
 def test_the_lock_is_released_after_a_job_so_the_next_one_runs(job, capsys):
     *_, out, argv = job
     assert run(capsys, argv)[0] == 0
