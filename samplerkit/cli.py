@@ -96,9 +96,15 @@ def _add_plugin_commands(sub) -> None:
     for impl in plugins.manager.hook.register_commands.get_hookimpls():
         info = plugins.info.get(impl.plugin_name)
         who = info.describe() if info is not None else impl.plugin_name
+        before = set(sub.choices)
         try:
             impl.function(subparsers=sub)
         except Exception as exc:
+            # Take back the parsers it added before failing (argparse has no public removal).
+            added = set(sub.choices) - before
+            for name in added:
+                del sub.choices[name]
+            sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest not in added]
             print(f"samplerkit: warning: plugin {who} failed in register_commands(): {type(exc).__name__}: {exc}; "
                   f"its commands are left out (block it with SAMPLERKIT_BLOCK_PLUGINS={impl.plugin_name})",
                   file=sys.stderr)

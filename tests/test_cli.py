@@ -198,6 +198,7 @@ class RaisingPlugin:
     @staticmethod
     @hookimpl
     def register_commands(subparsers):
+        subparsers.add_parser("half", help="added before the plugin fails")
         raise RuntimeError("broken plugin")
 
 
@@ -238,6 +239,12 @@ def test_a_plugin_reusing_a_verb_or_raising_is_reported_and_the_rest_works(capsy
            "broken plugin" in err
     code, out, err = run(capsys, "generate", "The", *BIGRAM, "--max-new-tokens", "3", "--json")
     assert code == 0 and json.loads(out.splitlines()[0])["prompt"] == "The"     # the built-in generate
+    with pytest.raises(SystemExit):                                   # the failed plugin's verb is left out
+        main(["half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "added before the plugin fails" not in capsys.readouterr().out
 
 
 def test_a_plugin_command_without_a_handler_is_a_clear_error(capsys, with_plugins):
