@@ -396,3 +396,21 @@ def test_enospc_at_fsync_is_an_io_error_too(job, capsys, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     code, _, err = run(capsys, argv)
     assert code == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_rewriting_the_output_leaves_it_unchanged(job, capsys, monkeypatch):
+    """The resume rewrite (here: dropping a truncated row) fails half-way: the output is as it
+    was, no temporary file is left, and the next run does the rewrite."""
+    cfg, src, out, argv = job
+    assert run(capsys, argv)[0] == 0
+    full = out.read_text()
+    out.write_text(full[:-20])
+    monkeypatch.setattr(os, "write", DiskFull(budget=len(full) // 2))
+    code, _, err = run(capsys, argv)
+    assert code == 1 and f"cannot rewrite the output file {out}: No space left on device" in err, err
+    assert out.read_text() == full[:-20]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.errors.jsonl", "run.yaml"]
+    monkeypatch.undo()
+    code, _, err = run(capsys, argv)
+    assert code == 0 and "1 rows written, 5 lines already done" in err
+    assert keys(rows_of(out)) == keys(json.loads(x) for x in full.splitlines())
