@@ -19,9 +19,13 @@ Four parts: :func:`read_jobs` (reader and validator), :func:`plan_batches` (grou
 from __future__ import annotations
 
 import difflib
+import errno
+import itertools
 import json
 import os
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -69,6 +73,7 @@ class Summary:
     tokens: int = 0
     errors: int = 0
     errors_path: str = ""
+    duplicates: int = 0             # rows of the output that repeated an (id, sample), removed
 
 
 # -- reader and validator ---------------------------------------------------------------
@@ -137,6 +142,10 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         issues.append(ConfigIssue("prompt", "is required"))
     elif not isinstance(prompt, str):
         issues.append(ConfigIssue("prompt", f"must be a string, got {prompt!r}"))
+    elif (surrogate := _lone_surrogate(prompt)) is not None:
+        issues.append(ConfigIssue("prompt", f"has a lone surrogate \\u{ord(prompt[surrogate]):04x} at character "
+                                            f"{surrogate + 1}, which is not text; a \\ud800-\\udfff escape in JSON "
+                                            f"must be half of a pair (like \\ud83d\\ude00)"))
     params = _check_params(data.get("params"), pipeline, issues)
     seed = _check_seed(data.get("seed"), pipeline, issues)
     options = config.generation.model_dump()
@@ -155,6 +164,16 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         # The config's seed, made explicit: `seeds=[None]` would give n > 1 samples one stream.
         seed = getattr(pipeline.sampler.params, "seed", None)
     return Job(number, line_id, prompt, params, seed, options)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first code point in U+D800..U+DFFF (JSON can spell one alone; UTF-8 cannot
+    encode it, so no tokenizer can take it), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
 
 
 def _unknown_key_message(key: str) -> str:
@@ -253,9 +272,13 @@ def run_jobs(generator, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], list
         completions: list[Completion] = generator.generate(
             [j.prompt for j in jobs], seeds=seeds if any(s is not None for s in seeds) else None,
             rows=params if any(params) else None, **jobs[0].options)
-    except SamplerkitError as exc:
+    except Exception as exc:
+        # Any exception, not only samplerkit's own: a line that trips an unexpected error (in a
+        # plugin, a tokenizer) must not end the job for every other line, on every rerun. A
+        # systemic failure still shows: every line of the job then reports it.
         if len(jobs) == 1:
-            return [], [error_record(jobs[0].line, jobs[0].id, str(exc))]
+            message = str(exc) if isinstance(exc, SamplerkitError) else f"generation failed: {type(exc).__name__}: {exc}"
+            return [], [error_record(jobs[0].line, jobs[0].id, message)]
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         for job in jobs:
@@ -284,27 +307,204 @@ def jobs_from_json(text: str) -> list[Job]:
     return [Job(**d) for d in json.loads(text)]
 
 
+# -- file safety ----------------------------------------------------------------------------
+
+class BatchIOError(SamplerkitError):
+    """Writing a job's files failed (disk full, I/O error). The rows written before are intact
+    and a rerun resumes; the CLI exits with status 1 (2 is for usage errors)."""
+
+    exit_code = 1
+
+
+def json_line(record: Mapping[str, Any]) -> bytes:
+    """One JSONL line as UTF-8 bytes. Text is written as is (``ensure_ascii=False``), except in a
+    record holding a lone surrogate (valid in JSON as ``"\\ud800"``, not encodable as UTF-8),
+    which is written escaped so it reads back as the same value."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # os.write may write less than asked (a signal, a nearly full disk); the rest follows or raises.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _identity(path: Path) -> tuple:
+    """What names a file: (device, inode) when it exists, so symlinks and hard links compare
+    equal; else the fully resolved path (a dangling symlink resolves to where it would write)."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def check_paths(input_path: Path, output_path: Path, errors_path: Path) -> None:
+    """Refuse, before anything is opened for writing, an output that is a directory and any two
+    of input/output/errors that are the same file (by name, symlink or hard link): writing one
+    would empty the other."""
+    for flag, path, example in (("--output", output_path, "results.jsonl"), ("--errors", errors_path, "errors.jsonl")):
+        if path.is_dir():
+            raise SamplerkitError(f"{flag} {path} is a directory; give a file name, like {path / example}")
+        # A device or a pipe (/dev/full, /dev/stderr) cannot be read back to resume, and renaming
+        # a new file over its name would replace the device node.
+        if path.exists() and not path.is_file():
+            raise SamplerkitError(f"{flag} {path} is not a regular file (a device, a pipe or a socket); give the "
+                                  f"name of a file")
+    named = [("--input", input_path), ("--output", output_path), ("--errors", errors_path),
+             ("the lock file", lock_path(output_path))]
+    for (flag_a, a), (flag_b, b) in itertools.combinations(named, 2):
+        if _identity(a) == _identity(b):
+            how = "" if os.path.abspath(a) == os.path.abspath(b) else " (through a symbolic or hard link)"
+            raise SamplerkitError(f"{flag_a} {a} and {flag_b} {b} are the same file{how}; writing one would "
+                                  f"destroy the other: give each its own file")
+
+
+def lock_path(output_path: Path) -> Path:
+    return output_path.with_name(output_path.name + ".lock")
+
+
+#: errnos of a failing or full disk rather than of a wrong path or permission.
+_IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+def _cannot(what: str, path: Path, exc: OSError) -> SamplerkitError:
+    """A failure to open or create one of the job's files: a wrong path or permission is the
+    user's to fix (exit 2); a full or failing disk is an I/O error (exit 1)."""
+    if exc.errno in _IO_ERRNOS:
+        return BatchIOError(f"cannot {what} {path}: {exc.strerror or exc}; the rows written before are intact: "
+                            f"fix this (free space) and rerun the same command to resume")
+    hint = {errno.EACCES: "choose a location you can write to", errno.EPERM: "choose a location you can write to",
+            errno.EROFS: "the file system is read-only: choose another location",
+            errno.ENOENT: "its directory does not exist", errno.ENOTDIR: "a part of the path is not a directory",
+            errno.ENOSPC: "the disk is full", errno.EISDIR: "it is a directory"}.get(exc.errno, "")
+    return SamplerkitError(f"cannot {what} {path}: {exc.strerror or exc}" + (f" ({hint})" if hint else ""))
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``OUTPUT.lock`` for the whole job, so two jobs never append to one
+    output. The holder's pid is written in the file for the second job's message; the file is
+    removed on release."""
+
+    def __init__(self, output_path: Path):
+        self.output_path = output_path
+        self.path = lock_path(output_path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        while True:
+            try:
+                # O_NOFOLLOW: a planted symlink at the lock's name is refused, not written through.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise SamplerkitError(f"the lock file {self.path} is a symbolic link; samplerkit does not write "
+                                          f"through links next to the output: remove it") from None
+                raise _cannot("create the lock file", self.path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise SamplerkitError(f"another samplerkit batch (pid {holder}) is writing {self.output_path} "
+                                      f"(it holds {self.path}); wait for it to finish, or choose another --output") from None
+            # The previous holder unlinks the file on release; if that happened between our open and
+            # our flock, our lock is on an orphan no later job will see: open the new file instead.
+            st = os.fstat(fd)
+            try:
+                current = os.stat(self.path, follow_symlinks=False)
+                same = (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise SamplerkitError(f"the lock file {self.path} is not a plain file of its own (a hard link or a "
+                                  f"device); samplerkit does not write through it: remove it")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)        # while still locked, so no other job can be holding it
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _replace_with(target: Path, chunks: Iterable[bytes], mode: int | None) -> None:
+    """Atomically replace ``target`` by a new file with ``chunks``: written to a temporary file
+    created exclusively (``mkstemp``: ``O_EXCL``, a random name, never a planted symlink) in the
+    same directory, fsynced, then renamed over ``target`` (the rename replaces the name, it
+    never writes through a link there)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # -- writer and resume ------------------------------------------------------------------
 
 class Output:
-    """The results file: appended one whole batch at a time with flush + fsync.
+    """The results file: appended one whole batch at a time with write + fsync.
 
     On opening, the rows already there tell which lines are done. A crash can leave a
     truncated last line (dropped) or only some of a line's ``n`` samples (those rows are
-    dropped too, the file rewritten atomically, and the line runs again).
+    dropped too, the file rewritten atomically, and the line runs again). A row whose
+    ``(id, sample)`` is already in the file (two jobs that ran at once before the lock
+    existed) is a duplicate: the first is kept, the file rewritten.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.samples: dict[str, set[int]] = {}
+        self.duplicates = 0
         self._truncated = False
-        self._file = None
+        self._fd: int | None = None
         if self.path.exists():
-            for _ in self._rows():
-                pass
+            try:
+                for _ in self._rows():
+                    pass
+            except OSError as exc:
+                raise _cannot("read the output file", self.path, exc) from None
 
-    def _rows(self) -> Iterator[tuple[str, str]]:
-        """``(id key, line)`` of every complete row; records the samples seen."""
+    def _rows(self) -> Iterator[tuple[str, bytes]]:
+        """``(id key, line)`` of every complete row, first copy of each ``(id, sample)`` only;
+        records the samples seen and counts the duplicates."""
+        self.samples = {}
+        self.duplicates = 0
+        self._truncated = False
         with open(self.path, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 if not raw.endswith(b"\n"):
@@ -318,59 +518,83 @@ class Output:
                 except (ValueError, KeyError, TypeError):
                     raise SamplerkitError(f"output file {self.path} line {number} is not a result row of samplerkit "
                                           f"batch; move the file away or choose another --output") from None
-                self.samples.setdefault(key, set()).add(sample)
-                yield key, raw.decode("utf-8")
+                seen = self.samples.setdefault(key, set())
+                if sample in seen:
+                    self.duplicates += 1
+                    continue
+                seen.add(sample)
+                yield key, raw
 
     def done(self, job: Job) -> bool:
         return set(range(job.rows)) <= self.samples.get(job.key, set())
 
     def prepare(self, jobs: Sequence[Job]) -> None:
-        """Drop a truncated last line and the rows of lines that will run again; open for appending."""
+        """Drop a truncated last line, duplicated rows and the rows of lines that will run again;
+        open for appending."""
         rerun = {j.key for j in jobs if j.key in self.samples and not self.done(j)}
-        if self._truncated or rerun:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(line for key, line in self._rows() if key not in rerun)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        if self._truncated or rerun or self.duplicates:
+            # The real file, so an output that is a symlink stays one (the link is the user's).
+            target = Path(os.path.realpath(self.path))
+            try:
+                _replace_with(target, (line for key, line in self._rows() if key not in rerun),
+                              stat.S_IMODE(os.stat(target).st_mode))
+            except OSError as exc:
+                raise BatchIOError(f"cannot rewrite the output file {self.path}: {exc.strerror or exc}; it is "
+                                   f"unchanged: fix this and rerun the same command") from None
             for key in rerun:
                 del self.samples[key]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise _cannot("open the output file", self.path, exc) from None
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            _write_all(self._fd, b"".join(json_line(r) for r in rows))
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise BatchIOError(f"cannot write to the output file {self.path}: {exc.strerror or exc}; the rows "
+                               f"written before are intact: fix this (free space) and rerun the same command "
+                               f"to resume") from None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class ErrorLog:
     """The errors file, rewritten by each run (validation is deterministic, so a rerun
-    reports the same bad lines again and nothing twice)."""
+    reports the same bad lines again and nothing twice). It starts as a new empty file renamed
+    over the path, so whatever was there (a symlink, a hard link to another file) is replaced,
+    never written through."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
         self.count = 0
+        try:
+            _replace_with(self.path, (), None)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _cannot("create the errors file", self.path, exc) from None
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> None:
         records = list(records)
         if records:
-            self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            self._file.flush()
+            try:
+                _write_all(self._fd, b"".join(json_line(r) for r in records))
+            except OSError as exc:
+                raise BatchIOError(f"cannot write to the errors file {self.path}: {exc.strerror or exc}; the rows "
+                                   f"written before are intact: fix this (free space) and rerun the same command "
+                                   f"to resume") from None
             self.count += len(records)
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 # -- runner ------------------------------------------------------------------------------
@@ -400,20 +624,41 @@ def run_batch(config: RunConfig, input_path: str | Path, output_path: str | Path
 
     ``progress``: a tqdm bar (None: only when stderr is a terminal and ``SAMPLERKIT_QUIET`` is
     unset). ``on_batch(i)`` is called after the ``i``-th batch is written (0-based).
+
+    Before anything is written: the three paths are checked (:func:`check_paths`) and the
+    output is locked (:class:`OutputLock`) for the whole job.
     """
     if batch_size < 1:
         raise SamplerkitError(f"--batch-size must be >= 1, got {batch_size}")
-    if Path(input_path).resolve() == Path(output_path).resolve():
-        raise SamplerkitError("--input and --output are the same file")
+    input_path, output_path = Path(input_path), Path(output_path)
     errors_path = Path(errors_path) if errors_path is not None else Path(f"{output_path}.errors.jsonl")
+    check_paths(input_path, output_path, errors_path)
+    for path in {output_path.parent, errors_path.parent}:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cannot("create the directory", path, exc) from None
+    lock = OutputLock(output_path)
+    lock.acquire()
+    try:
+        return _run_locked(config, input_path, output_path, errors_path, batch_size, executor, progress, on_batch)
+    finally:
+        lock.release()
+
+
+def _run_locked(config, input_path, output_path, errors_path, batch_size, executor, progress, on_batch) -> Summary:
     jobs, bad = read_jobs(input_path, config)
     output = Output(output_path)
-    summary = Summary(lines=len(jobs) + len(bad), errors_path=str(errors_path))
+    summary = Summary(lines=len(jobs) + len(bad), errors_path=str(errors_path), duplicates=output.duplicates)
     todo = [j for j in jobs if not output.done(j)]
     summary.skipped = len(jobs) - len(todo)
     batches = plan_batches(todo, batch_size)
     output.prepare(jobs)
-    errors = ErrorLog(errors_path)
+    try:
+        errors = ErrorLog(errors_path)
+    except BaseException:
+        output.close()
+        raise
     rows_of_line = {j.line: j.rows for j in todo}
     bar = _progress_bar(sum(rows_of_line.values()), progress)
     started = time.monotonic()
@@ -448,5 +693,5 @@ def _progress_bar(total: int, enabled: bool | None):
     return tqdm(total=total, unit="row", desc="batch", dynamic_ncols=True)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "Job", "Output", "Summary", "local_executor", "plan_batches", "read_jobs",
+__all__ = ["DEFAULT_BATCH_SIZE", "BatchIOError", "Job", "Output", "OutputLock", "Summary", "check_paths", "local_executor", "plan_batches", "read_jobs",
            "run_batch", "run_jobs"]

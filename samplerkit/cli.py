@@ -7,11 +7,12 @@ and exit with status 2; no tracebacks (``SAMPLERKIT_DEBUG=1`` shows them).
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from samplerkit.errors import SamplerkitError
@@ -19,14 +20,7 @@ from samplerkit.errors import SamplerkitError
 EXIT_USER_ERROR = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samplerkit", description="Sampling pipelines for LLM text generation.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    g = sub.add_parser("generate", help="generate text for one or more prompts",
-                       description="Generate text. Without --config: the default model with the seed's "
-                                   "pipeline (temperature 0.6 -> top_p 0.9, categorical).")
+def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
     _config_args(g)
     g.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`); "
@@ -39,17 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object per completion instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print each completion when it is finished")
 
-    p = sub.add_parser("plugins", help="list processors, samplers and backends with their parameters")
+
+def _plugins_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
 
-    v = sub.add_parser("validate", help="check a config file without running it")
+
+def _validate_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("config_file", metavar="FILE")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
 
-    b = sub.add_parser("batch", help="run a JSONL file of prompts to a JSONL file of results (resumable)",
-                       description="Generate for every line of a JSONL file ({\"id\": ..., \"prompt\": ...} per line; "
-                                   "see docs/cli.md). Rerunning the same command skips ids already in the output.")
+
+def _batch_args(b: argparse.ArgumentParser) -> None:
     _config_args(b)
     b.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`)")
     b.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model)")
@@ -61,20 +56,68 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the batches on Ray Data actors; ADDRESS of a cluster, or none for RAY_ADDRESS / a local Ray")
     b.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: most actors, each loading the model once (default: one per CPU)")
 
-    sub.add_parser("presets", help="list the shipped presets with their pipelines")
 
-    x = sub.add_parser("export", help="print the equivalent flags of another engine (llama.cpp)",
-                       description="Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; "
-                                   "steps llama.cpp cannot express are listed in one error (exit 2).")
+def _export_args(x: argparse.ArgumentParser) -> None:
     x.add_argument("target", choices=["llamacpp"], help="the engine to export to")
     x.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML run config (optional with --preset)")
     x.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value (repeatable)")
 
-    s = sub.add_parser("schema", help="print the JSON Schema of the run config (plugins included)")
+
+def _schema_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="do not load this plugin")
+
+
+def _parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser: every verb of :data:`COMMANDS`, then those plugins add (``register_commands``)."""
+    parser = argparse.ArgumentParser(prog="samplerkit", description="Sampling pipelines for LLM text generation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        sub_parser = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.arguments(sub_parser)
+        sub_parser.set_defaults(run=command.run)
+    if plugin_commands:
+        _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Let each installed plugin add verbs. A plugin that fails here (it raised, or it reused a
+    verb) is reported on stderr and left out; the other verbs keep working."""
+    from samplerkit.plugins import make_plugin_manager
+
+    try:
+        plugins = make_plugin_manager()
+    except SamplerkitError as exc:
+        print(f"samplerkit: warning: plugin commands are not available: {exc}", file=sys.stderr)
+        return
+    for impl in plugins.manager.hook.register_commands.get_hookimpls():
+        info = plugins.info.get(impl.plugin_name)
+        who = info.describe() if info is not None else impl.plugin_name
+        before = set(sub.choices)
+        try:
+            impl.function(subparsers=sub)
+        except Exception as exc:
+            # Take back the parsers it added before failing (argparse has no public removal).
+            added = set(sub.choices) - before
+            for name in added:
+                del sub.choices[name]
+            sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest not in added]
+            print(f"samplerkit: warning: plugin {who} failed in register_commands(): {type(exc).__name__}: {exc}; "
+                  f"its commands are left out (block it with SAMPLERKIT_BLOCK_PLUGINS={impl.plugin_name})",
+                  file=sys.stderr)
+    for name, choice in sub.choices.items():
+        if choice.get_default("run") is None:
+            choice.set_defaults(run=_missing_run(name))
+
+
+def _missing_run(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise SamplerkitError(f"the plugin command {name!r} set no handler: its register_commands() must call "
+                              f"parser.set_defaults(run=function) on the parser it adds")
+    return run
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -131,11 +174,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for completion in generator.generate(args.prompts):
             print(json.dumps(asdict(completion), ensure_ascii=False))
         return 0
-    # Completions are shown after their prompt, except in chat mode (the reply alone).
+    # Several completions are shown after their prompt (to tell them apart), except in chat mode
+    # (the reply alone). One streamed completion is the generated text only: the prompt is on
+    # the command line already, and glued to the text it would read as part of the output.
     echo_prompt = not config.generation.chat
     if n_rows == 1 and not args.no_stream:
-        if echo_prompt:
-            sys.stdout.write(args.prompts[0])
         for delta in generator.stream(args.prompts):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
@@ -169,6 +212,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; finished batches are saved: rerun the same command to resume", file=sys.stderr)
         return 130
+    if summary.duplicates:
+        print(f"batch: removed {summary.duplicates} duplicated rows from {args.output} (an (id, sample) written more "
+              f"than once, e.g. by two jobs at once before the output was locked); the first of each was kept",
+              file=sys.stderr)
     line = (f"batch: {summary.lines} lines, {summary.rows_written} rows written, {summary.skipped} lines already done, "
             f"{summary.errors} errors")
     print(line + (f" (see {summary.errors_path})" if summary.errors else ""), file=sys.stderr)
@@ -249,22 +296,105 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "plugins": cmd_plugins, "validate": cmd_validate, "presets": cmd_presets,
-            "schema": cmd_schema, "export": cmd_export}
+@dataclass(frozen=True)
+class Command:
+    """One verb of the ``samplerkit`` command: its arguments and the function that runs it."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    description: str | None = None
+
+
+#: Every built-in verb, in the order ``samplerkit --help`` lists them (plugins add theirs after,
+#: through the ``register_commands`` hook).
+COMMANDS: tuple[Command, ...] = (
+    Command("generate", "generate text for one or more prompts", cmd_generate, _generate_args,
+            "Generate text. Without --config: the default model with the seed's pipeline "
+            "(temperature 0.6 -> top_p 0.9, categorical)."),
+    Command("plugins", "list processors, samplers and backends with their parameters", cmd_plugins, _plugins_args),
+    Command("validate", "check a config file without running it", cmd_validate, _validate_args),
+    Command("batch", "run a JSONL file of prompts to a JSONL file of results (resumable)", cmd_batch, _batch_args,
+            "Generate for every line of a JSONL file ({\"id\": ..., \"prompt\": ...} per line; see docs/cli.md). "
+            "Rerunning the same command skips ids already in the output."),
+    Command("presets", "list the shipped presets with their pipelines", cmd_presets),
+    Command("export", "print the equivalent flags of another engine (llama.cpp)", cmd_export, _export_args,
+            "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
+            "cannot express are listed in one error (exit 2)."),
+    Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
+)
+
+# Arguments that name files: passed to open() as they are (a file name need not be UTF-8).
+_PATH_ARGUMENTS = {"config", "config_file", "input", "output", "errors", "model"}
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse text arguments (prompts, --set values, names) that are not valid UTF-8.
+
+    Python hands undecodable argv bytes over as lone surrogates (surrogateescape: byte ``0xff``
+    becomes ``U+DCFF``), which no tokenizer can encode; say which argument and which byte."""
+    for dest, value in vars(args).items():
+        if dest in _PATH_ARGUMENTS or dest == "run":
+            continue
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if not isinstance(item, str):
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = item[exc.start]
+                byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+                names = {"prompts": f"PROMPT {index + 1}", "overrides": f"--set number {index + 1}"}
+                where = names.get(dest, f"--{dest.replace('_', '-')}")
+                raise SamplerkitError(f"{where} is not valid UTF-8 text ({byte} at character {exc.start + 1} of "
+                                      f"{item.encode('utf-8', 'surrogateescape')!r}); samplerkit reads arguments as "
+                                      f"UTF-8: fix the encoding of your terminal or script") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0 done, 1 an I/O failure (disk full),
+    2 a user error (also argparse's usage errors, via SystemExit), 130 interrupted (Ctrl-C)."""
+    # A file name need not be UTF-8 (argv's undecodable bytes arrive as lone surrogates): echoed in
+    # a message it shows as the byte, `\xff`, instead of failing the command with a traceback.
+    streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr)
+               if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) in ("strict", "backslashreplace")]
+    for stream, _ in streams:
+        stream.reconfigure(errors=_ESCAPE_BYTES)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        for stream, errors in streams:
+            stream.reconfigure(errors=errors)
+
+
+def _escape_undecodable(exc: UnicodeError) -> tuple[str, int]:
+    """Error handler: a surrogate-escaped byte (U+DC80..U+DCFF) as ``\\xNN``, other unencodable
+    characters as ``\\uNNNN``."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+                   for c in text), exc.end
+
+
+_ESCAPE_BYTES = "samplerkit-escape-bytes"
+codecs.register_error(_ESCAPE_BYTES, _escape_undecodable)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        _check_text_arguments(args)
+        return args.run(args)
     except SamplerkitError as exc:
         if os.environ.get("SAMPLERKIT_DEBUG"):
             raise
         print(f"samplerkit {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
     except BrokenPipeError:
         return 0
 

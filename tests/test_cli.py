@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import samplerkit
+import samplerkit.plugins
+from samplerkit import SamplerkitError, hookimpl
 from samplerkit.cli import main
 
 BIGRAM = ["--set", "backend=bigram"]
@@ -26,8 +30,8 @@ def run(capsys, *argv):
 def test_generate_streams_on_bigram(capsys):
     code, out, err = run(capsys, "generate", "The capital", *BIGRAM, "--seed", "3", "--max-new-tokens", "12")
     assert code == 0, err
-    assert out.startswith("The capital") and out.endswith("\n")         # the prompt, then the continuation
-    assert 0 < len(out[len("The capital"):].rstrip("\n").encode()) <= 12
+    assert out.endswith("\n")                                   # the continuation only (docs/cli.md)
+    assert 0 < len(out.rstrip("\n").encode()) <= 12
     again = run(capsys, "generate", "The capital", *BIGRAM, "--seed", "3", "--max-new-tokens", "12")[1]
     assert again == out                                           # seeded: reproducible
 
@@ -161,3 +165,99 @@ def test_module_entry_point():
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["type"] == "object"
+
+
+# -- verbs from plugins (register_commands) ------------------------------------------------------
+
+class CommandPlugin:
+    """A plugin adding `hello`, as docs/cli.md shows."""
+
+    @staticmethod
+    @hookimpl
+    def register_commands(subparsers):
+        hello = subparsers.add_parser("hello", help="say hello")
+        hello.add_argument("--name", default="world")
+        hello.add_argument("--fail", action="store_true")
+
+        def run(args):
+            if args.fail:
+                raise SamplerkitError("hello failed as asked")
+            print(f"hello {args.name}")
+            return 0
+        hello.set_defaults(run=run)
+
+
+class ClashingPlugin:
+    @staticmethod
+    @hookimpl
+    def register_commands(subparsers):
+        subparsers.add_parser("generate", help="a second generate")
+
+
+class RaisingPlugin:
+    @staticmethod
+    @hookimpl
+    def register_commands(subparsers):
+        subparsers.add_parser("half", help="added before the plugin fails")
+        raise RuntimeError("broken plugin")
+
+
+class NoHandlerPlugin:
+    @staticmethod
+    @hookimpl
+    def register_commands(subparsers):
+        subparsers.add_parser("nohandler")
+
+
+@pytest.fixture
+def with_plugins(monkeypatch):
+    def install(*plugins):
+        real = samplerkit.plugins.make_plugin_manager
+        extra = [(p.__name__, p) for p in plugins]
+        monkeypatch.setattr(samplerkit.plugins, "make_plugin_manager", lambda **kw: real(extra=extra, **kw))
+    return install
+
+
+def test_a_plugin_adds_a_command(capsys, with_plugins):
+    with_plugins(CommandPlugin)
+    code, out, err = run(capsys, "hello", "--name", "samplerkit")
+    assert (code, out, err) == (0, "hello samplerkit\n", "")
+    code, out, err = run(capsys, "hello", "--fail")
+    assert code == 2 and err == "samplerkit hello: error: hello failed as asked\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "say hello" in capsys.readouterr().out
+
+
+def test_a_plugin_reusing_a_verb_or_raising_is_reported_and_the_rest_works(capsys, with_plugins):
+    with_plugins(ClashingPlugin, RaisingPlugin, CommandPlugin)
+    code, out, err = run(capsys, "hello")
+    assert code == 0 and out == "hello world\n"
+    assert "warning: plugin ClashingPlugin (registered in code) failed in register_commands(): ArgumentError" in err
+    assert "conflicting subparser: generate" in err
+    assert "warning: plugin RaisingPlugin (registered in code) failed in register_commands(): RuntimeError: " \
+           "broken plugin" in err
+    code, out, err = run(capsys, "generate", "The", *BIGRAM, "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out.splitlines()[0])["prompt"] == "The"     # the built-in generate
+    with pytest.raises(SystemExit):                                   # the failed plugin's verb is left out
+        main(["half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "added before the plugin fails" not in capsys.readouterr().out
+
+
+def test_a_plugin_command_without_a_handler_is_a_clear_error(capsys, with_plugins):
+    with_plugins(NoHandlerPlugin)
+    code, _, err = run(capsys, "nohandler")
+    assert code == 2 and "the plugin command 'nohandler' set no handler" in err and "set_defaults(run=" in err
+
+
+def test_builtin_verbs_are_declared_once():
+    """The parser is built from COMMANDS alone: the same verbs, in order, no other list."""
+    from samplerkit.cli import COMMANDS, _parser
+
+    parser = _parser(plugin_commands=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [c.name for c in COMMANDS]
+    assert len({c.name for c in COMMANDS}) == len(COMMANDS)

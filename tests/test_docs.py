@@ -14,13 +14,45 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOKS = [name for name in dir(hookspecs) if name.startswith("register_")]
 
 
-def test_hookspecs_are_the_three_documented_hooks():
-    assert HOOKS == ["register_backends", "register_processors", "register_samplers"]
+def test_hookspecs_are_the_documented_hooks():
+    assert HOOKS == ["register_backends", "register_commands", "register_processors", "register_samplers"]
+
+
+def test_every_hookspec_is_a_register_hook():
+    """HOOKS (the register_ names) is every hook pluggy sees in hookspecs, so the tests below cover them all."""
+    import pluggy
+
+    pm = pluggy.PluginManager("samplerkit")
+    pm.add_hookspecs(hookspecs)
+    assert sorted(name for name in dir(pm.hook) if not name.startswith("_")) == HOOKS
 
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hook_is_documented(hook):
-    assert f"`{hook}" in (ROOT / "docs" / "plugins.md").read_text()
+    """Each hook is described (named in backticks) somewhere in docs/."""
+    docs = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+    assert any(f"`{hook}" in text for text in docs.values()), f"no page in docs/ documents `{hook}`"
+
+
+def _verbs() -> list[str]:
+    from samplerkit.cli import COMMANDS
+
+    return [c.name for c in COMMANDS]
+
+
+@pytest.mark.parametrize("verb", _verbs())
+def test_every_cli_verb_has_a_section_in_docs_cli(verb):
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert re.search(rf"^## .*`samplerkit {verb}\b", text, flags=re.M), f"docs/cli.md has no section for {verb}"
+
+
+def test_docs_cli_lists_exactly_the_verbs():
+    """The first paragraph of docs/cli.md names the verbs: all of them, none other."""
+    first = (ROOT / "docs" / "cli.md").read_text().split("\n\n")[1]
+    listed = re.findall(r"`(\w+)`", first.split(":", 1)[1].split("(", 1)[0])
+    words = {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
+    assert sorted(listed) == sorted(_verbs())
+    assert f"has {words[len(_verbs())]} commands" in first
 
 
 @pytest.mark.parametrize("hook", HOOKS)
