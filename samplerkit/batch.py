@@ -18,7 +18,6 @@ Four parts: :func:`read_jobs` (reader and validator), :func:`plan_batches` (grou
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from samplerkit.config import RunConfig, validate_generation
-from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError
+from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean
 from samplerkit.pipeline import Pipeline
 
 LINE_KEYS = ("id", "prompt", "params", "seed", "generation")
@@ -162,9 +161,7 @@ def _unknown_key_message(key: str) -> str:
 
     if key in GenerationConfig.model_fields:
         return f'unknown key; generation options go in "generation", like {{"generation": {{"{key}": ...}}}}'
-    close = difflib.get_close_matches(key, LINE_KEYS, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
-    return f"unknown key{hint} Keys: {', '.join(LINE_KEYS)}"
+    return f"unknown key{did_you_mean(key, LINE_KEYS)} Keys: {', '.join(LINE_KEYS)}"
 
 
 def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> dict[str, dict[str, Any]] | None:
@@ -178,9 +175,8 @@ def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) ->
     steps = {s.name: s for s in (*pipeline.processors, pipeline.sampler)}
     for name, values in params.items():
         if name not in steps:
-            close = difflib.get_close_matches(name, list(steps), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))}){hint}"))
+            issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))})"
+                                                        f"{did_you_mean(name, steps).rstrip('.')}"))
         elif not isinstance(values, dict):
             issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {values!r}'))
         else:

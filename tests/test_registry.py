@@ -67,7 +67,9 @@ def test_block_from_config():
     from samplerkit.generate import load_config
     with pytest.raises(Exception) as info:
         load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": [{"top_p": 0.9}]})
-    assert "unknown processor 'top_p'" in str(info.value)
+    # Using a step of a blocked plugin says it is blocked, and by which plugin.
+    assert ("pipeline[0]: processor 'top_p' is provided by the plugin 'samplerkit.builtins.processors', "
+            "which is blocked") in str(info.value)
     config, registry = load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": []})
     assert not registry.has("processor", "top_p") and config.plugins.block == ["samplerkit.builtins.processors"]
 
