@@ -88,25 +88,46 @@ class Registry:
 
 
 def build_registry(plugins: LoadedPlugins) -> Registry:
-    """Call every plugin's registration hooks and snapshot the result."""
+    """Call every plugin's registration hooks and snapshot the result.
+
+    A hook of an *installed* plugin (one from a distribution) that raises or returns a bad
+    class is reported in ``failed``, with how to block it, and that plugin's steps are left out
+    while the others work. The same mistake in a plugin registered in code is a
+    :class:`PluginError` at once (its author is the caller).
+    """
     from samplerkit.backend import Backend
     from samplerkit.steps import Processor, Sampler
 
     base_for_kind = {"processor": Processor, "sampler": Sampler, "backend": Backend}
-    entries: list[Entry] = []
+    by_plugin: dict[str, list[Entry]] = {}
+    failed = dict(plugins.failed)
     hook_caller = plugins.manager.hook
     for kind in KINDS:
         for impl in getattr(hook_caller, _HOOK_FOR_KIND[kind]).get_hookimpls():
             info = plugins.info.get(impl.plugin_name, PluginInfo(impl.plugin_name))
+            if impl.plugin_name in failed:
+                continue
             try:
-                classes = impl.function() or []
-            except Exception as exc:
-                raise PluginError(f"plugin {info.describe()} raised in {_HOOK_FOR_KIND[kind]}(): "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            for cls in classes:
-                _check_class(cls, kind, base_for_kind[kind], info)
-                entries.append(Entry(kind, cls.name, cls, info))
-    return Registry(entries, plugins.failed, plugins.blocked, plugins.blocked_steps)
+                try:
+                    classes = impl.function() or []
+                except Exception as exc:
+                    raise PluginError(f"plugin {info.describe()} raised in {_HOOK_FOR_KIND[kind]}(): "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                found = []
+                for cls in classes:
+                    _check_class(cls, kind, base_for_kind[kind], info)
+                    found.append(Entry(kind, cls.name, cls, info))
+            except PluginError as exc:
+                if info.distribution is None:
+                    raise
+                failed[impl.plugin_name] = (f"{exc}; fix or uninstall {info.distribution}, or block it with "
+                                            f"`plugins: {{block: [{info.name}]}}` in the config or "
+                                            f"SAMPLERKIT_BLOCK_PLUGINS={info.name}")
+                by_plugin.pop(impl.plugin_name, None)
+                continue
+            by_plugin.setdefault(impl.plugin_name, []).extend(found)
+    entries = [entry for found in by_plugin.values() for entry in found]
+    return Registry(entries, failed, plugins.blocked, plugins.blocked_steps)
 
 
 def _check_class(cls: object, kind: Kind, base: type, info: PluginInfo) -> None:
