@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from samplerkit.config import RunConfig, validate_generation
-from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean
+from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
 
 LINE_KEYS = ("id", "prompt", "params", "seed", "generation")
@@ -129,20 +129,20 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
     if "id" not in data:
         issues.append(ConfigIssue("id", "is required (a string or an integer, unique in the file)"))
     elif isinstance(line_id, bool) or not isinstance(line_id, (str, int)):
-        issues.append(ConfigIssue("id", f"must be a string or an integer, got {line_id!r}"))
+        issues.append(ConfigIssue("id", f"must be a string or an integer, got {short_repr(line_id)}"))
         line_id = None
     prompt = data.get("prompt")
     if "prompt" not in data:
         issues.append(ConfigIssue("prompt", "is required"))
     elif not isinstance(prompt, str):
-        issues.append(ConfigIssue("prompt", f"must be a string, got {prompt!r}"))
+        issues.append(ConfigIssue("prompt", f"must be a string, got {short_repr(prompt)}"))
     params = _check_params(data.get("params"), pipeline, issues)
     seed = _check_seed(data.get("seed"), pipeline, issues)
     options = config.generation.model_dump()
     overrides = data.get("generation")
     if overrides is not None:
         if not isinstance(overrides, dict):
-            issues.append(ConfigIssue("generation", f"must be an object of generation options, got {overrides!r}"))
+            issues.append(ConfigIssue("generation", f"must be an object of generation options, got {short_repr(overrides)}"))
         else:
             try:
                 options = validate_generation(config.generation, overrides).model_dump()
@@ -170,7 +170,7 @@ def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) ->
         return None
     if not isinstance(params, dict):
         issues.append(ConfigIssue("params", f'must be an object of step name -> {{field: value}}, like '
-                                            f'{{"top_p": {{"top_p": 0.9}}}}, got {params!r}'))
+                                            f'{{"top_p": {{"top_p": 0.9}}}}, got {short_repr(params)}'))
         return None
     steps = {s.name: s for s in (*pipeline.processors, pipeline.sampler)}
     for name, values in params.items():
@@ -178,7 +178,7 @@ def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) ->
             issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))})"
                                                         f"{did_you_mean(name, steps).rstrip('.')}"))
         elif not isinstance(values, dict):
-            issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {values!r}'))
+            issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {short_repr(values)}'))
         else:
             try:
                 steps[name].with_params(values, f"params {name}")
@@ -195,7 +195,7 @@ def _check_seed(seed: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> int
         issues.append(ConfigIssue("seed", f"sampler {sampler.name!r} takes no seed"))
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
-        issues.append(ConfigIssue("seed", f"must be an integer, got {seed!r}"))
+        issues.append(ConfigIssue("seed", f"must be an integer, got {short_repr(seed)}"))
         return None
     try:
         sampler.with_params({"seed": seed}, "seed")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from samplerkit.config import RunConfig, StepSpec
-from samplerkit.errors import ConfigError, ConfigIssue
+from samplerkit.errors import ConfigError, ConfigIssue, short_repr
 
 #: llama.cpp's default ``--samplers`` (common_params_sampling::samplers).
 DEFAULT_CHAIN = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
@@ -399,7 +399,7 @@ def _split_bias(text: str) -> tuple[int, str, str]:
     for pos, ch in enumerate(text):
         if ch in "+-" and pos > 0:
             return int(text[:pos]), ch, text[pos + 1:]
-    raise ConfigError(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {text!r}"))
+    raise ConfigError(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {short_repr(text)}"))
 
 
 def _last_n(value: float) -> int:

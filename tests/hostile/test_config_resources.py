@@ -168,3 +168,19 @@ def test_messages_truncate_the_values_they_echo(data):
     # Each echo is at most MAX_VALUE_CHARS plus its "... (N chars)" note; the rest is fixed text.
     assert len(msg) < 2 * MAX_VALUE_CHARS + 600, msg[:1000]
     assert "chars)" in msg or "items)" in msg
+
+
+def test_no_message_echoes_a_value_untruncated():
+    """The class of the 2 GB error text: ``got {value!r}``. Every "got <value>" goes through
+    samplerkit.errors.short_repr (samplerkit.testing's assertions, about a plugin's own code,
+    are not user input)."""
+    import re
+    from pathlib import Path
+
+    import samplerkit
+
+    pattern = re.compile(r"got \{[^}]*!r\}")
+    root = Path(samplerkit.__file__).parent
+    offenders = [f"{p.name}: {m.group(0)}" for p in root.rglob("*.py") if p.parent.name != "testing"
+                 for m in pattern.finditer(p.read_text())]
+    assert offenders == []
