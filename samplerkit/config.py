@@ -463,10 +463,12 @@ def _issues_from_pydantic(exc: ValidationError, where: str, cls: type) -> list[C
     """Turn pydantic errors into ``<where>.<field>: must be in (0, 1], got 1.5``."""
     issues = []
     step_name = where.rsplit(" ", 1)[-1]
-    for err in exc.errors():
+    for err in map(_with_item_path, exc.errors()):
         loc = [str(p) for p in err["loc"]]
         field = loc[0] if loc else ""
-        suffix = "" if not field or field == step_name else "." + ".".join(loc)
+        # `pipeline[0] top_p: ...` for the field named like the step; its items keep their path.
+        shown = loc[1:] if field == step_name else loc
+        suffix = "." + ".".join(shown) if shown else ""
         location = clip(where + suffix, 160)
         issues.append(ConfigIssue(location, _message(err, cls.Params.model_fields.get(field), list(cls.Params.model_fields))))
     return issues
@@ -521,7 +523,17 @@ def _num(value: float | int) -> str:
     return f"{value:g}"
 
 
+def _with_item_path(err: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A strict-type error (:mod:`samplerkit.strict`) located at the list item or mapping key
+    inside its field, with that item as the value, as pydantic locates its own item errors."""
+    ctx = err.get("ctx") or {}
+    if "path" not in ctx:
+        return err
+    return {**err, "loc": (*err["loc"], *ctx["path"]), "input": ctx["value"]}
+
+
 def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
+    err = _with_item_path(err)
     loc = [str(p) for p in err["loc"]]
     if err["type"] == "extra_forbidden" and len(loc) == 1:
         known = [*_Structure.model_fields, "preset"]

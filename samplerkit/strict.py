@@ -29,15 +29,19 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 def check_strict(value: Any, annotation: Any) -> Any:
     """``value`` unchanged if it fits ``annotation`` without a lossy coercion; else a pydantic
-    ``strict_type`` / ``int64_range`` error (reported with the field's location)."""
+    ``strict_type`` / ``int64_range`` error whose context holds ``path`` (the item's index or
+    key inside the field, pydantic's own location style) and the offending ``value``."""
     problem = _problem(value, annotation)
     if problem is not None:
-        kind, text = problem
-        raise PydanticCustomError(kind, text)
+        kind, text, path, bad = problem
+        raise PydanticCustomError(kind, text, {"path": tuple(path), "value": bad})
     return value
 
 
-def _problem(value: Any, annotation: Any) -> tuple[str, str] | None:
+Problem = tuple[str, str, list[Any], Any]      # kind, message, path inside the field, offending value
+
+
+def _problem(value: Any, annotation: Any) -> Problem | None:
     origin = get_origin(annotation)
     if origin is Annotated:
         return _problem(value, get_args(annotation)[0])
@@ -45,20 +49,20 @@ def _problem(value: Any, annotation: Any) -> tuple[str, str] | None:
         problems = [_problem(value, arg) for arg in get_args(annotation)]
         return None if any(p is None for p in problems) else next(p for p in problems if p is not None)
     if annotation is type(None):
-        return None if value is None else ("strict_type", "input should be null")
+        return None if value is None else ("strict_type", "input should be null", [], value)
     if origin is Literal or annotation is Any:
         return _range_problem(value)
     if annotation is bool:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            return "strict_type", "input should be true or false"
+            return "strict_type", "input should be true or false", [], value
         return None
     if annotation is int:
         if isinstance(value, (bool, float, str)):
-            return "strict_type", f"input should be an integer, not {_kind(value)}"
+            return "strict_type", f"input should be an integer, not {_kind(value)}", [], value
         return _range_problem(value)
     if annotation is float:
         if isinstance(value, (bool, str)):
-            return "strict_type", f"input should be a number, not {_kind(value)}"
+            return "strict_type", f"input should be a number, not {_kind(value)}", [], value
         return _range_problem(value)
     args = get_args(annotation)
     if origin in (list, tuple, set, frozenset) and args and isinstance(value, (list, tuple, set, frozenset)):
@@ -66,31 +70,26 @@ def _problem(value: Any, annotation: Any) -> tuple[str, str] | None:
         for index, (item, item_type) in enumerate(zip(value, item_types)):
             problem = _problem(item, item_type)
             if problem is not None:
-                return problem[0], f"item {index}: {problem[1]}"
+                return problem[0], problem[1], [index, *problem[2]], problem[3]
         return None
     if origin is dict and len(args) == 2 and isinstance(value, dict):
         for key, item in value.items():
             # Keys stay lax (a JSON object's keys are strings) but must fit int64.
             problem = _range_problem(key) or _problem(item, args[1])
             if problem is not None:
-                return problem[0], f"key {_short(key)}: {problem[1]}"
+                return problem[0], problem[1], [key, *problem[2]], problem[3]
         return None
     return _range_problem(value)
 
 
-def _range_problem(value: Any) -> tuple[str, str] | None:
+def _range_problem(value: Any) -> Problem | None:
     if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
-        return "int64_range", "must lie in the 64-bit integer range [-2**63, 2**63)"
+        return "int64_range", "must lie in the 64-bit integer range [-2**63, 2**63)", [], value
     return None
 
 
 def _kind(value: Any) -> str:
     return {bool: "true/false", str: "a string", float: "a float"}.get(type(value), type(value).__name__)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _check_device(value: str) -> str:
