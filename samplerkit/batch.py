@@ -18,7 +18,6 @@ Four parts: :func:`read_jobs` (reader and validator), :func:`plan_batches` (grou
 
 from __future__ import annotations
 
-import difflib
 import errno
 import itertools
 import json
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from samplerkit.config import RunConfig, validate_generation
-from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError
+from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
 
 LINE_KEYS = ("id", "prompt", "params", "seed", "generation")
@@ -135,13 +134,13 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
     if "id" not in data:
         issues.append(ConfigIssue("id", "is required (a string or an integer, unique in the file)"))
     elif isinstance(line_id, bool) or not isinstance(line_id, (str, int)):
-        issues.append(ConfigIssue("id", f"must be a string or an integer, got {line_id!r}"))
+        issues.append(ConfigIssue("id", f"must be a string or an integer, got {short_repr(line_id)}"))
         line_id = None
     prompt = data.get("prompt")
     if "prompt" not in data:
         issues.append(ConfigIssue("prompt", "is required"))
     elif not isinstance(prompt, str):
-        issues.append(ConfigIssue("prompt", f"must be a string, got {prompt!r}"))
+        issues.append(ConfigIssue("prompt", f"must be a string, got {short_repr(prompt)}"))
     elif (surrogate := _lone_surrogate(prompt)) is not None:
         issues.append(ConfigIssue("prompt", f"has a lone surrogate \\u{ord(prompt[surrogate]):04x} at character "
                                             f"{surrogate + 1}, which is not text; a \\ud800-\\udfff escape in JSON "
@@ -152,7 +151,7 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
     overrides = data.get("generation")
     if overrides is not None:
         if not isinstance(overrides, dict):
-            issues.append(ConfigIssue("generation", f"must be an object of generation options, got {overrides!r}"))
+            issues.append(ConfigIssue("generation", f"must be an object of generation options, got {short_repr(overrides)}"))
         else:
             try:
                 options = validate_generation(config.generation, overrides).model_dump()
@@ -181,9 +180,7 @@ def _unknown_key_message(key: str) -> str:
 
     if key in GenerationConfig.model_fields:
         return f'unknown key; generation options go in "generation", like {{"generation": {{"{key}": ...}}}}'
-    close = difflib.get_close_matches(key, LINE_KEYS, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
-    return f"unknown key{hint} Keys: {', '.join(LINE_KEYS)}"
+    return f"unknown key{did_you_mean(key, LINE_KEYS)} Keys: {', '.join(LINE_KEYS)}"
 
 
 def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> dict[str, dict[str, Any]] | None:
@@ -192,16 +189,15 @@ def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) ->
         return None
     if not isinstance(params, dict):
         issues.append(ConfigIssue("params", f'must be an object of step name -> {{field: value}}, like '
-                                            f'{{"top_p": {{"top_p": 0.9}}}}, got {params!r}'))
+                                            f'{{"top_p": {{"top_p": 0.9}}}}, got {short_repr(params)}'))
         return None
     steps = {s.name: s for s in (*pipeline.processors, pipeline.sampler)}
     for name, values in params.items():
         if name not in steps:
-            close = difflib.get_close_matches(name, list(steps), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))}){hint}"))
+            issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))})"
+                                                        f"{did_you_mean(name, steps).rstrip('.')}"))
         elif not isinstance(values, dict):
-            issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {values!r}'))
+            issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {short_repr(values)}'))
         else:
             try:
                 steps[name].with_params(values, f"params {name}")
@@ -218,7 +214,7 @@ def _check_seed(seed: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> int
         issues.append(ConfigIssue("seed", f"sampler {sampler.name!r} takes no seed"))
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
-        issues.append(ConfigIssue("seed", f"must be an integer, got {seed!r}"))
+        issues.append(ConfigIssue("seed", f"must be an integer, got {short_repr(seed)}"))
         return None
     try:
         sampler.with_params({"seed": seed}, "seed")

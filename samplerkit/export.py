@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from samplerkit.config import RunConfig, StepSpec, resolve
-from samplerkit.errors import ConfigError, ConfigIssue
+from samplerkit.errors import ConfigError, ConfigIssue, short_repr
 from samplerkit.registry import Registry, default_registry
 
 #: llama.cpp's default ``--samplers`` (common_params_sampling::samplers).
@@ -559,10 +559,10 @@ def import_llamacpp(args: Sequence[str] | str, registry: Registry | None = None)
         try:
             f[key] = float(text)
         except ValueError:
-            issues.append(ConfigIssue(key, f"expected a number, got {text!r}"))
+            issues.append(ConfigIssue(key, f"expected a number, got {short_repr(text)}"))
             continue
         if not math.isfinite(f[key]):
-            issues.append(ConfigIssue(key, f"expected a finite number, got {text!r}"))
+            issues.append(ConfigIssue(key, f"expected a finite number, got {short_repr(text)}"))
     if issues:
         raise ConfigError(issues, "llama.cpp flags")
     # An empty entry is no sampler (llama.cpp skips names it does not know, "" among them).
@@ -665,12 +665,12 @@ def _split_bias(text: str, issues: list[ConfigIssue]) -> tuple[int, float] | Non
             except ValueError:
                 break
             if token < 0 or not -100 <= amount <= 100:
-                issues.append(ConfigIssue("--logit-bias", f"{text!r}: samplerkit takes a token id >= 0 and a bias "
+                issues.append(ConfigIssue("--logit-bias", f"{short_repr(text)}: samplerkit takes a token id >= 0 and a bias "
                                                           "in [-100, 100] (llama.cpp's -inf bans are not "
                                                           "supported)"))
                 return None
             return token, amount
-    issues.append(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {text!r}"))
+    issues.append(ConfigIssue("--logit-bias", f"expected TOKEN+BIAS or TOKEN-BIAS, got {short_repr(text)}"))
     return None
 
 

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from samplerkit.strict import check_strict
 
 
 class StepParams(BaseModel):
     """Base class for processor, sampler and backend parameters.
 
     ``extra="forbid"`` rejects unknown keys; ``allow_inf_nan=False`` rejects NaN and
-    infinities for every float field; ``frozen`` makes a validated config immutable.
+    infinities for every float field; ``frozen`` makes a validated config immutable; numbers
+    and booleans are strict (``"50"``, ``true`` or ``50.0`` is not an integer) and integers fit
+    in int64.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """No str/bool/float -> int (or str/bool -> float) coercion; ints within int64
+        (:mod:`samplerkit.strict`)."""
+        return check_strict(value, cls.model_fields[info.field_name].annotation)
 
     def is_neutral(self) -> bool:
         """True when every field equals its default, i.e. the step leaves this row unchanged.

@@ -15,7 +15,7 @@ import torch
 
 from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
-from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError
+from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
 from samplerkit.ops import _triton
 from samplerkit.ops.candidates import densify
 from samplerkit.ops.histogram import scratch
@@ -51,7 +51,7 @@ class Pipeline:
         self.sampler: StepSpec = sampler if sampler.location else StepSpec(sampler.cls, sampler.params, f"sampler {sampler.name}", sampler.plugin)
         self.device = torch.device(device)
         if on_invalid not in INVALID_POLICIES:
-            raise ConfigError(ConfigIssue("on_invalid", f"must be one of {', '.join(INVALID_POLICIES)}, got {on_invalid!r}"))
+            raise ConfigError(ConfigIssue("on_invalid", f"must be one of {', '.join(INVALID_POLICIES)}, got {short_repr(on_invalid)}"))
         #: What happens to rows whose logits are unusable; see :data:`samplerkit.config.InvalidPolicy`.
         self.on_invalid = on_invalid
 
@@ -410,7 +410,7 @@ def _with_seed(spec: StepSpec, seed: int, row: int) -> StepSpec:
     """``spec`` with another seed; checked here and copied without re-validating the rest,
     since binding large batches row by row through pydantic is slow."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(ConfigIssue(f"seeds[{row}]", f"must be an integer or None, got {seed!r}"))
+        raise ConfigError(ConfigIssue(f"seeds[{row}]", f"must be an integer or None, got {short_repr(seed)}"))
     if not 0 <= seed < 2**63:             # out of range: the validator's own message
         return spec.with_params({"seed": seed}, f"seeds[{row}]")
     return StepSpec(spec.cls, spec.params.model_copy(update={"seed": seed}), spec.location, spec.plugin)

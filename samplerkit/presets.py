@@ -10,12 +10,11 @@ from the command line with ``samplerkit generate --preset NAME``, or in Python::
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from samplerkit.errors import ConfigError, ConfigIssue
+from samplerkit.errors import ConfigError, ConfigIssue, did_you_mean, short_repr
 
 #: The config key that names a preset.
 PRESET_KEY = "preset"
@@ -32,9 +31,7 @@ def list_presets() -> list[str]:
 
 def unknown_preset_message(name: Any) -> str:
     names = list_presets()
-    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
-    return f"unknown preset {name!r}{hint} Presets: {', '.join(names)}"
+    return f"unknown preset {short_repr(name)}{did_you_mean(name, names)} Presets: {', '.join(names)}"
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -6,21 +6,19 @@ unknown names fail with a did-you-mean suggestion and the list of what is availa
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from samplerkit.errors import PluginError, UnknownNameError
+from samplerkit.errors import PluginError, UnknownNameError, did_you_mean, short_repr
 from samplerkit.params import StepParams
-from samplerkit.plugins import LoadedPlugins, PluginInfo, make_plugin_manager
+from samplerkit.plugins import HOOK_FOR_KIND, LoadedPlugins, PluginInfo, make_plugin_manager
 
 Kind = Literal["processor", "sampler", "backend"]
 KINDS: tuple[Kind, ...] = ("processor", "sampler", "backend")
-_HOOK_FOR_KIND = {"processor": "register_processors", "sampler": "register_samplers",
-                  "backend": "register_backends"}
+_HOOK_FOR_KIND = HOOK_FOR_KIND
 _SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -38,7 +36,7 @@ class Registry:
     """Processors, samplers and backends by name. Immutable once built."""
 
     def __init__(self, entries: Iterable[Entry], failed: Mapping[str, str] | None = None,
-                 blocked: Iterable[str] = ()):
+                 blocked: Iterable[str] = (), blocked_steps: Mapping[tuple[str, str], str] | None = None):
         table: dict[Kind, dict[str, Entry]] = {k: {} for k in KINDS}
         for entry in entries:
             existing = table[entry.kind].get(entry.name)
@@ -52,6 +50,8 @@ class Registry:
         self._table = {k: MappingProxyType(dict(sorted(v.items()))) for k, v in table.items()}
         self.failed: Mapping[str, str] = MappingProxyType(dict(failed or {}))
         self.blocked = frozenset(blocked)
+        #: (kind, step name) -> the blocked plugin that would have registered it.
+        self.blocked_steps: Mapping[tuple[str, str], str] = MappingProxyType(dict(blocked_steps or {}))
 
     def names(self, kind: Kind) -> list[str]:
         return list(self._table[kind])
@@ -73,51 +73,77 @@ class Registry:
 
     def unknown_message(self, kind: Kind, name: str) -> str:
         """``unknown processor 'top_q'; did you mean 'top_p'? Available: ...``"""
+        blocker = self.blocked_steps.get((kind, name)) if isinstance(name, str) else None
+        if blocker is not None:
+            return (f"{kind} {name!r} is provided by the plugin {blocker!r}, which is blocked (plugins.block in the "
+                    f"config, --block, or SAMPLERKIT_BLOCK_PLUGINS); unblock it to use {name!r}")
         available = self.names(kind)
-        close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
         listing = ", ".join(available) if available else "(none registered)"
-        text = f"unknown {kind} {name!r}{hint} Available {kind}s: {listing}"
+        text = f"unknown {kind} {short_repr(name)}{did_you_mean(name, available)} Available {kind}s: {listing}"
         if self.failed:
             text += ". Plugins that failed to load: " + ", ".join(sorted(self.failed))
+        unexplained = sorted(set(self.blocked) - set(self.blocked_steps.values()))
+        if unexplained:
+            text += ". Blocked plugins (not loaded, so their steps are unknown): " + ", ".join(unexplained)
         return text
 
 
 def build_registry(plugins: LoadedPlugins) -> Registry:
-    """Call every plugin's registration hooks and snapshot the result."""
+    """Call every plugin's registration hooks and snapshot the result.
+
+    A hook of an *installed* plugin (one from a distribution) that raises or returns a bad
+    class is reported in ``failed``, with how to block it, and that plugin's steps are left out
+    while the others work. The same mistake in a plugin registered in code is a
+    :class:`PluginError` at once (its author is the caller).
+    """
     from samplerkit.backend import Backend
     from samplerkit.steps import Processor, Sampler
 
     base_for_kind = {"processor": Processor, "sampler": Sampler, "backend": Backend}
-    entries: list[Entry] = []
+    by_plugin: dict[str, list[Entry]] = {}
+    failed = dict(plugins.failed)
     hook_caller = plugins.manager.hook
     for kind in KINDS:
         for impl in getattr(hook_caller, _HOOK_FOR_KIND[kind]).get_hookimpls():
             info = plugins.info.get(impl.plugin_name, PluginInfo(impl.plugin_name))
+            if impl.plugin_name in failed:
+                continue
             try:
-                classes = impl.function() or []
-            except Exception as exc:
-                raise PluginError(f"plugin {info.describe()} raised in {_HOOK_FOR_KIND[kind]}(): "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            for cls in classes:
-                _check_class(cls, kind, base_for_kind[kind], info)
-                entries.append(Entry(kind, cls.name, cls, info))
-    return Registry(entries, plugins.failed, plugins.blocked)
+                try:
+                    classes = impl.function() or []
+                except Exception as exc:
+                    raise PluginError(f"plugin {info.describe()} raised in {_HOOK_FOR_KIND[kind]}(): "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                found = []
+                for cls in classes:
+                    _check_class(cls, kind, base_for_kind[kind], info)
+                    found.append(Entry(kind, cls.name, cls, info))
+            except PluginError as exc:
+                if info.distribution is None:
+                    raise
+                failed[impl.plugin_name] = (f"{exc}; fix or uninstall {info.distribution}, or block it with "
+                                            f"`plugins: {{block: [{info.name}]}}` in the config or "
+                                            f"SAMPLERKIT_BLOCK_PLUGINS={info.name}")
+                by_plugin.pop(impl.plugin_name, None)
+                continue
+            by_plugin.setdefault(impl.plugin_name, []).extend(found)
+    entries = [entry for found in by_plugin.values() for entry in found]
+    return Registry(entries, failed, plugins.blocked, plugins.blocked_steps)
 
 
 def _check_class(cls: object, kind: Kind, base: type, info: PluginInfo) -> None:
     where = f"plugin {info.describe()}, {_HOOK_FOR_KIND[kind]}()"
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(f"{where} returned {cls!r}, which is not a subclass of "
+        raise PluginError(f"{where} returned {short_repr(cls)}, which is not a subclass of "
                           f"samplerkit.{base.__name__}")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _SNAKE.match(name):
         raise PluginError(f"{where}: class {cls.__qualname__} needs a snake_case class attribute "
-                          f"`name` (got {name!r})")
+                          f"`name` (got {short_repr(name)})")
     params = getattr(cls, "Params", None)
     if not (isinstance(params, type) and issubclass(params, StepParams)):
         raise PluginError(f"{where}: {cls.__qualname__}.Params must be a subclass of samplerkit.StepParams "
-                          f"(got {params!r}), which forbids unknown keys and makes the defaults the neutral values")
+                          f"(got {short_repr(params)}), which forbids unknown keys and makes the defaults the neutral values")
 
 
 def default_registry(block: Iterable[str] = ()) -> Registry:

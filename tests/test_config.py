@@ -231,3 +231,18 @@ def test_load_pipeline_from_dict_and_path(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("pipeline: [{top_k: 1}]\nsampler: greedy\n")
     assert load_pipeline(path, registry=REGISTRY).describe() == "top_k(top_k=1) => greedy()"
+
+
+def test_docs_state_the_loader_limits():
+    """docs/yaml.md's table of limits and the message caps are the code's constants."""
+    from samplerkit.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, MAX_PIPELINE_STEPS
+    from samplerkit.errors import MAX_ISSUES, MAX_VALUE_CHARS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "yaml.md").read_text()
+    assert f"| file size | {MAX_CONFIG_BYTES // 2**20} MiB (`MAX_CONFIG_BYTES`) | `the file is larger than {MAX_CONFIG_BYTES:,} bytes" in doc
+    assert f"| {MAX_CONFIG_NODES:,} (`MAX_CONFIG_NODES`) | `the document holds more than {MAX_CONFIG_NODES:,} values" in doc
+    assert f"| {MAX_CONFIG_DEPTH} levels (`MAX_CONFIG_DEPTH`) | `nested more than {MAX_CONFIG_DEPTH} levels deep`" in doc
+    assert f"| {MAX_PIPELINE_STEPS:,} (`MAX_PIPELINE_STEPS`) | `pipeline: has 5,000 steps; at most {MAX_PIPELINE_STEPS:,}" in doc
+    assert f"cut to {MAX_VALUE_CHARS} characters" in doc and f"lists at most {MAX_ISSUES} problems" in doc
+    with pytest.raises(ConfigError, match=f"pipeline: has 5,000 steps; at most {MAX_PIPELINE_STEPS:,}"):
+        resolve({"pipeline": ["top_p"] * 5000}, REGISTRY)

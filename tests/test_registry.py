@@ -67,7 +67,9 @@ def test_block_from_config():
     from samplerkit.generate import load_config
     with pytest.raises(Exception) as info:
         load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": [{"top_p": 0.9}]})
-    assert "unknown processor 'top_p'" in str(info.value)
+    # Using a step of a blocked plugin says it is blocked, and by which plugin.
+    assert ("pipeline[0]: processor 'top_p' is provided by the plugin 'samplerkit.builtins.processors', "
+            "which is blocked") in str(info.value)
     config, registry = load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": []})
     assert not registry.has("processor", "top_p") and config.plugins.block == ["samplerkit.builtins.processors"]
 
@@ -197,3 +199,86 @@ def test_temporary_plugin_step_is_usable_in_a_config():
         cfg = resolve({"pipeline": ["shout", {"top_p": 0.5}]}, registry)
         assert [s.name for s in cfg.processors] == ["shout", "top_p"]
         assert cfg.processors[0].plugin.startswith("temporary_shout")
+
+
+def _typo_module():
+    module = types.ModuleType("samplerkit_typo")
+
+    @hookimpl
+    def register_processor():        # missing the final s
+        return [Shout]
+
+    module.register_processor = register_processor
+    return module
+
+
+def test_an_installed_plugin_with_a_hook_typo_does_not_break_the_others(monkeypatch):
+    """One bad installed plugin used to fail every command; now it is reported like an import
+    failure (its distribution, how to block it) and the rest load."""
+    good = plugin_module("samplerkit_shout", register_processors=[Shout])
+    dists = [_FakeDist("samplerkit-typo", "0.2", [_FakeEntryPoint("typo", _typo_module())]),
+             _FakeDist("samplerkit-shout", "1.2.3", [_FakeEntryPoint("shout", good)])]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists)
+    registry = default_registry()
+    assert set(registry.failed) == {"typo"}
+    why = registry.failed["typo"]
+    assert "plugin 'typo' from samplerkit-typo 0.2 is not a valid samplerkit plugin" in why
+    assert "register_processor" in why and "register_processors, register_samplers or register_backends" in why
+    assert "plugins: {block: [typo]}" in why and "SAMPLERKIT_BLOCK_PLUGINS=typo" in why
+    assert registry.has("processor", "shout") and registry.has("processor", "top_p")
+    assert default_registry(block=["typo"]).failed == {}
+
+
+def test_an_installed_plugin_whose_hook_raises_does_not_break_the_others(monkeypatch):
+    class Other(Processor):
+        name = "other_step"
+
+        def apply(self, logits, ctx):
+            return logits
+
+    raising = types.ModuleType("samplerkit_raising")
+
+    @hookimpl
+    def register_processors():
+        raise RuntimeError("boom")
+
+    @hookimpl
+    def register_samplers():
+        return []
+
+    raising.register_processors, raising.register_samplers = register_processors, register_samplers
+    good = plugin_module("samplerkit_other", register_processors=[Other])
+    dists = [_FakeDist("samplerkit-raising", "0.1", [_FakeEntryPoint("raising", raising)]),
+             _FakeDist("samplerkit-other", "1.0", [_FakeEntryPoint("other", good)])]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists)
+    registry = default_registry()
+    assert set(registry.failed) == {"raising"}
+    assert "raised in register_processors(): RuntimeError: boom" in registry.failed["raising"]
+    assert "SAMPLERKIT_BLOCK_PLUGINS=raising" in registry.failed["raising"]
+    assert registry.has("processor", "other_step")
+
+
+def test_unknown_block_names_get_a_did_you_mean():
+    from samplerkit import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.block\[1\]: unknown plugin 'samplerkit.builtins.sampler'; "
+                                          r"did you mean 'samplerkit.builtins.samplers'\? Plugins: "):
+        default_registry(block=["samplerkit.builtins.processors", "samplerkit.builtins.sampler"])
+
+
+def test_a_step_of_a_blocked_builtin_says_it_is_blocked():
+    registry = default_registry(block=["samplerkit.builtins.samplers"])
+    with pytest.raises(UnknownNameError, match="sampler 'greedy' is provided by the plugin "
+                                               "'samplerkit.builtins.samplers', which is blocked"):
+        registry.get("sampler", "greedy")
+
+
+def test_one_did_you_mean_helper():
+    """Every spelling suggestion goes through samplerkit.errors.did_you_mean (six copies before)."""
+    from pathlib import Path
+
+    import samplerkit
+
+    users = sorted(str(p.relative_to(Path(samplerkit.__file__).parent))
+                   for p in Path(samplerkit.__file__).parent.rglob("*.py") if "difflib" in p.read_text())
+    assert users == ["errors.py"]

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from samplerkit.backend import Backend, PrefillOutput
+from samplerkit.backend import Backend, PrefillOutput, resolve_device
 from samplerkit.params import StepParams
+from samplerkit.strict import TorchDevice
 
 DEFAULT_TEXT = (
     "The quick brown fox jumps over the lazy dog. A bird in the hand is worth two in the bush. "
@@ -41,7 +42,7 @@ class BigramBackend(Backend):
         text: str = Field(DEFAULT_TEXT, min_length=1, description="training text; blank lines separate documents")
         smoothing: float = Field(0.1, gt=0.0, description="additive smoothing of the bigram counts")
         max_context: int | None = Field(None, ge=1, description="longest prompt + generation allowed; null is unbounded")
-        device: str = Field("cpu", description="torch device of the logits")
+        device: TorchDevice = Field("cpu", description="torch device of the logits")
 
     def __init__(self, params: StepParams | None = None):
         super().__init__(params)
@@ -56,8 +57,8 @@ class BigramBackend(Backend):
         alphabet = sorted(set(p.text.encode("utf-8")) | {EOS_ID})
         counts[:, alphabet] += p.smoothing
         counts[EOS_ID] = counts[BOS_ID]  # after EOS, as after BOS (only reached with ignore_eos)
-        self.table = (counts / counts.sum(-1, keepdim=True)).log().to(torch.float32).to(p.device)
-        self._last = torch.zeros(0, dtype=torch.int64, device=p.device)
+        self.table = (counts / counts.sum(-1, keepdim=True)).log().to(torch.float32).to(resolve_device(p.device, "bigram"))
+        self._last = torch.zeros(0, dtype=torch.int64, device=self.table.device)
 
     @property
     def vocab_size(self) -> int:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from samplerkit.builtins.penalties._common import ban_, check_vocab
 from samplerkit.context import StepContext
-from samplerkit.errors import SamplerkitError
+from samplerkit.errors import SamplerkitError, short_repr
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -64,7 +64,7 @@ class BadWords(Processor):
             for word in row.words:
                 ids = list(tokenize(word))
                 if not ids:
-                    raise SamplerkitError(f"bad_words.words: {word!r} tokenizes to no tokens")
+                    raise SamplerkitError(f"bad_words.words: {short_repr(word)} tokenizes to no tokens")
                 sequences.append(ids)
             per_row.append(sequences)
         return per_row

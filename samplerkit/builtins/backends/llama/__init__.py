@@ -20,6 +20,7 @@ from pydantic import Field
 from samplerkit.backend import Backend, PrefillOutput, resolve_device
 from samplerkit.errors import ConfigError, ModelNotFoundError
 from samplerkit.params import StepParams
+from samplerkit.strict import TorchDevice
 
 #: Cap on the KV cache when ``max_context`` is not given. The cache grows on demand (in chunks,
 #: then doubling), so this bounds memory for runaway generations; it does not allocate it.
@@ -34,7 +35,7 @@ class LlamaParams(StepParams):
     model: str | None = Field(
         None, description="Path to a GGUF file or a Hugging Face model directory (config.json + "
                           "*.safetensors); null runs the embedded SmolLM2-135M-Instruct.")
-    device: str = Field("cpu", description="Torch device to run on: 'cpu', 'cuda', 'cuda:1', ...")
+    device: TorchDevice = Field("cpu", description="Torch device to run on: 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of activations, the KV cache and every matrix not kept packed "
                                "(see weights). Logits are always returned as float32.")
