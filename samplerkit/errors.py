@@ -62,11 +62,17 @@ def _short_container(value: Any, limit: int, depth: int) -> str:
     return f"{text[:limit]}... ({len(value)} items)"
 
 
+def closest(name: Any, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The entry of ``choices`` most like ``name`` (difflib's ratio >= ``cutoff``), or None."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def did_you_mean(name: Any, choices: Iterable[str]) -> str:
     """``"; did you mean 'top_p'?"`` when one of ``choices`` is close to ``name`` (difflib's
     ratio >= 0.6), else ``"."``: the one spelling-suggestion rule of every message."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else "."
+    close = closest(name, choices)
+    return f"; did you mean {close!r}?" if close else "."
 
 
 class SamplerkitError(Exception):

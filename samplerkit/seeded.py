@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.errors import short_repr
 from samplerkit.ops.random import gumbel_noise, race_sample, row_keys, uniform
 from samplerkit.params import StepParams
 from samplerkit.steps import Sampler
@@ -69,7 +70,7 @@ def stream_id(name: str) -> int:
     True
     """
     if not isinstance(name, str) or "." not in name:
-        raise ValueError(f"stream_id needs a name namespaced by your plugin, like 'myplugin.coin'; got {name!r}")
+        raise ValueError(f"stream_id needs a name namespaced by your plugin, like 'myplugin.coin'; got {short_repr(name)}")
     value = int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") % 2**63
     if value in RESERVED_STREAMS:     # pragma: no cover - 3 values out of 2**63
         raise ValueError(f"stream_id({name!r}) hits a reserved stream; pick another name")

@@ -352,7 +352,7 @@ def test_check_plugin_reports_a_hook_without_hookimpl():
 
 def test_check_plugin_reports_misspelled_hooks():
     with pytest.raises(AssertionError, match=r"register_processor\(\) is decorated with @samplerkit.hookimpl but "
-                                             r"samplerkit has no such hook. Did you mean 'register_processors'\?"):
+                                             r"samplerkit has no such hook; did you mean 'register_processors'\?"):
         check_plugin(_module(register_processor=samplerkit.hookimpl(lambda: [Shift])))
     with pytest.raises(AssertionError, match=r"register_sampler\(\) looks like the hook 'register_samplers' misspelled"):
         check_plugin(_module(register_sampler=lambda: []))

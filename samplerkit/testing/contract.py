@@ -692,12 +692,11 @@ def check_plugin(plugin: Any, name: str | None = None, *, check_steps: bool = Tr
       ``contract_examples()``. Backends need a constructed instance: run
       :func:`samplerkit.testing.check_backend` on one yourself.
     """
-    import difflib
     import inspect
 
     from samplerkit import hookspecs
     from samplerkit.backend import Backend
-    from samplerkit.errors import PluginError
+    from samplerkit.errors import PluginError, closest, did_you_mean
 
     hooks = sorted(n for n in dir(hookspecs) if n.startswith("register_"))
     label = name or getattr(plugin, "__name__", repr(plugin))
@@ -708,19 +707,19 @@ def check_plugin(plugin: Any, name: str | None = None, *, check_steps: bool = Tr
         if not callable(obj) or isinstance(obj, type):
             continue
         is_impl = hasattr(obj, f"{hookspecs.hookimpl.project_name}_impl")
-        close = difflib.get_close_matches(attr, hooks, n=1, cutoff=0.8)
+        close = closest(attr, hooks, cutoff=0.8)
         if is_impl:
             marked.append(attr)
             if attr not in hooks:
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                problems.append(f"{attr}() is decorated with @samplerkit.hookimpl but samplerkit has no such hook.{hint} "
+                problems.append(f"{attr}() is decorated with @samplerkit.hookimpl but samplerkit has no such "
+                                f"hook{did_you_mean(attr, hooks)} "
                                 f"Hooks: {', '.join(hooks)}.")
         elif attr in hooks:
             problems.append(f"{attr}() is not decorated with @samplerkit.hookimpl, so samplerkit never calls it: "
                             f"put @samplerkit.hookimpl on the line above `def {attr}():`.")
-        elif close and attr.startswith("register"):
-            problems.append(f"{attr}() looks like the hook {close[0]!r} misspelled (and is not decorated with "
-                            f"@samplerkit.hookimpl): rename it to {close[0]} and decorate it.")
+        elif close is not None and attr.startswith("register"):
+            problems.append(f"{attr}() looks like the hook {close!r} misspelled (and is not decorated with "
+                            f"@samplerkit.hookimpl): rename it to {close} and decorate it.")
     if not marked and not problems:
         problems.append(f"no hook implementations: decorate one of {', '.join(hooks)} with @samplerkit.hookimpl.")
     if problems:
