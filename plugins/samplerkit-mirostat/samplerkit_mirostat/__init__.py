@@ -51,6 +51,7 @@ class _MirostatBase(Sampler):
         ctx.state[MU_KEY] = mu - self.p.eta * (surprise - self.p.tau)
 
     def draw(self, kept: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        ctx.record_distribution(kept)       # logprobs are reported under the kept set, not the input
         return race_sample(kept, row_keys(self.seeds, ctx.num_generated))
 
 
