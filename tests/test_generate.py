@@ -643,3 +643,43 @@ def test_a_sampler_that_truncates_itself_reports_logprobs_under_its_kept_set():
         assert lp.processed_logprob == pytest.approx(float(kept[token]), abs=1e-5)
         assert lp.processed_logprob > lp.logprob                    # renormalised over fewer tokens
         prev = token
+
+
+# -- the CLI's --messages (a minimal addition to cli.py) ---------------------------------------
+
+def test_cli_messages_file_runs_each_conversation(tmp_path, capsys):
+    import json
+
+    from samplerkit.cli import main
+
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([CONVERSATION, [{"role": "user", "content": "Hi"}]]))
+    code = main(["generate", "--set", "backend=bigram", "--set", "sampler=greedy", "--max-new-tokens", "3",
+                 "--messages", str(path), "--json", "The"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [r["prompt"] for r in rows] == ["Q: The\nA:", "S: Be brief.\nQ: The capital\nA: of France?\nQ: Yes\nA:",
+                                           "Q: Hi\nA:"]
+    assert rows[1]["messages"] == CONVERSATION
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ("{not json", "cannot read a JSON file"),
+    ('{"role": "user"}', "expected a list of {role, content} messages"),
+    ('[{"role": "user", "content": 5}]', "prompt 0 message 0: content must be a string"),
+])
+def test_cli_bad_messages_file_exits_2(tmp_path, capsys, content, words):
+    from samplerkit.cli import main
+
+    path = tmp_path / "chat.json"
+    path.write_text(content)
+    code = main(["generate", "--set", "backend=bigram", "--messages", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err
+
+
+def test_cli_generate_without_prompt_or_messages_exits_2(capsys):
+    from samplerkit.cli import main
+
+    assert main(["generate", "--set", "backend=bigram"]) == 2
+    assert "give at least one PROMPT" in capsys.readouterr().err
