@@ -41,6 +41,7 @@ BUILTIN_SAMPLERS = [e for e in REGISTRY.entries("sampler") if e.cls.__module__.s
 # Open defects owned by other branches (issue 13): the lead flips these at merge.
 BATCH_INVARIANCE = "issue 13 defect 3, fixed on branch h-backend"
 SEEDS_REACH_EVERY_STEP = "issue 13 defect 7, fixed on branch h-core"
+TOP_P_INFERENCE_TENSORS = "issue 13 defect 1, fixed on branch h-core"
 
 
 def _generator(llama, pipeline, sampler, **generation):
@@ -87,6 +88,16 @@ def test_every_builtin_sampler_with_n_and_stop_strings(llama, entry):
         out = gen.generate(PROMPTS)
     _check(out, llama, n=2, logprobs=1)
     assert all(" the" not in c.text and "." not in c.text for c in out)
+
+
+@pytest.mark.xfail(strict=True, reason=TOP_P_INFERENCE_TENSORS)
+@pytest.mark.parametrize("pipeline", [[{"top_p": 0.999}], [{"temperature": 1.0}, {"top_k": 0}, {"top_p": 0.999}]],
+                         ids=["top_p_large_kept_set", "top_p_after_neutral_steps"])
+def test_top_p_keeping_many_tokens_in_inference_mode(llama, pipeline):
+    gen = _generator(llama, pipeline, {"name": "categorical", "seed": 4}, max_new_tokens=3)
+    with torch.inference_mode():
+        out = gen.generate(PROMPTS, seeds=[1, 2])
+    _check(out, llama)
 
 
 @pytest.mark.parametrize("preset", list_presets())
