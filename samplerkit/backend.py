@@ -19,9 +19,9 @@ old row ``keep[j]``. ``select_rows`` may repeat an index, which duplicates that 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -91,9 +91,16 @@ class Backend(ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids to text (special tokens such as EOS are not rendered)."""
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """Wrap a user message in the model's chat template; base models have none."""
-        raise NotImplementedError(f"backend {self.name!r} has no chat template")
+    def apply_chat_template(self, messages: str | Sequence[Mapping[str, Any]]) -> str:
+        """Render a conversation (``[{"role": "system" | "user" | "assistant", "content": str}, ...]``;
+        a string is one user turn) through the model's chat template, ending where the
+        assistant's reply starts. Base models have none: the default raises
+        :class:`~samplerkit.errors.GenerationError` (the CLI exits 2). Templates from model files
+        should be rendered with :class:`samplerkit.chat_template.ChatTemplate` (sandboxed, bounded)."""
+        from samplerkit.errors import GenerationError
+
+        raise GenerationError(f"backend {self.name!r} has no chat template; run without chat (--chat) or use a "
+                              "model that ships one")
 
     # -- compute ----------------------------------------------------------------------
     @abstractmethod
@@ -108,3 +115,153 @@ class Backend(ABC):
     @abstractmethod
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep only these rows of the batch, in this order (repeats duplicate a row)."""
+
+
+def backend_label(cls: type, plugin: str | None = None) -> str:
+    """``backend 'name' (module.Class, distribution dist)`` for messages that blame a backend.
+
+    The distribution is ``plugin`` when the registry knows it, else looked up from the class's
+    top-level module (``importlib.metadata.packages_distributions``)."""
+    name = getattr(cls, "name", cls.__name__)
+    dist = plugin
+    if not dist:
+        import importlib.metadata
+
+        top = cls.__module__.split(".")[0]
+        dist = ", ".join(importlib.metadata.packages_distributions().get(top, [])) or f"module {top}"
+    return f"backend {name!r} ({cls.__module__}.{cls.__qualname__}, distribution {dist})"
+
+
+class CheckedBackend:
+    """A backend whose every output the decode loop relies on is checked at the boundary.
+
+    Wraps any :class:`Backend` (attributes pass through). A backend that returns logits whose
+    width is not ``vocab_size``, a batch of the wrong size, something that is not a float tensor,
+    a prefill result that is not a :class:`PrefillOutput`, ``eos_token_ids`` that are not a
+    collection of ints, NaN logits (with ``check_nan``), or that raises anything but a
+    :class:`~samplerkit.errors.SamplerkitError`, is reported as a
+    :class:`~samplerkit.errors.PluginError` naming the backend and its distribution, instead of
+    an obscure failure later in the pipeline. The checks cost one reduction per step.
+    """
+
+    def __init__(self, backend: Backend, *, plugin: str | None = None, check_nan: bool = True):
+        self.inner = backend
+        self._plugin = plugin
+        self.check_nan = check_nan
+        self._rows = 0
+        self._label: str | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    @property
+    def label(self) -> str:
+        if self._label is None:
+            self._label = backend_label(type(self.inner), self._plugin)
+        return self._label
+
+    def _fail(self, what: str) -> None:
+        from samplerkit.errors import PluginError
+
+        raise PluginError(f"{self.label} {what}")
+
+    def _attr(self, name: str):
+        from samplerkit.errors import SamplerkitError
+
+        try:
+            return getattr(self.inner, name)
+        except SamplerkitError:
+            raise
+        except Exception as exc:
+            self._fail(f"failed reading {name}: {type(exc).__name__}: {exc}")
+
+    def _call(self, method: str, *args, **kwargs):
+        from samplerkit.errors import SamplerkitError
+
+        try:
+            return getattr(self.inner, method)(*args, **kwargs)
+        except (SamplerkitError, NotImplementedError):      # NotImplementedError: "no chat template" (old protocol)
+            raise
+        except Exception as exc:
+            self._fail(f"failed in {method}(): {type(exc).__name__}: {exc}")
+
+    @property
+    def vocab_size(self) -> int:
+        v = self._attr("vocab_size")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            self._fail(f"has vocab_size {v!r:.60}; it must be a positive int")
+        return v
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = self._attr("eos_token_ids")
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Collection):
+            self._fail(f"has eos_token_ids {ids!r:.60} ({type(ids).__name__}); it must be a collection of ints "
+                       "(e.g. frozenset({2}))")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            self._fail(f"has eos_token_ids {sorted(map(repr, ids))[:8]}: every id must be an int")
+        return frozenset(ids)
+
+    @property
+    def max_context(self) -> int | None:
+        m = self._attr("max_context")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            self._fail(f"has max_context {m!r:.60}; it must be a positive int or None")
+        return m
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        ids = self._call("tokenize", text, add_special=add_special)
+        if not isinstance(ids, Sequence) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            self._fail(f"tokenize() returned {type(ids).__name__}, not a list of int token ids")
+        vocab = self.vocab_size
+        if bad := [i for i in ids if not 0 <= i < vocab]:
+            self._fail(f"tokenize() returned ids outside [0, vocab_size={vocab}): {bad[:5]}")
+        return list(ids)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        text = self._call("detokenize", ids)
+        if not isinstance(text, str):
+            self._fail(f"detokenize() returned {type(text).__name__}, not str")
+        return text
+
+    def apply_chat_template(self, messages) -> str:
+        return self._call("apply_chat_template", messages)
+
+    def _check_logits(self, logits: Any, rows: int, method: str) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor):
+            self._fail(f"{method}() returned {type(logits).__name__}; expected a [B, V] float tensor")
+        vocab = self.vocab_size
+        if logits.dim() != 2 or logits.shape[0] != rows or logits.shape[1] != vocab:
+            self._fail(f"{method}() returned logits of shape {tuple(logits.shape)}; expected [{rows}, {vocab}] "
+                       f"(one row per {'prompt' if method == 'prefill' else 'running row'}, vocab_size columns)")
+        if not logits.is_floating_point():
+            self._fail(f"{method}() returned {logits.dtype} logits; expected a float tensor")
+        if self.check_nan and bool(torch.isnan(logits).any()):
+            bad = torch.isnan(logits).any(-1).nonzero().squeeze(-1).tolist()
+            self._fail(f"{method}() returned NaN logits in row(s) {bad[:8]} (the model's output is broken: "
+                       "weights, dtype overflow or a kernel bug)")
+        return logits
+
+    def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        out = self._call("prefill", prompts, keep_all_logits=keep_all_logits)
+        if not isinstance(out, PrefillOutput):
+            self._fail(f"prefill() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
+        self._rows = len(prompts)
+        self._check_logits(out.last, len(prompts), "prefill")
+        if keep_all_logits:
+            if not isinstance(out.all, Sequence) or len(out.all) != len(prompts):
+                self._fail(f"prefill(keep_all_logits=True) returned PrefillOutput.all={type(out.all).__name__}; "
+                           f"expected a list of {len(prompts)} [L_i, V] tensors")
+            for p, t in zip(prompts, out.all):
+                self._check_logits(t, len(p), "prefill (all positions)")
+        return out
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        return self._check_logits(self._call("step", next_ids), int(next_ids.shape[0]), "step")
+
+    def select_rows(self, keep: Sequence[int]) -> None:
+        self._call("select_rows", keep)
+        self._rows = len(keep)
+
+
+__all__ = ["Backend", "CheckedBackend", "PrefillOutput", "backend_label", "resolve_device"]

@@ -21,12 +21,14 @@ EXIT_USER_ERROR = 2
 
 
 def _generate_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
     _config_args(g)
     g.add_argument("--preset", metavar="NAME", help="start from a shipped preset (see `samplerkit presets`); "
                                                      "the config file and --set override it")
     g.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model)")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    g.add_argument("--messages", metavar="FILE.json", help="chat conversation(s) from a JSON file: a list of "
+                   "{role, content} messages, or a list of such lists; implies --chat")
     g.add_argument("--seed", type=int, help="sampler seed (sets sampler.seed)")
     g.add_argument("--max-new-tokens", type=int, help="sets generation.max_new_tokens")
     g.add_argument("-n", type=int, help="samples per prompt (sets generation.n)")
@@ -164,8 +166,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overrides.append(f"generation.max_new_tokens={args.max_new_tokens}")
     if args.n is not None:
         overrides.append(f"generation.n={args.n}")
-    if args.chat:
+    if args.chat or args.messages:
         overrides.append("generation.chat=true")
+    args.prompts = [*args.prompts, *_read_messages(args.messages)] if args.messages else list(args.prompts)
+    if not args.prompts:
+        raise SamplerkitError("give at least one PROMPT (or --messages FILE.json)")
     data, source = _build_config_data(args.config, overrides, args.preset)
     config, registry = _resolve(data, source)
     generator = Generator(config, registry=registry)
@@ -191,6 +196,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{header} (finish: {completion.finish_reason})")
         print((completion.prompt if echo_prompt else "") + completion.text)
     return 0
+
+
+def _read_messages(path: str) -> list[Any]:
+    """--messages: the conversations of a JSON file (one conversation, or a list of them)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SamplerkitError(f"--messages {path}: cannot read a JSON file: {e}") from None
+    if isinstance(data, list) and data and all(isinstance(m, dict) for m in data):
+        return [data]                       # one conversation
+    if not isinstance(data, list) or not data:
+        raise SamplerkitError(f"--messages {path}: expected a list of {{role, content}} messages or a list of such "
+                              f"lists, got {type(data).__name__}")
+    return data
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

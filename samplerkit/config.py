@@ -59,6 +59,8 @@ class GenerationConfig(BaseModel):
     ignore_eos: bool = Field(False, description="keep generating past EOS")
     n: int = Field(1, ge=1, le=1024, description="samples per prompt")
     logprobs: int | None = Field(None, ge=0, le=100, description="return the chosen token's log-probability and this many top alternatives; null for none")
+    top_logprobs_from: Literal["raw", "processed"] = Field(
+        "raw", description="where the logprobs top alternatives come from: the raw model distribution or the one the token was drawn from")
     echo: bool = Field(False, description="also return the prompt tokens with their log-probabilities")
     chat: bool = Field(False, description="wrap each prompt in the model's chat template")
 

@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+#: Columns of ``generated`` before its first doubling.
+_INITIAL_WIDTH = 64
+
 
 class StepContext:
     """History for one batch.
@@ -18,7 +21,11 @@ class StepContext:
     Attributes:
         prompt_ids: per row, the prompt's token ids (a Python list; read-only).
         generated: ``[B, T]`` int64, the tokens generated so far (columns past ``num_generated``
-            of a row are ``-1``); only filled when a step ``uses`` ``"generated"``.
+            of a row are ``-1``); only filled when a step ``uses`` ``"generated"``. ``T`` grows
+            with the text actually generated (doubling, so appends cost amortised O(B) each)
+            and never exceeds ``max_new_tokens``: a huge ``max_new_tokens`` allocates nothing
+            up front. Code that needs the buffer to stay the same tensor (a CUDA graph reading
+            it in place) calls :meth:`reserve` first.
         num_generated: ``[B]`` int64, how many tokens each row has generated; also the
             per-row counter of the random streams.
         counts: ``[B, V]`` int32 occurrences of each token among the generated ones (only when
@@ -45,25 +52,62 @@ class StepContext:
         self.prompt_ids: list[list[int]] = [list(p) for p in prompt_ids] if prompt_ids else [[] for _ in range(batch_size)]
         self.num_generated = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._keep_generated = "generated" in uses
-        self.generated = (torch.full((batch_size, max(max_new_tokens, 0)), -1, dtype=torch.int64, device=self.device)
+        #: Upper bound on ``generated``'s width (the run's token budget).
+        self.max_new_tokens = max(int(max_new_tokens), 0)
+        # Host-side count of appends: no row has generated more (rows only leave or repeat),
+        # so growth is decided without reading num_generated back from the device.
+        self._appended = 0
+        self.generated = (torch.full((batch_size, min(self.max_new_tokens, _INITIAL_WIDTH)), -1, dtype=torch.int64,
+                                     device=self.device)
                           if self._keep_generated else None)
         self.counts = (torch.zeros(batch_size, vocab_size, dtype=torch.int32, device=self.device)
                        if "counts" in uses and vocab_size else None)
         self.state: dict[str, torch.Tensor] = {}
+        #: Set by the decode loop when it reports logprobs: a sampler that draws from something
+        #: other than its input logits (its own truncation) then calls :meth:`record_distribution`.
+        self.want_distribution = False
+        self._distribution: torch.Tensor | None = None
         self._prompt_tensor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.num_generated.shape[0])
 
+    def record_distribution(self, logits: torch.Tensor) -> None:
+        """Sampler hook: the ``[B, V]`` logits this step's tokens are actually drawn from, when
+        they differ from the sampler's input (mirostat's own top-k or surprise cut). The decode
+        loop reports ``processed_logprob`` under ``softmax`` of them. Free when nobody asked
+        (:attr:`want_distribution` is False); a sampler that draws from its input calls nothing."""
+        if self.want_distribution:
+            self._distribution = logits
+
+    def take_distribution(self) -> torch.Tensor | None:
+        """The logits recorded by :meth:`record_distribution` this step (then forgotten), or ``None``."""
+        out, self._distribution = self._distribution, None
+        return out
+
+    def reserve(self, width: int) -> None:
+        """Grow ``generated`` to at least ``width`` columns now (capped at ``max_new_tokens``)."""
+        if self.generated is None:
+            return
+        width = min(int(width), self.max_new_tokens)
+        have = self.generated.shape[1]
+        if width > have:
+            pad = self.generated.new_full((self.generated.shape[0], width - have), -1)
+            self.generated = torch.cat([self.generated, pad], dim=1)
+
     def append(self, ids: torch.Tensor) -> None:
         """Record one new token per row (``[B]`` int64)."""
         if self.generated is not None:
+            if self._appended >= self.generated.shape[1]:       # full: double (amortised O(1) per token)
+                self.reserve(max(2 * self.generated.shape[1], _INITIAL_WIDTH))
+        if self.generated is not None and self.generated.shape[1] > 0:
             col = self.num_generated.clamp(max=self.generated.shape[1] - 1).unsqueeze(1)
             self.generated.scatter_(1, col, ids.unsqueeze(1))
         if self.counts is not None:
             self.counts.scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=torch.int32).unsqueeze(1))
         self.num_generated += 1
+        self._appended += 1
 
     def prompt_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts as ``([B, P] int64 ids right-padded with -1, [B] int64 lengths)``.

@@ -324,3 +324,362 @@ def test_seeded_row_alone_equals_the_same_row_in_a_batch_of_64():
         batch = gen.generate(prompts, seeds=seeds, rows=rows)
         assert batch[position].token_ids == alone.token_ids, position
         assert batch[position].finish_reason == alone.finish_reason
+
+
+# -- chat input (issue 13 defect 6) ------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital"},
+                {"role": "assistant", "content": "of France?"}, {"role": "user", "content": "Yes"}]
+
+
+def test_chat_accepts_a_list_of_messages_through_the_template():
+    backend = BigramBackend()
+    gen = make(backend=backend, max_new_tokens=5)
+    out = gen.generate([CONVERSATION, "The"], chat=True)
+    rendered = "S: Be brief.\nQ: The capital\nA: of France?\nQ: Yes\nA:"
+    assert out[0].prompt == rendered and out[0].messages == CONVERSATION
+    assert out[0].prompt_token_ids == backend.tokenize(rendered)
+    assert out[1].prompt == "Q: The\nA:" and out[1].messages is None
+    # One conversation may be passed as the prompts themselves.
+    assert make(backend=backend, max_new_tokens=5).generate(CONVERSATION, chat=True)[0].token_ids == out[0].token_ids
+    # The same text as a plain prompt gives the same tokens: the template is all that chat adds.
+    assert make(backend=backend, max_new_tokens=5).generate(rendered)[0].token_ids == out[0].token_ids
+
+
+def test_library_generate_with_messages_and_chat_true():
+    import samplerkit as sk
+
+    out = sk.generate([[{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]],
+                      {"backend": "bigram", "generation": {"max_new_tokens": 3}}, chat=True)
+    assert out[0].prompt == "S: S\nQ: Hi\nA:"
+
+
+@pytest.mark.parametrize(("prompts", "words"), [
+    ([CONVERSATION], "set chat=True"),
+])
+def test_messages_without_chat_are_an_error(prompts, words):
+    with pytest.raises(GenerationError, match=words):
+        make().generate(prompts)
+
+
+@pytest.mark.parametrize(("messages", "words"), [
+    ([{"role": "wizard", "content": "x"}], r"prompt 1 message 0: role must be one of"),
+    ([{"role": "user", "content": None}], r"prompt 1 message 0: content must be a string"),
+    ([{"role": "user", "content": "ok"}, "hi"], r"prompt 1 message 1: must be a mapping"),
+    ([], r"prompt 1: a chat conversation is a non-empty list"),
+])
+def test_bad_messages_name_the_prompt_and_message(messages, words):
+    with pytest.raises(GenerationError, match=words):
+        make().generate(["fine", messages], chat=True)
+
+
+class _NoTemplate(BigramBackend):
+    apply_chat_template = BigramBackend.__mro__[1].apply_chat_template     # Backend's: no template
+
+
+class _OldProtocol(BigramBackend):
+    def apply_chat_template(self, user_message):
+        raise NotImplementedError("no template here")
+
+
+@pytest.mark.parametrize("backend_cls", [_NoTemplate, _OldProtocol])
+def test_chat_on_a_backend_without_template_is_a_clear_error(backend_cls):
+    with pytest.raises(GenerationError, match="prompt 0: .*no chat template"):
+        make(backend=backend_cls()).generate("Hi", chat=True)
+
+
+# -- prompts, rows and seeds that are not what they should be (issue 14 item 14) ---------------
+
+@pytest.mark.parametrize(("prompts", "words"), [
+    ([None], r"prompt 0 must be a string or a list of chat messages, got NoneType"),
+    (["ok", b"x"], r"prompt 1 must be a string .* got bytes; decode bytes to str first"),
+    ([3], r"prompt 0 must be a string .* got int"),
+    (b"x", r"prompts must be a string or a list of prompts, got bytes"),
+    (None, r"prompts must be a string or a list of prompts, got NoneType"),
+    (["ok", "\ud800 x"], r"prompt 1 contains a lone surrogate '\\ud800' at character 0"),
+    ("a\udfff", r"prompt 0 contains a lone surrogate '\\udfff' at character 1"),
+])
+def test_bad_prompts_are_clear_errors_naming_the_index(prompts, words):
+    with pytest.raises(GenerationError, match=words):
+        make().generate(prompts)
+
+
+def test_lone_surrogate_in_a_chat_message_is_named():
+    with pytest.raises(GenerationError, match=r"prompt 0 message 1 contains a lone surrogate"):
+        make().generate([[{"role": "system", "content": "s"}, {"role": "user", "content": "\ud800"}]], chat=True)
+
+
+@pytest.mark.parametrize(("rows", "words"), [
+    (["top_p", None], r"rows\[0\] must be a mapping of step name to parameters"),
+    ([None, {"top_p": 0.5}], r"rows\[1\] top_p: parameters must be a mapping"),
+    ([None, {"top_k": {"top_k": 3}}], r"rows\[1\]: overrides name steps not in this pipeline"),
+    ([{"top_p": {"top_p": 7}}, None], r"rows\[0\] top_p"),
+    ("ab", r"rows must be a list with one entry per prompt, got str"),
+])
+def test_bad_row_overrides_name_the_prompt_index(rows, words):
+    from samplerkit import SamplerkitError
+
+    with pytest.raises(SamplerkitError, match=words):
+        make([{"top_p": 0.9}], "categorical").generate(["The", "A"], rows=rows)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, "3", True])
+def test_bad_seeds_are_named(seed):
+    with pytest.raises(GenerationError, match=r"seeds\[1\] must be an integer in \[0, 2\*\*63\)"):
+        make([], "categorical").generate(["a", "b"], seeds=[1, seed])
+
+
+# -- history buffers grow with the text (issue 14 item 8) --------------------------------------
+
+@pytest.mark.parametrize("max_new_tokens", [10**12, 2**63 - 1, 10**30])
+@pytest.mark.parametrize("step", [{"dry": {"multiplier": 0.8}}, {"repetition_penalty": 1.3},
+                                  {"frequency_penalty": 0.5}, {"no_repeat_ngram": 3}])
+def test_huge_max_new_tokens_allocates_only_what_is_generated(max_new_tokens, step):
+    backend = BigramBackend(BigramBackend.Params(max_context=60))
+    gen = make([step], backend=backend, max_new_tokens=max_new_tokens, ignore_eos=True)
+    out = gen.generate(["The", "A bird in"])
+    assert [len(c.token_ids) for c in out] == [60 - 4, 60 - 10]      # ended by the context
+    assert all(c.finish_reason == "length" for c in out)
+
+
+def test_generated_buffer_doubles_and_matches_a_preallocated_one():
+    from samplerkit.context import StepContext
+
+    grown = StepContext(2, 10, uses=frozenset({"generated"}), max_new_tokens=10**12)
+    assert grown.generated.shape[1] <= 64
+    fixed = StepContext(2, 10, uses=frozenset({"generated"}), max_new_tokens=300)
+    fixed.reserve(300)
+    assert fixed.generated.shape[1] == 300
+    widths = set()
+    for t in range(300):
+        ids = torch.tensor([t % 10, (3 * t) % 10, (7 * t) % 10][:grown.batch_size])
+        grown.append(ids)
+        fixed.append(ids)
+        widths.add(grown.generated.shape[1])
+        if t == 150:
+            grown.select_rows([1, 0, 1])
+            fixed.select_rows([1, 0, 1])
+    assert sorted(widths) == [64, 128, 256, 512]                     # doubling, not one column per token
+    assert torch.equal(grown.generated[:, :300], fixed.generated)
+    assert (grown.generated[:, 300:] == -1).all()
+    assert torch.equal(grown.context_ids()[:, -300:], fixed.context_ids()[:, -300:])
+
+
+# -- one Generator from many threads (issue 14 item 10) ----------------------------------------
+
+def _threaded(gen, jobs, threads=8):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda job: gen.generate(job[0], seeds=job[1]), jobs))
+
+
+class _Yielding(BigramBackend):
+    """The bigram model, letting other threads run inside each forward pass as a real model does."""
+
+    def step(self, next_ids):
+        import time
+
+        time.sleep(0.0005)
+        return super().step(next_ids)
+
+
+def test_one_generator_shared_by_8_threads_gives_each_call_its_own_result():
+    gen = make([{"temperature": 1.3}, {"top_k": 30}], "categorical", backend=_Yielding(), max_new_tokens=30)
+    jobs = [([f"The {'c' * (i % 5)}", "A bird" + " x" * (i % 3)], [i, 1000 + i]) for i in range(24)]
+    expected = [gen.generate(p, seeds=s) for p, s in jobs]
+    got = _threaded(gen, jobs)
+    assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in expected]
+
+
+def test_streams_from_threads_are_serialised_and_a_nested_run_is_an_error():
+    import threading
+
+    gen = make([{"temperature": 1.3}], "categorical", max_new_tokens=20)
+    stream = gen.stream("The", seeds=[3])
+    first = next(stream)
+    with pytest.raises(GenerationError, match="already running a stream in this thread"):
+        gen.generate("The")
+    done = []
+    other = threading.Thread(target=lambda: done.append(gen.generate("The", seeds=[3])[0].text))
+    other.start()
+    other.join(0.3)
+    assert other.is_alive() and not done                  # waits for the open stream
+    text = first.text + "".join(d.text for d in stream)
+    other.join(30)
+    assert done == [text]
+
+
+# -- backend output checked and attributed (issue 15 item 2) -----------------------------------
+
+def _broken(**what):
+    class Broken(BigramBackend):
+        name = "broken"
+
+        @property
+        def vocab_size(self):
+            return what.get("vocab", super().vocab_size)
+
+        @property
+        def eos_token_ids(self):
+            return what.get("eos", super().eos_token_ids)
+
+        def prefill(self, prompts, *, keep_all_logits=False):
+            out = super().prefill(prompts, keep_all_logits=keep_all_logits)
+            if "prefill" in what:
+                return what["prefill"](out)
+            return out
+
+        def step(self, next_ids):
+            logits = super().step(next_ids)
+            return what["step"](logits) if "step" in what else logits
+
+    return Broken()
+
+
+@pytest.mark.parametrize(("what", "words"), [
+    ({"vocab": 300}, r"prefill\(\) returned logits of shape \(1, 258\); expected \[1, 300\]"),
+    ({"step": lambda x: x[:, :200]}, r"step\(\) returned logits of shape \(1, 200\); expected \[1, 258\]"),
+    ({"step": lambda x: torch.cat([x, x])}, r"step\(\) returned logits of shape \(2, 258\); expected \[1, 258\]"),
+    ({"step": lambda x: x.fill_(float("nan"))}, r"step\(\) returned NaN logits in row\(s\) \[0\]"),
+    ({"prefill": lambda out: out.last}, r"prefill\(\) returned Tensor; it must return a samplerkit.PrefillOutput"),
+    ({"step": lambda x: x.tolist()}, r"step\(\) returned list; expected a \[B, V\] float tensor"),
+    ({"step": lambda x: x.long()}, r"step\(\) returned torch.int64 logits"),
+    ({"eos": 257}, r"eos_token_ids 257 \(int\); it must be a collection of ints"),
+    ({"eos": ["a"]}, r"eos_token_ids .*every id must be an int"),
+])
+def test_a_misbehaving_backend_is_a_plugin_error_naming_it(what, words):
+    from samplerkit import PluginError
+
+    gen = make(backend=_broken(**what), max_new_tokens=5, ignore_eos=True)
+    with pytest.raises(PluginError, match=words) as info:
+        gen.generate("The")
+    assert "backend 'broken'" in str(info.value) and "distribution" in str(info.value)
+
+
+def test_nan_from_the_model_is_left_to_a_tolerant_on_invalid_policy():
+    config = {"backend": "bigram", "pipeline": [], "sampler": "greedy", "on_invalid": "mark_invalid",
+              "generation": {"max_new_tokens": 5, "ignore_eos": True}}
+    out = Generator(config, backend=_broken(step=lambda x: x.fill_(float("nan"))), registry=REGISTRY).generate("The")
+    assert out[0].finish_reason == "invalid" and len(out[0].token_ids) == 1
+
+
+def test_an_exception_in_a_backend_init_names_the_backend_and_distribution():
+    from dataclasses import replace
+
+    from samplerkit import PluginError
+    from samplerkit.generate import load_backend, load_config
+
+    config, _ = load_config({"backend": "bigram"}, REGISTRY)
+
+    class Exploding(BigramBackend):
+        def __init__(self, params=None):
+            raise KeyError("weights")
+
+    config = replace(config, backend=replace(config.backend, cls=Exploding))
+    with pytest.raises(PluginError, match=r"backend 'bigram' .*Exploding.*distribution .* failed to start: KeyError"):
+        load_backend(config)
+
+
+# -- logprobs under the distribution actually drawn from (issue 13 defect 8) -------------------
+
+def test_greedy_processed_logprob_is_under_the_processed_distribution():
+    backend = BigramBackend()
+    out = make([{"temperature": 0.5}], "greedy", backend=backend, logprobs=2, max_new_tokens=6).generate("The c")[0]
+    prev = ord("c")
+    for lp, token in zip(out.logprobs, out.token_ids):
+        proc = torch.log_softmax(backend.table[prev] / 0.5, -1)
+        assert token == int(proc.argmax())
+        assert lp.processed_logprob == pytest.approx(float(proc[token]), abs=1e-5)
+        assert lp.processed_logprob != pytest.approx(lp.logprob, abs=1e-3)
+        prev = token
+
+
+def test_top_logprobs_from_the_processed_distribution():
+    backend = BigramBackend()
+    gen = make([{"top_k": 2}], {"name": "categorical", "seed": 1}, backend=backend, logprobs=4, max_new_tokens=8,
+               top_logprobs_from="processed")
+    out = gen.generate("The c")[0]
+    prev = ord("c")
+    for lp, token in zip(out.logprobs, out.token_ids):
+        row = backend.table[prev]
+        keep = row.argsort(descending=True, stable=True)[:2]
+        proc = torch.log_softmax(torch.full_like(row, float("-inf")).index_copy(0, keep, row[keep]), -1)
+        assert [t for t, _, _ in lp.top] == keep.tolist()          # only the 2 kept tokens: removed ones never appear
+        assert [v for _, _, v in lp.top] == pytest.approx(proc[keep].tolist(), abs=1e-5)
+        prev = token
+
+
+def test_prompt_logprobs_carry_top_alternatives_and_echo_returns_the_prompt_text():
+    backend = BigramBackend()
+    prompt = "The cat"
+    out = make(backend=backend, echo=True, logprobs=3, max_new_tokens=2).generate(prompt)[0]
+    assert out.prompt_text == prompt                                # BOS is not rendered
+    ids = [BOS_ID, *prompt.encode()]
+    for prev, lp in zip(ids, out.prompt_logprobs[1:]):
+        top_v, top_i = torch.log_softmax(backend.table[prev], -1).topk(3)
+        assert [t for t, _, _ in lp.top] == top_i.tolist()
+        assert [v for _, _, v in lp.top] == pytest.approx(top_v.tolist(), abs=1e-5)
+        assert lp.processed_logprob is None
+    assert make(backend=backend, max_new_tokens=2).generate(prompt)[0].prompt_text is None
+
+
+def test_a_sampler_that_truncates_itself_reports_logprobs_under_its_kept_set():
+    mirostat = pytest.importorskip("samplerkit_mirostat")
+    backend = BigramBackend()
+    registry = default_registry()
+    config = {"backend": "bigram", "pipeline": [], "sampler": {"name": "mirostat_v2", "tau": 1.0, "eta": 0.0, "seed": 5},
+              "generation": {"max_new_tokens": 12, "logprobs": 0}}
+    out = Generator(config, backend=backend, registry=registry).generate("The c")[0]
+    prev = ord("c")
+    assert mirostat.MirostatV2.name == "mirostat_v2"
+    for lp, token in zip(out.logprobs, out.token_ids):
+        row = backend.table[prev]
+        logp = torch.log_softmax(row, -1)
+        keep = (-logp / torch.log(torch.tensor(2.0))) <= 2.0          # mu = 2 tau, constant with eta 0
+        keep[row.argmax()] = True
+        kept = torch.log_softmax(row.masked_fill(~keep, float("-inf")), -1)
+        assert bool(keep[token])
+        assert lp.processed_logprob == pytest.approx(float(kept[token]), abs=1e-5)
+        assert lp.processed_logprob > lp.logprob                    # renormalised over fewer tokens
+        prev = token
+
+
+# -- the CLI's --messages (a minimal addition to cli.py) ---------------------------------------
+
+def test_cli_messages_file_runs_each_conversation(tmp_path, capsys):
+    import json
+
+    from samplerkit.cli import main
+
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([CONVERSATION, [{"role": "user", "content": "Hi"}]]))
+    code = main(["generate", "--set", "backend=bigram", "--set", "sampler=greedy", "--max-new-tokens", "3",
+                 "--messages", str(path), "--json", "The"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [r["prompt"] for r in rows] == ["Q: The\nA:", "S: Be brief.\nQ: The capital\nA: of France?\nQ: Yes\nA:",
+                                           "Q: Hi\nA:"]
+    assert rows[1]["messages"] == CONVERSATION
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ("{not json", "cannot read a JSON file"),
+    ('{"role": "user"}', "expected a list of {role, content} messages"),
+    ('[{"role": "user", "content": 5}]', "prompt 0 message 0: content must be a string"),
+])
+def test_cli_bad_messages_file_exits_2(tmp_path, capsys, content, words):
+    from samplerkit.cli import main
+
+    path = tmp_path / "chat.json"
+    path.write_text(content)
+    code = main(["generate", "--set", "backend=bigram", "--messages", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err
+
+
+def test_cli_generate_without_prompt_or_messages_exits_2(capsys):
+    from samplerkit.cli import main
+
+    assert main(["generate", "--set", "backend=bigram"]) == 2
+    assert "give at least one PROMPT" in capsys.readouterr().err

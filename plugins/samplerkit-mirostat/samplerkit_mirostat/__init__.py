@@ -62,6 +62,7 @@ class _MirostatBase(SeededSampler):
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         mu = self.mu(ctx)
         kept = self.kept(logits, mu)
+        ctx.record_distribution(kept)       # logprobs are reported under the kept set, not the input
         ids = self.draw(kept, ctx)
         self.finish(kept, ids, mu, ctx)
         return ids

@@ -109,11 +109,12 @@ class TransformersBackend(Backend):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, user_message: str) -> str:
+    def apply_chat_template(self, messages) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            return super().apply_chat_template(user_message)
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
-                                                  tokenize=False, add_generation_prompt=True)
+            return super().apply_chat_template(messages)
+        if isinstance(messages, str):          # one user turn
+            messages = [{"role": "user", "content": messages}]
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
     # -- compute ----------------------------------------------------------------------
     @torch.no_grad()

@@ -78,8 +78,12 @@ class BigramBackend(Backend):
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, user_message: str) -> str:
-        return f"Q: {user_message}\nA:"
+    def apply_chat_template(self, messages) -> str:
+        """A toy template: ``S: system``, ``Q: user``, ``A: assistant`` lines, then ``A:`` for the reply."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        tags = {"system": "S", "user": "Q", "assistant": "A", "tool": "T", "developer": "S"}
+        return "".join(f"{tags[m['role']]}: {m['content']}\n" for m in messages) + "A:"
 
     def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
         if any(len(p) == 0 for p in prompts):

@@ -5,18 +5,17 @@
 * SentencePiece (Llama 1/2, Mistral): the ``sentencepiece`` library, either from a ``.model`` file
   or from a model proto assembled from a GGUF ``llama`` vocabulary (pieces, scores, types).
 
-Chat templates are rendered with jinja2 in a sandbox, as transformers does.
+Chat templates are rendered with jinja2 in a sandbox, as transformers does, within size and
+time budgets (:mod:`samplerkit.chat_template`).
 """
 
 from __future__ import annotations
 
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
-
-from samplerkit.errors import SamplerkitError
 
 # GGUF token types (llama.cpp ``llama_token_type``) -- numerically the same as sentencepiece's
 # ``ModelProto.SentencePiece.Type``, which lets the GGUF -> sentencepiece conversion copy them.
@@ -59,33 +58,22 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """Render the model's own chat template for one user turn, ready for the reply."""
+    def apply_chat_template(self, messages: str | Sequence[Mapping[str, Any]]) -> str:
+        """Render the model's own chat template for a conversation (a list of ``{"role",
+        "content"}`` messages; a string is one user turn), ready for the assistant's reply.
+        Rendering is sandboxed and bounded (see :mod:`samplerkit.chat_template`); a model
+        without a template raises NotImplementedError."""
         if not self.chat_template:
             raise NotImplementedError("this model has no chat template")
-        return self._compiled_template.render(
-            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-            bos_token=self.bos_token, eos_token=self.eos_token)
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self._compiled_template.render(messages, add_generation_prompt=True)
 
     @cached_property
     def _compiled_template(self):
-        # Same environment as transformers: sandboxed (templates ship inside model files),
-        # trim_blocks/lstrip_blocks, and the helpers templates commonly call.
-        from datetime import datetime
+        from samplerkit.chat_template import ChatTemplate
 
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise SamplerkitError(f"the model's chat template does not parse: {e}") from e
+        return ChatTemplate(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)
 
 
 class HFTokenizer(Tokenizer):
