@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from samplerkit.errors import GenerationError
+from samplerkit.errors import GenerationError, short_repr
 
 #: Longest rendered prompt, and longest string or list any template operation may build.
 MAX_OUTPUT_CHARS = 4_000_000
@@ -243,7 +243,7 @@ def check_messages(messages: Any, where: str = "prompt") -> list[dict[str, Any]]
                                   f"got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise GenerationError(f"{where} message {j}: role must be one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
+            raise GenerationError(f"{where} message {j}: role must be one of {', '.join(ROLES)}, got {short_repr(role)}")
         if not isinstance(content, str):
             raise GenerationError(f"{where} message {j}: content must be a string, got {type(content).__name__}")
         out.append(dict(m))
