@@ -25,13 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from samplerkit.errors import GenerationError, PluginError, SamplerkitError
 from samplerkit.params import NoParams, StepParams
 
 
 def resolve_device(device: str, backend_name: str) -> torch.device:
     """``torch.device(device)``, with a clear error for a malformed name or missing CUDA."""
-    from samplerkit.errors import SamplerkitError
-
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -97,8 +96,6 @@ class Backend(ABC):
         assistant's reply starts. Base models have none: the default raises
         :class:`~samplerkit.errors.GenerationError` (the CLI exits 2). Templates from model files
         should be rendered with :class:`samplerkit.chat_template.ChatTemplate` (sandboxed, bounded)."""
-        from samplerkit.errors import GenerationError
-
         raise GenerationError(f"backend {self.name!r} has no chat template; run without chat (--chat) or use a "
                               "model that ships one")
 
@@ -161,13 +158,9 @@ class CheckedBackend:
         return self._label
 
     def _fail(self, what: str) -> None:
-        from samplerkit.errors import PluginError
-
         raise PluginError(f"{self.label} {what}")
 
     def _attr(self, name: str):
-        from samplerkit.errors import SamplerkitError
-
         try:
             return getattr(self.inner, name)
         except SamplerkitError:
@@ -176,8 +169,6 @@ class CheckedBackend:
             self._fail(f"failed reading {name}: {type(exc).__name__}: {exc}")
 
     def _call(self, method: str, *args, **kwargs):
-        from samplerkit.errors import SamplerkitError
-
         try:
             return getattr(self.inner, method)(*args, **kwargs)
         except (SamplerkitError, NotImplementedError):      # NotImplementedError: "no chat template" (old protocol)

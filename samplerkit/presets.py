@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from samplerkit.errors import ConfigError, ConfigIssue, did_you_mean, short_repr
+from samplerkit.yaml_io import parse_yaml
 
 #: The config key that names a preset.
 PRESET_KEY = "preset"
@@ -36,8 +37,6 @@ def unknown_preset_message(name: Any) -> str:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The preset's config mapping (without its ``description``); :class:`ConfigError` if unknown."""
-    from samplerkit.config import parse_yaml
-
     if not isinstance(name, str) or name not in list_presets():
         raise ConfigError(ConfigIssue(PRESET_KEY, unknown_preset_message(name)))
     path = _files() / f"{name}.yaml"
@@ -48,8 +47,6 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def describe_preset(name: str) -> str:
     """The preset's one-line description."""
-    from samplerkit.config import parse_yaml
-
     load_preset(name)                                     # the unknown-name error
     return str(parse_yaml((_files() / f"{name}.yaml").read_text(encoding="utf-8")).get("description", ""))
 

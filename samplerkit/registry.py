@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from samplerkit.backend import Backend
 from samplerkit.errors import PluginError, UnknownNameError, did_you_mean, short_repr
 from samplerkit.params import StepParams
 from samplerkit.plugins import HOOK_FOR_KIND, LoadedPlugins, PluginInfo, make_plugin_manager
+from samplerkit.steps import Processor, Sampler
 
 Kind = Literal["processor", "sampler", "backend"]
 KINDS: tuple[Kind, ...] = ("processor", "sampler", "backend")
@@ -96,9 +98,6 @@ def build_registry(plugins: LoadedPlugins) -> Registry:
     while the others work. The same mistake in a plugin registered in code is a
     :class:`PluginError` at once (its author is the caller).
     """
-    from samplerkit.backend import Backend
-    from samplerkit.steps import Processor, Sampler
-
     base_for_kind = {"processor": Processor, "sampler": Sampler, "backend": Backend}
     by_plugin: dict[str, list[Entry]] = {}
     failed = dict(plugins.failed)

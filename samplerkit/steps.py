@@ -19,6 +19,7 @@ from samplerkit.context import StepContext
 from samplerkit.ops.candidates import NEG_INF
 from samplerkit.ops.truncation import cut_below, remove_unkept
 from samplerkit.params import NoParams, StepParams
+from samplerkit.spec import StepSpec
 
 
 class Step:
@@ -63,8 +64,6 @@ class Step:
     @classmethod
     def spec(cls, **params):
         """A validated step for building pipelines in Python: ``Temperature.spec(temperature=0.7)``."""
-        from samplerkit.config import StepSpec  # config imports the registry, which imports steps
-
         return StepSpec(cls, cls.Params(**params), "", cls.__module__)
 
 

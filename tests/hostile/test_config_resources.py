@@ -129,10 +129,12 @@ def test_a_config_file_larger_than_the_limit_is_refused_unread(tmp_path):
 
 
 def test_the_c_yaml_loader_is_used_when_present():
+    from samplerkit import yaml_io
+
     if getattr(yaml, "__with_libyaml__", False):
-        assert issubclass(config_module._Loader, yaml.CSafeLoader)
+        assert issubclass(yaml_io._Loader, yaml.CSafeLoader)
     else:
-        assert issubclass(config_module._Loader, yaml.SafeLoader)
+        assert issubclass(yaml_io._Loader, yaml.SafeLoader)
 
 
 def test_millions_of_invalid_entries_are_refused_at_once():
