@@ -20,7 +20,7 @@ from samplerkit.ops import _triton
 from samplerkit.ops.candidates import densify
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.sync import sync_free, sync_free_scope
-from samplerkit.ops.truncation import cut_below
+from samplerkit.ops.truncation import Cut, cut_below
 from samplerkit.steps import Processor, Sampler
 
 INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
@@ -67,6 +67,11 @@ class Pipeline:
             out |= spec.cls.uses
         return frozenset(out)
 
+    @property
+    def takes_seed(self) -> bool:
+        """Whether any step (the sampler or a random processor such as xtc) takes a per-row seed."""
+        return any(_takes_seed(spec) for spec in (*self.processors, self.sampler))
+
     def describe(self) -> str:
         """``temperature(temperature=0.6) -> top_p(top_p=0.9) => categorical(seed=None)``"""
         def one(spec: StepSpec) -> str:
@@ -82,14 +87,23 @@ class Pipeline:
         if seeds is not None and len(seeds) != len(overrides):
             raise ValueError(f"seeds has {len(seeds)} entries for a batch of {len(overrides)} rows")
         row_specs = [self._row_specs(o, i) for i, o in enumerate(overrides)]
-        if seeds is not None:
-            if "seed" not in self.sampler.cls.Params.model_fields:
-                if any(s is not None for s in seeds):
-                    raise ConfigError(ConfigIssue("seeds", f"sampler {self.sampler.name!r} takes no seed"))
-            else:
-                row_specs = [
-                    (procs, samp if seed is None else _with_seed(samp, seed, i))
-                    for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
+        if seeds is not None and any(s is not None for s in seeds):
+            # A row's seed reaches every seeded step of the row (the sampler and any random
+            # processor such as xtc); each step keys its own stream, so they stay independent.
+            seeded = [j for j, spec in enumerate(self.processors) if _takes_seed(spec)]
+            if not self.takes_seed:
+                names = ", ".join(s.name for s in (*self.processors, self.sampler))
+                raise ConfigError(ConfigIssue("seeds", f"no step of this pipeline takes a seed ({names}); "
+                                                       "pass seeds=None or add a random step (e.g. sampler: categorical)"))
+
+            def seeded_row(i: int, procs: list[StepSpec], samp: StepSpec, seed: int | None):
+                if seed is None:
+                    return procs, samp
+                procs = [_with_seed(p, seed, i) if j in seeded else p for j, p in enumerate(procs)]
+                return procs, (_with_seed(samp, seed, i) if _takes_seed(samp) else samp)
+
+            row_specs = [seeded_row(i, procs, samp, seed)
+                         for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
         return BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
 
     def _row_specs(self, overrides: RowOverrides | None, row: int) -> tuple[list[StepSpec], StepSpec]:
@@ -157,7 +171,7 @@ class BoundPipeline:
         """Run every active processor in order on a float32 copy of ``logits``."""
         self._check_batch(logits)
         ctx = _context(logits, ctx)
-        dense, candidates, _ = self._run(logits, ctx)
+        dense, candidates, _ = self._run(logits, ctx, None)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
@@ -179,8 +193,7 @@ class BoundPipeline:
             return ids, valid
         self._check_batch(logits)
         ctx = _context(logits, ctx)
-        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates, cut)
+        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
         all_valid = bool(valid.all())
         if not all_valid:
             if self.pipeline.on_invalid == "raise":
@@ -211,21 +224,28 @@ class BoundPipeline:
                       processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_batch(logits)
         ctx = _context(logits, ctx)
-        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates, cut)
+        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
         ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
         if self.pipeline.on_invalid != "raise":
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
 
     def _prepare_for_sampling(self, logits: torch.Tensor, ctx: StepContext, processed: torch.Tensor | None):
-        """``(processed, candidates, cut)``: the steps' output in the form the sampler takes
-        cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)."""
+        """``(processed, candidates, cut, valid)``: the steps' output in the form the sampler
+        takes cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)
+        and the ``[B]`` row validity (see :func:`_valid_rows`)."""
+        if processed is None and (self._skip_for_sampling or not self.steps):
+            dense = logits if logits.dtype == torch.float32 else logits.float()
+            return dense, None, None, _valid_rows(dense, None, None)     # the input is what is sampled
+        checks = [_valid_rows(logits, None, None)]
         if processed is not None:
-            return processed, None, None
-        if self._skip_for_sampling or not self.steps:
-            return (logits if logits.dtype == torch.float32 else logits.float()), None, None
-        return self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+            dense, candidates, cut = processed, None, None
+        else:
+            dense, candidates, cut = self._run(logits, ctx, checks, copy_out=False, lazy_cut=self._sampler_cuts)
+        valid = _valid_rows(dense, candidates, cut)
+        for check in checks:
+            valid = valid & check
+        return dense, candidates, cut, valid
 
     def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int) -> torch.Tensor:
         """The sampler's tokens from whichever form :meth:`_prepare_for_sampling` produced; a
@@ -271,12 +291,17 @@ class BoundPipeline:
         return (f"invalid logits in {len(bad_rows)} row(s) of {len(valid)}: {details}. Set `on_invalid: "
                 f"mark_invalid` or `on_invalid: fallback_greedy` in the config to keep generating.")
 
-    def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True, lazy_cut: bool = False):
+    def _run(self, logits: torch.Tensor, ctx: StepContext, checks: list[torch.Tensor] | None, *,
+             copy_out: bool = True, lazy_cut: bool = False):
         """Processors in order. Once a truncation leaves a short candidate list, later steps
         that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
         gets dense logits back. Returns ``(dense, None, None)``, ``(None, (values, ids), None)``
         or, with ``lazy_cut``, ``(dense, None, cut)`` when the last step is a threshold that the
-        sampler applies itself (``dense`` is then the logits before that step)."""
+        sampler applies itself (``dense`` is then the logits before that step).
+
+        ``checks``, when given, receives a ``[B]`` validity flag of the output of every step
+        that does not declare :attr:`~samplerkit.steps.Processor.keeps_finite`: a NaN or ``+inf``
+        such a step writes makes the row invalid even if a later step removes that token."""
         vocab = logits.shape[-1]
         dense: torch.Tensor | None = logits.float()
         owned = dense is not logits          # a float32 copy was made: ours to modify
@@ -294,6 +319,8 @@ class BoundPipeline:
             else:
                 dense = _run_step(spec, step, dense, ctx)
                 owned = owned or dense is not before
+            if checks is not None and not step.keeps_finite:
+                checks.append(_valid_rows(dense, None, None))
 
         def transform(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             for spec, step in deferred:
@@ -306,6 +333,8 @@ class BoundPipeline:
                 values = _call(spec, step.apply_candidates, *candidates, ctx)
                 if values is not None:
                     candidates = (values, candidates[1])
+                    if checks is not None and not step.keeps_finite:
+                        checks.append(_valid_rows(None, candidates, None))
                     continue
                 dense, candidates, owned = densify(*candidates, vocab), None, True
             if step.monotone:
@@ -316,13 +345,26 @@ class BoundPipeline:
                 transform.divisor = getattr(deferred[0][1], "divisor", None) if len(deferred) == 1 else None
                 selected = _call(spec, step.select_candidates_after, dense, ctx, transform)
                 if selected is not None:
+                    if checks is not None and not all(s.keeps_finite for _, s in (*deferred, (spec, step))):
+                        checks.append(_valid_rows(None, selected, None))
                     dense, candidates, deferred = None, selected, []
                     continue
                 for d_spec, d_step in deferred:
                     run_dense(d_spec, d_step)
                 deferred = []
             selected = _call(spec, step.select_candidates, dense, ctx)
+            if isinstance(selected, Cut):
+                # The step decided densely and hands back its threshold: the sampler applies
+                # it (last step, while sampling) or it is applied here, as the step's apply would.
+                if lazy_cut and step is last:
+                    return dense, None, selected
+                out = dense if owned else self._buffer(dense, reuse=not copy_out)
+                dense = cut_below(dense, selected.threshold, out=out, work=self._work)
+                owned = True
+                continue
             if selected is not None:
+                if checks is not None and not step.keeps_finite:
+                    checks.append(_valid_rows(None, selected, None))
                 dense, candidates = None, selected
                 continue
             if lazy_cut and step is last:
@@ -404,6 +446,10 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
         raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
                           f"processors must return float32 logits of shape {tuple(shape)}")
     return out
+
+
+def _takes_seed(spec: StepSpec) -> bool:
+    return "seed" in spec.cls.Params.model_fields
 
 
 def _with_seed(spec: StepSpec, seed: int, row: int) -> StepSpec:

@@ -80,6 +80,12 @@ class Processor(Step):
 
     #: Whether :meth:`apply` may write into its input (then the pipeline copies the caller's).
     inplace: ClassVar[bool] = True
+    #: True when, on rows without NaN or ``+inf``, the step never writes NaN or ``+inf``
+    #: (whatever its validated parameters and however large the finite logits). The pipeline
+    #: checks the output of every other step, so that a NaN a step writes makes the row invalid
+    #: even when a later step removes that token; declaring it saves that read pass.
+    #: :func:`samplerkit.testing.check_processor` tests the claim at extreme values.
+    keeps_finite: ClassVar[bool] = False
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -94,7 +100,10 @@ class Processor(Step):
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Apply this step to dense logits and return the survivors as ``(values, ids)``
         (``[B, K]``, values sorted descending, ``-inf`` in unused slots), or ``None`` to use
-        :meth:`apply` instead. Must equal :meth:`apply` exactly."""
+        :meth:`apply` instead. A threshold step whose survivors do not fit may return its
+        :class:`~samplerkit.ops.truncation.Cut` instead (the pipeline applies it to these very
+        logits, or hands it to the sampler), so work done here is not repeated. Must equal
+        :meth:`apply` exactly."""
         return None
 
     def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
@@ -128,6 +137,8 @@ class MaskProcessor(Processor):
     left unchanged and removed tokens become ``-inf``; the base class does both."""
 
     argmax_invariant = True
+    # Removal only: every output value is an input value or -inf.
+    keeps_finite = True
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

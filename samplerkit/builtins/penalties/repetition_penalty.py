@@ -33,6 +33,8 @@ class RepetitionPenalty(Processor):
     """
 
     name = "repetition_penalty"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):

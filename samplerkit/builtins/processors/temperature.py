@@ -62,6 +62,8 @@ class Temperature(Processor):
     """
 
     name = "temperature"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):

@@ -33,6 +33,8 @@ class TopK(Processor):
     """
 
     name = "top_k"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):

@@ -30,6 +30,8 @@ class DynamicTemperature(Processor):
     """
 
     name = "dynamic_temperature"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
     inplace = False
 
