@@ -83,7 +83,7 @@ class Pipeline:
     # -- binding ----------------------------------------------------------------------
     def bind(self, rows: int | Sequence[RowOverrides | None], *, seeds: Sequence[int | None] | None = None) -> BoundPipeline:
         """Pack parameters for a batch: ``rows`` is a batch size, or one override mapping per row."""
-        overrides: list[RowOverrides | None] = [None] * rows if isinstance(rows, int) else list(rows)
+        overrides = _check_rows(rows)
         if seeds is not None and len(seeds) != len(overrides):
             raise ValueError(f"seeds has {len(seeds)} entries for a batch of {len(overrides)} rows")
         row_specs = [self._row_specs(o, i) for i, o in enumerate(overrides)]
@@ -114,6 +114,11 @@ class Pipeline:
         if unknown:
             raise ConfigError(ConfigIssue(f"rows[{row}]", f"overrides name steps not in this pipeline: "
                                                          f"{', '.join(map(repr, unknown))}; steps: {', '.join(sorted(known))}"))
+        for name, values in overrides.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(ConfigIssue(
+                    f"rows[{row}] {name}", f"must map that step's parameters to values, e.g. "
+                    f"{{{name!r}: {{{name!r}: {_short(values)}}}}} (a step name, then its parameters), got {_short(values)}"))
         procs = [s.with_params(overrides.get(s.name, {}), f"rows[{row}] {s.name}") for s in self.processors]
         samp = self.sampler.with_params(overrides.get(self.sampler.name, {}), f"rows[{row}] {self.sampler.name}")
         return procs, samp
@@ -121,12 +126,12 @@ class Pipeline:
     # -- one-shot library calls -------------------------------------------------------
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
-        return self.bind(logits.shape[0]).process(logits, ctx)
+        return self.bind(check_logits(logits, "process").shape[0]).process(logits, ctx)
 
     def sample(self, logits: torch.Tensor, seeds: Sequence[int | None] | None = None,
                ctx: StepContext | None = None) -> torch.Tensor:
         """Token ids ``[B]`` int64; ``seeds`` gives one optional seed per row."""
-        return self.bind(logits.shape[0], seeds=seeds).sample(logits, ctx)
+        return self.bind(check_logits(logits, "sample").shape[0], seeds=seeds).sample(logits, ctx)
 
 
 class BoundPipeline:
@@ -169,7 +174,7 @@ class BoundPipeline:
 
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Run every active processor in order on a float32 copy of ``logits``."""
-        self._check_batch(logits)
+        logits = self._check_batch(logits, "process")
         ctx = _context(logits, ctx)
         dense, candidates, _ = self._run(logits, ctx, None)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
@@ -185,13 +190,13 @@ class BoundPipeline:
         (NaN, +inf, nothing left) and the pipeline's ``on_invalid`` policy substituted the argmax
         of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
         rows are never affected: invalid rows are neutralised before the sampler runs."""
+        logits = self._check_batch(logits, "sample")
         if sync_free(logits):
             ids, valid = self.sample_async(logits, ctx, processed)
             if self.pipeline.on_invalid == "raise" and not bool(valid.all()):   # one sync, after the step
                 ctx = _context(logits, ctx)
                 raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
             return ids, valid
-        self._check_batch(logits)
         ctx = _context(logits, ctx)
         processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
         all_valid = bool(valid.all())
@@ -222,7 +227,7 @@ class BoundPipeline:
 
     def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
                       processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_batch(logits)
+        logits = self._check_batch(logits, "sample_async")
         ctx = _context(logits, ctx)
         processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
         ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
@@ -262,6 +267,8 @@ class BoundPipeline:
                     return ids
                 processed = densify(*candidates, vocab)
             return self.sampler.sample(processed, ctx)
+        except PluginError:
+            raise
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
 
@@ -384,11 +391,12 @@ class BoundPipeline:
         costs more in page faults than a pass over it (about 6x on 32 MB here)."""
         return scratch(self._work if reuse else None, "dense", x, x.dtype)
 
-    def _check_batch(self, logits: torch.Tensor) -> None:
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    def _check_batch(self, logits: torch.Tensor, method: str) -> torch.Tensor:
+        logits = check_logits(logits, method)
         if logits.shape[0] != self.batch_size:
-            raise ValueError(f"logits have {logits.shape[0]} rows but the pipeline was bound for {self.batch_size}")
+            raise ValueError(f"{method}: logits have {logits.shape[0]} rows but the pipeline was bound for "
+                             f"{self.batch_size}; bind it for this batch (pipeline.bind({logits.shape[0]}))")
+        return logits
 
 
 class CapturedStep:
@@ -428,6 +436,63 @@ class CapturedStep:
         return self.ids, self.valid
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_logits(logits: Any, method: str) -> torch.Tensor:
+    """``logits`` if the pipeline can take them (a real floating-point ``[B, V]`` tensor with
+    ``B, V >= 1``), else a ValueError saying what to pass. Sampling is not differentiable: a
+    tensor that requires grad is sampled detached (the ids are the same); :meth:`process`
+    refuses it rather than return logits silently cut from the graph."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{method}: logits must be a torch.Tensor of shape [batch, vocab], got {type(logits).__name__}; "
+                         f"pass torch.tensor(...) of float logits")
+    if logits.dim() != 2:
+        hint = " (one row: logits.unsqueeze(0))" if logits.dim() == 1 else ""
+        raise ValueError(f"{method}: logits must be [batch, vocab], got shape {tuple(logits.shape)}{hint}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{method}: logits have no rows (shape {tuple(logits.shape)}); pass at least one row")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{method}: logits have an empty vocabulary (shape {tuple(logits.shape)}); "
+                         f"pass one logit per token of the vocabulary")
+    if logits.is_complex():
+        raise ValueError(f"{method}: logits are complex ({logits.dtype}); pass real logits (logits.real, "
+                         f"if the imaginary part is meaningless)")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{method}: logits must be floating point (float32, float16, bfloat16 or float64), got "
+                         f"{logits.dtype} (integer and bool tensors are not logits); pass logits.float() if these are logit values")
+    if logits.requires_grad:
+        if method == "process":
+            raise ValueError("process: logits require grad, but the processed logits cannot carry gradients "
+                             "(truncation is not differentiable); pass logits.detach()")
+        logits = logits.detach()
+    return logits
+
+
+def _check_rows(rows: Any) -> list[RowOverrides | None]:
+    """``bind``'s ``rows`` as one override mapping (or None) per row."""
+    if isinstance(rows, bool) or not isinstance(rows, (int, Sequence)) or isinstance(rows, (str, bytes)):
+        raise ConfigError(ConfigIssue("rows", f"must be a batch size (an int >= 1) or a list with one override "
+                                              f"mapping (or None) per row, got {_short(rows)}"))
+    if isinstance(rows, int):
+        if rows < 1:
+            raise ConfigError(ConfigIssue("rows", f"the batch size must be at least 1, got {rows}"))
+        return [None] * rows
+    overrides = list(rows)
+    if not overrides:
+        raise ConfigError(ConfigIssue("rows", "is empty; pass one override mapping (or None) per row"))
+    for i, row in enumerate(overrides):
+        if row is not None and not isinstance(row, Mapping):
+            raise ConfigError(ConfigIssue(f"rows[{i}]", f"must be a mapping of step name to parameters, e.g. "
+                                                        f"{{'top_p': {{'top_p': 0.5}}}}, or None, got {_short(row)}"))
+    return overrides
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over its finite logits: the token an invalid row falls back to."""
     raw = logits.float()
@@ -439,6 +504,8 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
     shape = x.shape
     try:
         out = step.apply(x, ctx) if out is None else step.apply_into(x, out, ctx)
+    except PluginError:
+        raise
     except Exception as exc:
         raise _plugin_failure(spec, exc) from exc
     if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != torch.float32:
@@ -495,6 +562,8 @@ def _what_is_wrong(row: torch.Tensor) -> str | None:
 def _call(spec: StepSpec, method, *args):
     try:
         return method(*args)
+    except PluginError:
+        raise                    # already names its step (a deferred step run inside this one)
     except Exception as exc:
         raise _plugin_failure(spec, exc) from exc
 
