@@ -8,6 +8,7 @@ nothing about backends.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
@@ -135,10 +136,18 @@ class Pipeline:
 
 
 class BoundPipeline:
-    """A pipeline with step instances built for one batch composition."""
+    """A pipeline with step instances built for one batch composition.
+
+    Thread safety: the bound pipeline and its steps reuse ``[B, V]`` workspaces from call to
+    call, so calls on one bound pipeline from several threads are serialised by a lock (each
+    gets exactly the result of a sequential call). Threads that should run in parallel each
+    bind their own (:meth:`Pipeline.bind` is cheap; :class:`Pipeline` itself holds no state).
+    """
 
     def __init__(self, pipeline: Pipeline, row_processors: Sequence[Sequence[StepSpec]], row_samplers: Sequence[StepSpec]):
         self.pipeline = pipeline
+        # Serialises process/sample: the workspaces below are shared by every call.
+        self._lock = threading.RLock()
         self._row_processors = [list(r) for r in row_processors]
         self._row_samplers = list(row_samplers)
         device = pipeline.device
@@ -176,7 +185,8 @@ class BoundPipeline:
         """Run every active processor in order on a float32 copy of ``logits``."""
         logits = self._check_batch(logits, "process")
         ctx = _context(logits, ctx)
-        dense, candidates, _ = self._run(logits, ctx, None)
+        with self._lock:
+            dense, candidates, _ = self._run(logits, ctx, None)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
@@ -190,6 +200,11 @@ class BoundPipeline:
         (NaN, +inf, nothing left) and the pipeline's ``on_invalid`` policy substituted the argmax
         of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
         rows are never affected: invalid rows are neutralised before the sampler runs."""
+        with self._lock:
+            return self._sample_with_validity(logits, ctx, processed)
+
+    def _sample_with_validity(self, logits: torch.Tensor, ctx: StepContext | None,
+                              processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._check_batch(logits, "sample")
         if sync_free(logits):
             ids, valid = self.sample_async(logits, ctx, processed)
@@ -222,7 +237,7 @@ class BoundPipeline:
         the argmax of their finite input logits unless the policy is ``raise``, in which case the
         caller checks the returned ``valid`` (their token is then meaningless). Rows never affect
         each other: every op is row-wise."""
-        with sync_free_scope():
+        with self._lock, sync_free_scope():
             return self._sample_async(logits, ctx, processed)
 
     def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
