@@ -18,7 +18,7 @@ from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError
 from samplerkit.ops import _triton
-from samplerkit.ops.candidates import densify
+from samplerkit.ops.candidates import NEG_INF, densify
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.sync import sync_free, sync_free_scope
 from samplerkit.ops.truncation import Cut, cut_below
@@ -161,7 +161,7 @@ class BoundPipeline:
         # The sampler can take a truncation's threshold instead of truncated logits.
         self._sampler_cuts = type(self.sampler).sample_cut is not Sampler.sample_cut
         # A greedy-style sampler after argmax-invariant processors needs none of them.
-        self._skip_for_sampling = (not self.sampler.stochastic and pipeline.sampler.cls.name == "greedy"
+        self._skip_for_sampling = (type(self.sampler).picks_argmax
                                    and all(s.argmax_invariant for _, s in self.steps))
 
     @property
@@ -224,7 +224,7 @@ class BoundPipeline:
                 processed, cut = cut_below(processed, cut.threshold), None
             # A uniform row in place of each invalid one: the sampler never sees NaN.
             processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
         if not all_valid:
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
@@ -245,7 +245,7 @@ class BoundPipeline:
         logits = self._check_batch(logits, "sample_async")
         ctx = _context(logits, ctx)
         processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
         if self.pipeline.on_invalid != "raise":
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
@@ -267,25 +267,59 @@ class BoundPipeline:
             valid = valid & check
         return dense, candidates, cut, valid
 
-    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int) -> torch.Tensor:
+    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int,
+              valid: torch.Tensor) -> torch.Tensor:
         """The sampler's tokens from whichever form :meth:`_prepare_for_sampling` produced; a
-        sampler without the fast form gets dense logits (the same draw, by contract)."""
+        sampler without the fast form gets dense logits (the same draw, by contract). The ids
+        are checked as processor output is (see :func:`_check_ids`)."""
         try:
             if cut is not None:
                 ids = self.sampler.sample_cut(processed, cut, ctx)
                 if ids is not None:
-                    return ids
+                    return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) >= cut.threshold)
                 processed = cut_below(processed, cut.threshold)
             if candidates is not None:
                 ids = self.sampler.sample_candidates(*candidates, ctx)
                 if ids is not None:
-                    return ids
+                    values, cand_ids = candidates
+                    return self._check_ids(ids, vocab, valid,
+                                           lambda i: ((cand_ids == i) & (values > NEG_INF)).any(-1, keepdim=True))
                 processed = densify(*candidates, vocab)
-            return self.sampler.sample(processed, ctx)
+            ids = self.sampler.sample(processed, ctx)
         except PluginError:
             raise
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
+        return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) > NEG_INF)
+
+    def _check_ids(self, ids: Any, vocab: int, valid: torch.Tensor, kept) -> torch.Tensor:
+        """``ids`` if they are what a sampler must return: an int64 ``[B]`` tensor of ids in
+        ``[0, V)``, each a token the processed logits kept (``kept(ids [B, 1])`` says which);
+        else a PluginError naming the sampler and its plugin. One ``[B]`` check; on the
+        sync-free path (CUDA) only the host-side checks run (type, dtype, shape). Rows marked
+        invalid (``valid`` False) are not checked: their token is replaced or meaningless."""
+        spec = self.pipeline.sampler
+        where = f"{spec.location} (plugin {spec.plugin or 'unknown'})"
+        batch = self.batch_size
+        if not isinstance(ids, torch.Tensor):
+            raise PluginError(f"{where} returned {type(ids).__name__}; samplers must return an int64 tensor of shape ({batch},)")
+        if ids.dtype != torch.int64:
+            raise PluginError(f"{where} returned {ids.dtype} ids; samplers must return int64 token ids (e.g. argmax(dim=-1))")
+        if tuple(ids.shape) != (batch,):
+            raise PluginError(f"{where} returned ids of shape {tuple(ids.shape)}; samplers must return one id per row, "
+                              f"shape ({batch},)" + (" (squeeze the last dimension)" if ids.dim() == 2 else ""))
+        if sync_free(ids):
+            return ids
+        outside = ((ids < 0) | (ids >= vocab)) & valid
+        if bool(outside.any()):
+            rows = outside.nonzero().squeeze(-1).tolist()
+            raise PluginError(f"{where} returned ids outside [0, {vocab}): {ids[rows].tolist()} in rows {rows}")
+        removed = ~kept(ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1) & valid
+        if bool(removed.any()):
+            rows = removed.nonzero().squeeze(-1).tolist()
+            raise PluginError(f"{where} chose tokens the processed logits removed (-inf): {ids[rows].tolist()} "
+                              f"in rows {rows}")
+        return ids
 
     def capture(self, logits: torch.Tensor, ctx: StepContext) -> CapturedStep:
         """A CUDA graph of one :meth:`sample_async` step for this batch shape (see :class:`CapturedStep`)."""
@@ -364,8 +398,8 @@ class BoundPipeline:
                 continue
             if deferred:
                 # One deferred division (temperature) can be fused into the selection's kernel.
-                transform.divisor = getattr(deferred[0][1], "divisor", None) if len(deferred) == 1 else None
-                selected = _call(spec, step.select_candidates_after, dense, ctx, transform)
+                divisor = deferred[0][1].fused_divisor() if len(deferred) == 1 else None
+                selected = _call(spec, step.select_candidates_after, dense, ctx, transform, divisor)
                 if selected is not None:
                     if checks is not None and not all(s.keeps_finite for _, s in (*deferred, (spec, step))):
                         checks.append(_valid_rows(None, selected, None))

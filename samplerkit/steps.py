@@ -123,11 +123,20 @@ class Processor(Step):
     #: greedy rows). The pipeline may then defer it past a rank-based selection.
     monotone: bool = False
 
-    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform,
+                                divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`select_candidates` on logits that deferred monotone steps have not yet
-        transformed; ``transform(values, ids)`` applies them to selected values. Only a selection
-        that depends on ranks alone (top_k) can do this; ``None`` makes the pipeline apply the
-        deferred steps densely first."""
+        transformed; ``transform(values, ids)`` applies them to selected values. ``divisor``:
+        when the deferred steps are exactly one :meth:`fused_divisor` step, its ``[B, 1]``
+        divisor, so a kernel can fuse ``x / divisor`` instead of calling ``transform``. Only a
+        selection that depends on ranks alone (top_k) can do this; ``None`` makes the pipeline
+        apply the deferred steps densely first."""
+        return None
+
+    def fused_divisor(self) -> torch.Tensor | None:
+        """For a :attr:`monotone` step that is exactly ``x / divisor`` per row, saturated at the
+        float32 range (temperature): the ``[B, 1]`` divisor, which the pipeline hands to a
+        following :meth:`select_candidates_after`; ``None`` otherwise."""
         return None
 
 
@@ -199,6 +208,9 @@ class Sampler(Step):
 
     #: Whether this sampler draws at random (the pipeline passes seeds only to those).
     stochastic: ClassVar[bool] = False
+    #: True when :meth:`sample` returns each row's argmax (the lowest id among ties): the
+    #: pipeline then skips processors that are all ``argmax_invariant`` before it.
+    picks_argmax: ClassVar[bool] = False
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

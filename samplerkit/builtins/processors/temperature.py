@@ -79,8 +79,10 @@ class Temperature(Processor):
         self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
         # Division by a positive number never reverses an order: deferrable past top_k.
         self.monotone = not self._any_greedy
-        #: What the deferred step computes, for kernels that fuse it: ``x / divisor`` per row.
-        self.divisor = self._divisor
+
+    def fused_divisor(self) -> torch.Tensor | None:
+        # What the deferred step computes, for kernels that fuse it: ``x / divisor`` per row.
+        return self._divisor if self.monotone else None
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return self.apply_into(logits, logits, ctx)
