@@ -26,7 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from samplerkit.builtins.processors.temperature import _finite_division  # noqa: E402
+from samplerkit.builtins.processors.temperature import finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
 from samplerkit.ops.candidates import top_k_candidates_keyed  # noqa: E402
 
@@ -50,7 +50,7 @@ def keyed(x: torch.Tensor, k: torch.Tensor, k_max: int, divisor: torch.Tensor):
     took before (Triton keys with the division fused, one int64 topk, gather, divide)."""
     supported, _triton.fused_top_k_supported = _triton.fused_top_k_supported, lambda vocab, k_max: False
     try:
-        return top_k_candidates_keyed(x, k, k_max, lambda values, ids: _finite_division(values, divisor, values),
+        return top_k_candidates_keyed(x, k, k_max, lambda values, ids: finite_division(values, divisor, values),
                                       divisor)
     finally:
         _triton.fused_top_k_supported = supported

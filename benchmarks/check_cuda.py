@@ -137,13 +137,13 @@ def check_triton_matches_torch() -> None:
     same = int((fused == reference).sum())
     check("Triton race == torch race", same == rows, f"({same}/{rows} rows equal)")
     # The fused top-k key kernel (temperature's division included) == the torch keys.
-    from samplerkit.builtins.processors.temperature import _finite_division
+    from samplerkit.builtins.processors.temperature import finite_division
     x = (torch.randn(64, 128256, generator=g) * 3).to(DEVICE)
     x[0, :1000] = float("-inf")
     x[1, 5], x[1, 6], x[2, 7] = -0.0, 0.0, 3e38
     x[3] = torch.randint(0, 3, (128256,), generator=g).float().to(DEVICE)
     divisor = torch.linspace(0.05, 3.0, 64, device=DEVICE).unsqueeze(-1)
-    quotient = _finite_division(x.clone(), divisor, torch.empty_like(x))
+    quotient = finite_division(x.clone(), divisor, torch.empty_like(x))
     check("Triton top-k keys (with temperature) == torch keys",
           bool(torch.equal(_triton.topk_keys(x, divisor), order_keys(quotient))))
     check("Triton temperature division == torch", bool(torch.equal(_triton.divide(x, divisor).view(torch.int32),
@@ -154,7 +154,7 @@ def check_triton_matches_torch() -> None:
     xn[6, 100:200] = float("nan")              # (the tie repair below does not order NaN ties)
 
     def divide(values, ids):
-        return _finite_division(values, divisor, values)
+        return finite_division(values, divisor, values)
 
     for k_max in (1, 50, 256):
         k = torch.randint(1, k_max + 1, (64,), generator=g).to(DEVICE)

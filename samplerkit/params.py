@@ -10,8 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from samplerkit.strict import check_strict
+
+#: The float32 range the packed ``[B]`` parameter tensors hold (steps compute in float32).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38      # smallest normal float32
 
 
 class StepParams(BaseModel):
@@ -32,13 +37,30 @@ class StepParams(BaseModel):
         (:mod:`samplerkit.strict`)."""
         return check_strict(value, cls.model_fields[info.field_name].annotation)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_tensors(cls, value: Any) -> Any:
+        """Every float must survive packing into a float32 tensor unchanged in kind: ``1e300``
+        would become ``inf`` and ``1e-300`` would become ``0`` (a temperature of ``inf`` turns
+        ``-inf`` logits into NaN; a repetition penalty of ``0`` divides by zero). Integers are
+        held to int64 before validation, by :func:`samplerkit.strict.check_strict`."""
+        for number in _numbers(value):
+            if isinstance(number, bool):
+                continue
+            if isinstance(number, float) and number != 0.0 and not FLOAT32_TINY <= abs(number) <= FLOAT32_MAX:
+                raise PydanticCustomError(
+                    "float32_range", "must be 0 or of magnitude in [1.2e-38, 3.4e38] (the float32 range the steps compute in)")
+        return value
+
     def is_neutral(self) -> bool:
         """True when every field equals its default, i.e. the step leaves this row unchanged.
 
-        Steps whose neutral set is larger (``top_k >= V``) override this.
+        A step without parameters is never neutral: nothing can switch it off, so it always
+        runs. Steps whose neutral set is larger (``top_k >= V``) override this.
         """
-        return all(getattr(self, name) == field.get_default(call_default_factory=True)
-                   for name, field in type(self).model_fields.items())
+        fields = type(self).model_fields
+        return bool(fields) and all(getattr(self, name) == field.get_default(call_default_factory=True)
+                   for name, field in fields.items())
 
     @classmethod
     def describe_fields(cls) -> list[dict[str, Any]]:
@@ -78,3 +100,16 @@ def _type_name(prop: dict[str, Any]) -> str:
     if "enum" in prop:
         return " | ".join(repr(v) for v in prop["enum"])
     return "any"
+
+
+def _numbers(value: Any, depth: int = 0):
+    """The numbers in ``value``, a number or (nested) list/tuple/set/dict of them."""
+    if isinstance(value, (int, float)):
+        yield value
+    elif depth < 8 and isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _numbers(item, depth + 1)
+    elif depth < 8 and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(key, depth + 1)
+            yield from _numbers(item, depth + 1)

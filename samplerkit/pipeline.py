@@ -8,6 +8,7 @@ nothing about backends.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
@@ -17,10 +18,10 @@ from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
 from samplerkit.ops import _triton
-from samplerkit.ops.candidates import densify
+from samplerkit.ops.candidates import NEG_INF, densify
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.sync import sync_free, sync_free_scope
-from samplerkit.ops.truncation import cut_below
+from samplerkit.ops.truncation import Cut, cut_below
 from samplerkit.steps import Processor, Sampler
 
 INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
@@ -67,6 +68,11 @@ class Pipeline:
             out |= spec.cls.uses
         return frozenset(out)
 
+    @property
+    def takes_seed(self) -> bool:
+        """Whether any step (the sampler or a random processor such as xtc) takes a per-row seed."""
+        return any(_takes_seed(spec) for spec in (*self.processors, self.sampler))
+
     def describe(self) -> str:
         """``temperature(temperature=0.6) -> top_p(top_p=0.9) => categorical(seed=None)``"""
         def one(spec: StepSpec) -> str:
@@ -78,18 +84,27 @@ class Pipeline:
     # -- binding ----------------------------------------------------------------------
     def bind(self, rows: int | Sequence[RowOverrides | None], *, seeds: Sequence[int | None] | None = None) -> BoundPipeline:
         """Pack parameters for a batch: ``rows`` is a batch size, or one override mapping per row."""
-        overrides: list[RowOverrides | None] = [None] * rows if isinstance(rows, int) else list(rows)
+        overrides = _check_rows(rows)
         if seeds is not None and len(seeds) != len(overrides):
             raise ValueError(f"seeds has {len(seeds)} entries for a batch of {len(overrides)} rows")
         row_specs = [self._row_specs(o, i) for i, o in enumerate(overrides)]
-        if seeds is not None:
-            if "seed" not in self.sampler.cls.Params.model_fields:
-                if any(s is not None for s in seeds):
-                    raise ConfigError(ConfigIssue("seeds", f"sampler {self.sampler.name!r} takes no seed"))
-            else:
-                row_specs = [
-                    (procs, samp if seed is None else _with_seed(samp, seed, i))
-                    for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
+        if seeds is not None and any(s is not None for s in seeds):
+            # A row's seed reaches every seeded step of the row (the sampler and any random
+            # processor such as xtc); each step keys its own stream, so they stay independent.
+            seeded = [j for j, spec in enumerate(self.processors) if _takes_seed(spec)]
+            if not self.takes_seed:
+                names = ", ".join(s.name for s in (*self.processors, self.sampler))
+                raise ConfigError(ConfigIssue("seeds", f"no step of this pipeline takes a seed ({names}); "
+                                                       "pass seeds=None or add a random step (e.g. sampler: categorical)"))
+
+            def seeded_row(i: int, procs: list[StepSpec], samp: StepSpec, seed: int | None):
+                if seed is None:
+                    return procs, samp
+                procs = [_with_seed(p, seed, i) if j in seeded else p for j, p in enumerate(procs)]
+                return procs, (_with_seed(samp, seed, i) if _takes_seed(samp) else samp)
+
+            row_specs = [seeded_row(i, procs, samp, seed)
+                         for i, ((procs, samp), seed) in enumerate(zip(row_specs, seeds))]
         return BoundPipeline(self, [r[0] for r in row_specs], [r[1] for r in row_specs])
 
     def _row_specs(self, overrides: RowOverrides | None, row: int) -> tuple[list[StepSpec], StepSpec]:
@@ -100,6 +115,11 @@ class Pipeline:
         if unknown:
             raise ConfigError(ConfigIssue(f"rows[{row}]", f"overrides name steps not in this pipeline: "
                                                          f"{', '.join(map(repr, unknown))}; steps: {', '.join(sorted(known))}"))
+        for name, values in overrides.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(ConfigIssue(
+                    f"rows[{row}] {name}", f"must map that step's parameters to values, e.g. "
+                    f"{{{name!r}: {{{name!r}: {_short(values)}}}}} (a step name, then its parameters), got {_short(values)}"))
         procs = [s.with_params(overrides.get(s.name, {}), f"rows[{row}] {s.name}") for s in self.processors]
         samp = self.sampler.with_params(overrides.get(self.sampler.name, {}), f"rows[{row}] {self.sampler.name}")
         return procs, samp
@@ -107,19 +127,27 @@ class Pipeline:
     # -- one-shot library calls -------------------------------------------------------
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
-        return self.bind(logits.shape[0]).process(logits, ctx)
+        return self.bind(check_logits(logits, "process").shape[0]).process(logits, ctx)
 
     def sample(self, logits: torch.Tensor, seeds: Sequence[int | None] | None = None,
                ctx: StepContext | None = None) -> torch.Tensor:
         """Token ids ``[B]`` int64; ``seeds`` gives one optional seed per row."""
-        return self.bind(logits.shape[0], seeds=seeds).sample(logits, ctx)
+        return self.bind(check_logits(logits, "sample").shape[0], seeds=seeds).sample(logits, ctx)
 
 
 class BoundPipeline:
-    """A pipeline with step instances built for one batch composition."""
+    """A pipeline with step instances built for one batch composition.
+
+    Thread safety: the bound pipeline and its steps reuse ``[B, V]`` workspaces from call to
+    call, so calls on one bound pipeline from several threads are serialised by a lock (each
+    gets exactly the result of a sequential call). Threads that should run in parallel each
+    bind their own (:meth:`Pipeline.bind` is cheap; :class:`Pipeline` itself holds no state).
+    """
 
     def __init__(self, pipeline: Pipeline, row_processors: Sequence[Sequence[StepSpec]], row_samplers: Sequence[StepSpec]):
         self.pipeline = pipeline
+        # Serialises process/sample: the workspaces below are shared by every call.
+        self._lock = threading.RLock()
         self._row_processors = [list(r) for r in row_processors]
         self._row_samplers = list(row_samplers)
         device = pipeline.device
@@ -133,7 +161,7 @@ class BoundPipeline:
         # The sampler can take a truncation's threshold instead of truncated logits.
         self._sampler_cuts = type(self.sampler).sample_cut is not Sampler.sample_cut
         # A greedy-style sampler after argmax-invariant processors needs none of them.
-        self._skip_for_sampling = (not self.sampler.stochastic and pipeline.sampler.cls.name == "greedy"
+        self._skip_for_sampling = (type(self.sampler).picks_argmax
                                    and all(s.argmax_invariant for _, s in self.steps))
 
     @property
@@ -155,9 +183,10 @@ class BoundPipeline:
 
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Run every active processor in order on a float32 copy of ``logits``."""
-        self._check_batch(logits)
+        logits = self._check_batch(logits, "process")
         ctx = _context(logits, ctx)
-        dense, candidates, _ = self._run(logits, ctx)
+        with self._lock:
+            dense, candidates, _ = self._run(logits, ctx, None)
         return dense if candidates is None else densify(*candidates, logits.shape[-1])
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
@@ -171,16 +200,20 @@ class BoundPipeline:
         (NaN, +inf, nothing left) and the pipeline's ``on_invalid`` policy substituted the argmax
         of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
         rows are never affected: invalid rows are neutralised before the sampler runs."""
+        with self._lock:
+            return self._sample_with_validity(logits, ctx, processed)
+
+    def _sample_with_validity(self, logits: torch.Tensor, ctx: StepContext | None,
+                              processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._check_batch(logits, "sample")
         if sync_free(logits):
             ids, valid = self.sample_async(logits, ctx, processed)
             if self.pipeline.on_invalid == "raise" and not bool(valid.all()):   # one sync, after the step
                 ctx = _context(logits, ctx)
                 raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
             return ids, valid
-        self._check_batch(logits)
         ctx = _context(logits, ctx)
-        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates, cut)
+        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
         all_valid = bool(valid.all())
         if not all_valid:
             if self.pipeline.on_invalid == "raise":
@@ -191,7 +224,7 @@ class BoundPipeline:
                 processed, cut = cut_below(processed, cut.threshold), None
             # A uniform row in place of each invalid one: the sampler never sees NaN.
             processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
         if not all_valid:
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
@@ -204,46 +237,89 @@ class BoundPipeline:
         the argmax of their finite input logits unless the policy is ``raise``, in which case the
         caller checks the returned ``valid`` (their token is then meaningless). Rows never affect
         each other: every op is row-wise."""
-        with sync_free_scope():
+        with self._lock, sync_free_scope():
             return self._sample_async(logits, ctx, processed)
 
     def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
                       processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_batch(logits)
+        logits = self._check_batch(logits, "sample_async")
         ctx = _context(logits, ctx)
-        processed, candidates, cut = self._prepare_for_sampling(logits, ctx, processed)
-        valid = _valid_rows(processed, candidates, cut)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1])
+        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
+        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
         if self.pipeline.on_invalid != "raise":
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
 
     def _prepare_for_sampling(self, logits: torch.Tensor, ctx: StepContext, processed: torch.Tensor | None):
-        """``(processed, candidates, cut)``: the steps' output in the form the sampler takes
-        cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)."""
+        """``(processed, candidates, cut, valid)``: the steps' output in the form the sampler
+        takes cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)
+        and the ``[B]`` row validity (see :func:`_valid_rows`)."""
+        if processed is None and (self._skip_for_sampling or not self.steps):
+            dense = logits if logits.dtype == torch.float32 else logits.float()
+            return dense, None, None, _valid_rows(dense, None, None)     # the input is what is sampled
+        checks = [_valid_rows(logits, None, None)]
         if processed is not None:
-            return processed, None, None
-        if self._skip_for_sampling or not self.steps:
-            return (logits if logits.dtype == torch.float32 else logits.float()), None, None
-        return self._run(logits, ctx, copy_out=False, lazy_cut=self._sampler_cuts)
+            dense, candidates, cut = processed, None, None
+        else:
+            dense, candidates, cut = self._run(logits, ctx, checks, copy_out=False, lazy_cut=self._sampler_cuts)
+        valid = _valid_rows(dense, candidates, cut)
+        for check in checks:
+            valid = valid & check
+        return dense, candidates, cut, valid
 
-    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int) -> torch.Tensor:
+    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int,
+              valid: torch.Tensor) -> torch.Tensor:
         """The sampler's tokens from whichever form :meth:`_prepare_for_sampling` produced; a
-        sampler without the fast form gets dense logits (the same draw, by contract)."""
+        sampler without the fast form gets dense logits (the same draw, by contract). The ids
+        are checked as processor output is (see :func:`_check_ids`)."""
         try:
             if cut is not None:
                 ids = self.sampler.sample_cut(processed, cut, ctx)
                 if ids is not None:
-                    return ids
+                    return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) >= cut.threshold)
                 processed = cut_below(processed, cut.threshold)
             if candidates is not None:
                 ids = self.sampler.sample_candidates(*candidates, ctx)
                 if ids is not None:
-                    return ids
+                    values, cand_ids = candidates
+                    return self._check_ids(ids, vocab, valid,
+                                           lambda i: ((cand_ids == i) & (values > NEG_INF)).any(-1, keepdim=True))
                 processed = densify(*candidates, vocab)
-            return self.sampler.sample(processed, ctx)
+            ids = self.sampler.sample(processed, ctx)
+        except PluginError:
+            raise
         except Exception as exc:
             raise _plugin_failure(self.pipeline.sampler, exc) from exc
+        return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) > NEG_INF)
+
+    def _check_ids(self, ids: Any, vocab: int, valid: torch.Tensor, kept) -> torch.Tensor:
+        """``ids`` if they are what a sampler must return: an int64 ``[B]`` tensor of ids in
+        ``[0, V)``, each a token the processed logits kept (``kept(ids [B, 1])`` says which);
+        else a PluginError naming the sampler and its plugin. One ``[B]`` check; on the
+        sync-free path (CUDA) only the host-side checks run (type, dtype, shape). Rows marked
+        invalid (``valid`` False) are not checked: their token is replaced or meaningless."""
+        spec = self.pipeline.sampler
+        where = f"{spec.location} (plugin {spec.plugin or 'unknown'})"
+        batch = self.batch_size
+        if not isinstance(ids, torch.Tensor):
+            raise PluginError(f"{where} returned {type(ids).__name__}; samplers must return an int64 tensor of shape ({batch},)")
+        if ids.dtype != torch.int64:
+            raise PluginError(f"{where} returned {ids.dtype} ids; samplers must return int64 token ids (e.g. argmax(dim=-1))")
+        if tuple(ids.shape) != (batch,):
+            raise PluginError(f"{where} returned ids of shape {tuple(ids.shape)}; samplers must return one id per row, "
+                              f"shape ({batch},)" + (" (squeeze the last dimension)" if ids.dim() == 2 else ""))
+        if sync_free(ids):
+            return ids
+        outside = ((ids < 0) | (ids >= vocab)) & valid
+        if bool(outside.any()):
+            rows = outside.nonzero().squeeze(-1).tolist()
+            raise PluginError(f"{where} returned ids outside [0, {vocab}): {ids[rows].tolist()} in rows {rows}")
+        removed = ~kept(ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1) & valid
+        if bool(removed.any()):
+            rows = removed.nonzero().squeeze(-1).tolist()
+            raise PluginError(f"{where} chose tokens the processed logits removed (-inf): {ids[rows].tolist()} "
+                              f"in rows {rows}")
+        return ids
 
     def capture(self, logits: torch.Tensor, ctx: StepContext) -> CapturedStep:
         """A CUDA graph of one :meth:`sample_async` step for this batch shape (see :class:`CapturedStep`)."""
@@ -271,12 +347,17 @@ class BoundPipeline:
         return (f"invalid logits in {len(bad_rows)} row(s) of {len(valid)}: {details}. Set `on_invalid: "
                 f"mark_invalid` or `on_invalid: fallback_greedy` in the config to keep generating.")
 
-    def _run(self, logits: torch.Tensor, ctx: StepContext, *, copy_out: bool = True, lazy_cut: bool = False):
+    def _run(self, logits: torch.Tensor, ctx: StepContext, checks: list[torch.Tensor] | None, *,
+             copy_out: bool = True, lazy_cut: bool = False):
         """Processors in order. Once a truncation leaves a short candidate list, later steps
         that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
         gets dense logits back. Returns ``(dense, None, None)``, ``(None, (values, ids), None)``
         or, with ``lazy_cut``, ``(dense, None, cut)`` when the last step is a threshold that the
-        sampler applies itself (``dense`` is then the logits before that step)."""
+        sampler applies itself (``dense`` is then the logits before that step).
+
+        ``checks``, when given, receives a ``[B]`` validity flag of the output of every step
+        that does not declare :attr:`~samplerkit.steps.Processor.keeps_finite`: a NaN or ``+inf``
+        such a step writes makes the row invalid even if a later step removes that token."""
         vocab = logits.shape[-1]
         dense: torch.Tensor | None = logits.float()
         owned = dense is not logits          # a float32 copy was made: ours to modify
@@ -294,6 +375,8 @@ class BoundPipeline:
             else:
                 dense = _run_step(spec, step, dense, ctx)
                 owned = owned or dense is not before
+            if checks is not None and not step.keeps_finite:
+                checks.append(_valid_rows(dense, None, None))
 
         def transform(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             for spec, step in deferred:
@@ -306,6 +389,8 @@ class BoundPipeline:
                 values = _call(spec, step.apply_candidates, *candidates, ctx)
                 if values is not None:
                     candidates = (values, candidates[1])
+                    if checks is not None and not step.keeps_finite:
+                        checks.append(_valid_rows(None, candidates, None))
                     continue
                 dense, candidates, owned = densify(*candidates, vocab), None, True
             if step.monotone:
@@ -313,16 +398,29 @@ class BoundPipeline:
                 continue
             if deferred:
                 # One deferred division (temperature) can be fused into the selection's kernel.
-                transform.divisor = getattr(deferred[0][1], "divisor", None) if len(deferred) == 1 else None
-                selected = _call(spec, step.select_candidates_after, dense, ctx, transform)
+                divisor = deferred[0][1].fused_divisor() if len(deferred) == 1 else None
+                selected = _call(spec, step.select_candidates_after, dense, ctx, transform, divisor)
                 if selected is not None:
+                    if checks is not None and not all(s.keeps_finite for _, s in (*deferred, (spec, step))):
+                        checks.append(_valid_rows(None, selected, None))
                     dense, candidates, deferred = None, selected, []
                     continue
                 for d_spec, d_step in deferred:
                     run_dense(d_spec, d_step)
                 deferred = []
             selected = _call(spec, step.select_candidates, dense, ctx)
+            if isinstance(selected, Cut):
+                # The step decided densely and hands back its threshold: the sampler applies
+                # it (last step, while sampling) or it is applied here, as the step's apply would.
+                if lazy_cut and step is last:
+                    return dense, None, selected
+                out = dense if owned else self._buffer(dense, reuse=not copy_out)
+                dense = cut_below(dense, selected.threshold, out=out, work=self._work)
+                owned = True
+                continue
             if selected is not None:
+                if checks is not None and not step.keeps_finite:
+                    checks.append(_valid_rows(None, selected, None))
                 dense, candidates = None, selected
                 continue
             if lazy_cut and step is last:
@@ -342,11 +440,12 @@ class BoundPipeline:
         costs more in page faults than a pass over it (about 6x on 32 MB here)."""
         return scratch(self._work if reuse else None, "dense", x, x.dtype)
 
-    def _check_batch(self, logits: torch.Tensor) -> None:
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    def _check_batch(self, logits: torch.Tensor, method: str) -> torch.Tensor:
+        logits = check_logits(logits, method)
         if logits.shape[0] != self.batch_size:
-            raise ValueError(f"logits have {logits.shape[0]} rows but the pipeline was bound for {self.batch_size}")
+            raise ValueError(f"{method}: logits have {logits.shape[0]} rows but the pipeline was bound for "
+                             f"{self.batch_size}; bind it for this batch (pipeline.bind({logits.shape[0]}))")
+        return logits
 
 
 class CapturedStep:
@@ -386,6 +485,63 @@ class CapturedStep:
         return self.ids, self.valid
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_logits(logits: Any, method: str) -> torch.Tensor:
+    """``logits`` if the pipeline can take them (a real floating-point ``[B, V]`` tensor with
+    ``B, V >= 1``), else a ValueError saying what to pass. Sampling is not differentiable: a
+    tensor that requires grad is sampled detached (the ids are the same); :meth:`process`
+    refuses it rather than return logits silently cut from the graph."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{method}: logits must be a torch.Tensor of shape [batch, vocab], got {type(logits).__name__}; "
+                         f"pass torch.tensor(...) of float logits")
+    if logits.dim() != 2:
+        hint = " (one row: logits.unsqueeze(0))" if logits.dim() == 1 else ""
+        raise ValueError(f"{method}: logits must be [batch, vocab], got shape {tuple(logits.shape)}{hint}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{method}: logits have no rows (shape {tuple(logits.shape)}); pass at least one row")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{method}: logits have an empty vocabulary (shape {tuple(logits.shape)}); "
+                         f"pass one logit per token of the vocabulary")
+    if logits.is_complex():
+        raise ValueError(f"{method}: logits are complex ({logits.dtype}); pass real logits (logits.real, "
+                         f"if the imaginary part is meaningless)")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{method}: logits must be floating point (float32, float16, bfloat16 or float64), got "
+                         f"{logits.dtype} (integer and bool tensors are not logits); pass logits.float() if these are logit values")
+    if logits.requires_grad:
+        if method == "process":
+            raise ValueError("process: logits require grad, but the processed logits cannot carry gradients "
+                             "(truncation is not differentiable); pass logits.detach()")
+        logits = logits.detach()
+    return logits
+
+
+def _check_rows(rows: Any) -> list[RowOverrides | None]:
+    """``bind``'s ``rows`` as one override mapping (or None) per row."""
+    if isinstance(rows, bool) or not isinstance(rows, (int, Sequence)) or isinstance(rows, (str, bytes)):
+        raise ConfigError(ConfigIssue("rows", f"must be a batch size (an int >= 1) or a list with one override "
+                                              f"mapping (or None) per row, got {_short(rows)}"))
+    if isinstance(rows, int):
+        if rows < 1:
+            raise ConfigError(ConfigIssue("rows", f"the batch size must be at least 1, got {rows}"))
+        return [None] * rows
+    overrides = list(rows)
+    if not overrides:
+        raise ConfigError(ConfigIssue("rows", "is empty; pass one override mapping (or None) per row"))
+    for i, row in enumerate(overrides):
+        if row is not None and not isinstance(row, Mapping):
+            raise ConfigError(ConfigIssue(f"rows[{i}]", f"must be a mapping of step name to parameters, e.g. "
+                                                        f"{{'top_p': {{'top_p': 0.5}}}}, or None, got {_short(row)}"))
+    return overrides
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over its finite logits: the token an invalid row falls back to."""
     raw = logits.float()
@@ -397,6 +553,8 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
     shape = x.shape
     try:
         out = step.apply(x, ctx) if out is None else step.apply_into(x, out, ctx)
+    except PluginError:
+        raise
     except Exception as exc:
         raise _plugin_failure(spec, exc) from exc
     if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != torch.float32:
@@ -404,6 +562,10 @@ def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext
         raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
                           f"processors must return float32 logits of shape {tuple(shape)}")
     return out
+
+
+def _takes_seed(spec: StepSpec) -> bool:
+    return "seed" in spec.cls.Params.model_fields
 
 
 def _with_seed(spec: StepSpec, seed: int, row: int) -> StepSpec:
@@ -449,6 +611,8 @@ def _what_is_wrong(row: torch.Tensor) -> str | None:
 def _call(spec: StepSpec, method, *args):
     try:
         return method(*args)
+    except PluginError:
+        raise                    # already names its step (a deferred step run inside this one)
     except Exception as exc:
         raise _plugin_failure(spec, exc) from exc
 

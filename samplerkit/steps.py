@@ -79,6 +79,12 @@ class Processor(Step):
 
     #: Whether :meth:`apply` may write into its input (then the pipeline copies the caller's).
     inplace: ClassVar[bool] = True
+    #: True when, on rows without NaN or ``+inf``, the step never writes NaN or ``+inf``
+    #: (whatever its validated parameters and however large the finite logits). The pipeline
+    #: checks the output of every other step, so that a NaN a step writes makes the row invalid
+    #: even when a later step removes that token; declaring it saves that read pass.
+    #: :func:`samplerkit.testing.check_processor` tests the claim at extreme values.
+    keeps_finite: ClassVar[bool] = False
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -93,7 +99,10 @@ class Processor(Step):
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Apply this step to dense logits and return the survivors as ``(values, ids)``
         (``[B, K]``, values sorted descending, ``-inf`` in unused slots), or ``None`` to use
-        :meth:`apply` instead. Must equal :meth:`apply` exactly."""
+        :meth:`apply` instead. A threshold step whose survivors do not fit may return its
+        :class:`~samplerkit.ops.truncation.Cut` instead (the pipeline applies it to these very
+        logits, or hands it to the sampler), so work done here is not repeated. Must equal
+        :meth:`apply` exactly."""
         return None
 
     def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
@@ -113,11 +122,20 @@ class Processor(Step):
     #: greedy rows). The pipeline may then defer it past a rank-based selection.
     monotone: bool = False
 
-    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform,
+                                divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`select_candidates` on logits that deferred monotone steps have not yet
-        transformed; ``transform(values, ids)`` applies them to selected values. Only a selection
-        that depends on ranks alone (top_k) can do this; ``None`` makes the pipeline apply the
-        deferred steps densely first."""
+        transformed; ``transform(values, ids)`` applies them to selected values. ``divisor``:
+        when the deferred steps are exactly one :meth:`fused_divisor` step, its ``[B, 1]``
+        divisor, so a kernel can fuse ``x / divisor`` instead of calling ``transform``. Only a
+        selection that depends on ranks alone (top_k) can do this; ``None`` makes the pipeline
+        apply the deferred steps densely first."""
+        return None
+
+    def fused_divisor(self) -> torch.Tensor | None:
+        """For a :attr:`monotone` step that is exactly ``x / divisor`` per row, saturated at the
+        float32 range (temperature): the ``[B, 1]`` divisor, which the pipeline hands to a
+        following :meth:`select_candidates_after`; ``None`` otherwise."""
         return None
 
 
@@ -127,6 +145,8 @@ class MaskProcessor(Processor):
     left unchanged and removed tokens become ``-inf``; the base class does both."""
 
     argmax_invariant = True
+    # Removal only: every output value is an input value or -inf.
+    keeps_finite = True
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
@@ -187,6 +207,9 @@ class Sampler(Step):
 
     #: Whether this sampler draws at random (the pipeline passes seeds only to those).
     stochastic: ClassVar[bool] = False
+    #: True when :meth:`sample` returns each row's argmax (the lowest id among ties): the
+    #: pipeline then skips processors that are all ``argmax_invariant`` before it.
+    picks_argmax: ClassVar[bool] = False
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

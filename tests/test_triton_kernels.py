@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from samplerkit.builtins.processors.temperature import _finite_division  # noqa: E402
+from samplerkit.builtins.processors.temperature import finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
 from samplerkit.ops import random as torch_random  # noqa: E402
 from samplerkit.ops.candidates import order_keys, top_k_candidates_keyed  # noqa: E402
@@ -61,7 +61,7 @@ def test_division_and_keys_equal_the_torch_ops():
     g = torch.Generator().manual_seed(0)
     x = adversarial_rows(3000, g)
     div = divisors(x.shape[0])
-    quotient = _finite_division(x.clone(), div, torch.empty_like(x))
+    quotient = finite_division(x.clone(), div, torch.empty_like(x))
     assert torch.equal(bitwise(_triton.divide(x, div)), bitwise(quotient))
     assert torch.equal(_triton.topk_keys(x, div), order_keys(quotient))
     assert torch.equal(_triton.topk_keys(x), order_keys(x))
@@ -94,7 +94,7 @@ def test_fused_top_k_equals_the_keyed_topk(vocab, k_max, temperature):
     k = torch.randint(1, k_max + 1, (rows,), generator=g).to(DEVICE)
     k[0] = k_max
     div = divisors(rows) if temperature else None
-    transform = (lambda values, ids: _finite_division(values, div, values)) if temperature else None
+    transform = (lambda values, ids: finite_division(values, div, values)) if temperature else None
     assert _triton.fused_top_k_supported(vocab, k_max)
     values, ids = _triton.top_k_candidates(x, k, k_max, div)
     want_values, want_ids = top_k_candidates_keyed(x, k, k_max, transform, div)

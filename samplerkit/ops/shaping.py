@@ -262,14 +262,38 @@ def quadratic_smoothing(logits: torch.Tensor, factor: torch.Tensor, curve: torch
     >>> quadratic_smoothing(torch.tensor([[2.0, 1.0, float('-inf')]]), torch.tensor([0.5]), torch.tensor([1.0]))
     tensor([[2.0000, 1.5000,   -inf]])
     """
+    out = _smoothing(logits, factor, curve)
+    finite = torch.isfinite(logits)
+    # Extreme finite logits or parameters overflow float32 (d alone reaches 6.8e38): those
+    # entries are recomputed in float64, where every term fits (|c f d^3| <= 3.4e38^2 * 6.8e38^3
+    # < 1e194), and saturated at the float32 range, as temperature saturates its quotient.
+    overflow = finite & ~torch.isfinite(out)
+    if sync_free(logits) or bool(overflow.any()):
+        exact = saturate(_smoothing(logits.double(), factor.double(), curve.double()), logits.double())
+        out = torch.where(overflow, exact.float(), out)
+    return torch.where(finite, out, logits)
+
+
+def _smoothing(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
     top = logits.amax(dim=-1, keepdim=True)
     d = logits - top
     f = factor.unsqueeze(-1)
     c = curve.unsqueeze(-1)
     k = (3 - c) / 2
     s = (c - 1) / 2
-    out = -(k * f * d * d) + (s * f * d * d * d) + top
-    return torch.where(torch.isfinite(logits), out, logits)
+    return -(k * f * d * d) + (s * f * d * d * d) + top
+
+
+#: The largest finite float32.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def saturate(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` with every entry whose ``old`` value was finite clamped to the float32 range
+    ``[-3.4e38, 3.4e38]``: arithmetic on a finite logit never produces ``inf`` (which would make
+    its row's softmax NaN), while ``-inf`` (removed) stays removed. NaN is left as is."""
+    clamped = new.clamp(-FLOAT32_MAX, FLOAT32_MAX)
+    return torch.where(torch.isfinite(old), clamped, new)
 
 
 def xtc_mask(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

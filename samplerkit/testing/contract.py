@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from samplerkit.context import StepContext
+from samplerkit.ops.truncation import Cut, cut_below
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor, Sampler
 
@@ -167,7 +168,8 @@ def _check_class(cls: Any, base: type) -> None:
     except Exception as exc:  # pragma: no cover - message only
         raise AssertionError(f"{cls.__qualname__}.Params() must be valid with every default "
                              f"(the defaults are the neutral values): {exc}") from None
-    assert neutral.is_neutral(), f"{cls.__qualname__}.Params().is_neutral() must be True"
+    # A step without parameters cannot be switched off: it always runs (is_neutral is False).
+    assert neutral.is_neutral() or not params_cls.model_fields, f"{cls.__qualname__}.Params().is_neutral() must be True"
     for field_name, field in params_cls.model_fields.items():
         assert field.description, f"{cls.__qualname__}.Params.{field_name} needs a description (it is the documentation)"
 
@@ -230,8 +232,8 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
             ctx.select_rows(list(rows))
         return ctx
 
-    # Neutral parameters: the identity, bitwise (a step without parameters has no neutral value: it always runs).
-    if cls.Params.model_fields:
+    # Neutral parameters: the identity, bitwise (a step without parameters has none).
+    if neutral.is_neutral():
         out = _apply(cls, [neutral] * batch, logits.clone(), ctx_for())
         _assert_rows_equal(out, logits, f"{cls.name} with neutral parameters must be the identity", exact=True)
 
@@ -347,8 +349,12 @@ def _check_processor_candidates(cls: type, params: list[StepParams], seed: int) 
         label = f"{cls.name}([{'; '.join(_describe(r) for r in rows[:3])}{'; ...' if len(rows) > 3 else ''}])"
         ctx = lambda: StepContext(batch, vocab, uses=frozenset(getattr(cls, "uses", frozenset())), max_new_tokens=4)  # noqa: E731
         expected = cls(rows, "cpu").apply(logits.clone(), ctx())
-        selected = cls(rows, "cpu").select_candidates(logits.clone(), ctx())
-        if selected is not None:
+        given = logits.clone()
+        selected = cls(rows, "cpu").select_candidates(given, ctx())
+        if isinstance(selected, Cut):         # decided densely: the pipeline applies the threshold
+            _assert_rows_equal(cut_below(given, selected.threshold), expected,
+                               f"{label}.select_candidates returned a Cut that differs from apply", exact=True)
+        elif selected is not None:
             values, ids = selected
             assert values.shape == ids.shape and values.dim() == 2 and values.shape[0] == batch, \
                 f"{label}.select_candidates returned shapes {tuple(values.shape)} and {tuple(ids.shape)}"

@@ -28,6 +28,8 @@ class AllowedTokens(Processor):
     """
 
     name = "allowed_tokens"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
 
     class Params(StepParams):
         allowed_tokens: list[Annotated[int, Field(ge=0)]] = Field(

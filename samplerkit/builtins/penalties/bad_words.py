@@ -37,6 +37,8 @@ class BadWords(Processor):
     """
 
     name = "bad_words"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):

@@ -40,6 +40,8 @@ class Dry(Processor):
     """
 
     name = "dry"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):

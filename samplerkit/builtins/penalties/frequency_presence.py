@@ -47,6 +47,8 @@ class FrequencyPenalty(Processor):
     """
 
     name = "frequency_penalty"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated", "counts"})
 
     class Params(StepParams):
@@ -73,6 +75,8 @@ class PresencePenalty(Processor):
     """
 
     name = "presence_penalty"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):

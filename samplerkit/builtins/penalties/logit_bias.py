@@ -29,6 +29,8 @@ class LogitBias(Processor):
     """
 
     name = "logit_bias"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
 
     class Params(StepParams):
         bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(

@@ -31,6 +31,8 @@ class MinTokens(Processor):
     """
 
     name = "min_tokens"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
 
     class Params(StepParams):
         min_tokens: int = Field(0, ge=0, description="end ids are banned until this many tokens were generated; 0 disables")

@@ -29,6 +29,8 @@ class NoRepeatNgram(Processor):
     """
 
     name = "no_repeat_ngram"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):

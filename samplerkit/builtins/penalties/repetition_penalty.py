@@ -7,6 +7,7 @@ from pydantic import Field
 
 from samplerkit.builtins.penalties._common import fill_padding
 from samplerkit.context import StepContext
+from samplerkit.ops.shaping import saturate
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
 
@@ -25,6 +26,7 @@ class RepetitionPenalty(Processor):
 
     >>> import torch
     >>> from samplerkit.context import StepContext
+from samplerkit.ops.shaping import saturate
     >>> ctx = StepContext(1, 4, prompt_ids=[[0]], uses=frozenset({"generated"}), max_new_tokens=4)
     >>> ctx.append(torch.tensor([2]))
     >>> step = RepetitionPenalty([RepetitionPenalty.Params(repetition_penalty=2.0)])
@@ -33,6 +35,8 @@ class RepetitionPenalty(Processor):
     """
 
     name = "repetition_penalty"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     uses = frozenset({"generated"})
 
     class Params(StepParams):
@@ -68,4 +72,6 @@ class RepetitionPenalty(Processor):
         r = self.p.repetition_penalty.unsqueeze(1)
         # The same expression as transformers, so the two agree bitwise.
         penalized = torch.where(values < 0, values * r, values / r)
+        # A finite logit divided by a tiny penalty would overflow: saturate at the float32 range.
+        penalized = saturate(penalized, values)
         return logits.scatter_(1, index, torch.where(present & self.active.unsqueeze(1), penalized, values))

@@ -16,7 +16,7 @@ GREEDY_BELOW = 1e-5
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _finite_division(x: torch.Tensor, divisor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def finite_division(x: torch.Tensor, divisor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``x / divisor`` into ``out`` (may be ``x``), saturating at the float32 range where a finite
     logit overflows: a finite logit never becomes ``inf`` (its row's softmax would be NaN), while
     ``-inf`` (removed) and ``+inf`` inputs (invalid, reported later) stay what they were.
@@ -62,6 +62,8 @@ class Temperature(Processor):
     """
 
     name = "temperature"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
@@ -77,14 +79,16 @@ class Temperature(Processor):
         self._divisor = torch.where(greedy, torch.ones_like(t), t).unsqueeze(-1)
         # Division by a positive number never reverses an order: deferrable past top_k.
         self.monotone = not self._any_greedy
-        #: What the deferred step computes, for kernels that fuse it: ``x / divisor`` per row.
-        self.divisor = self._divisor
+
+    def fused_divisor(self) -> torch.Tensor | None:
+        # What the deferred step computes, for kernels that fuse it: ``x / divisor`` per row.
+        return self._divisor if self.monotone else None
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return self.apply_into(logits, logits, ctx)
 
     def apply_into(self, logits: torch.Tensor, out: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        logits = _finite_division(logits, self._divisor, out)   # one pass, no separate copy
+        logits = finite_division(logits, self._divisor, out)   # one pass, no separate copy
         if self._any_greedy:
             top = logits.argmax(dim=-1, keepdim=True)
             is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
@@ -92,7 +96,7 @@ class Temperature(Processor):
         return logits
 
     def apply_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        values = _finite_division(values, self._divisor, values)   # T > 0 keeps the descending order
+        values = finite_division(values, self._divisor, values)   # T > 0 keeps the descending order
         if self._any_greedy:
             # Among candidates tied with the top value, the lowest token id survives.
             tied = values == values[:, :1]

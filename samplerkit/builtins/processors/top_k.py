@@ -33,6 +33,8 @@ class TopK(Processor):
     """
 
     name = "top_k"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
@@ -63,9 +65,9 @@ class TopK(Processor):
             return SYNC_FREE_TOP_K(logits, self.p.top_k, self.k_max)
         return top_k_candidates(logits, self.p.top_k, self.k_max)
 
-    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform):
+    def select_candidates_after(self, logits: torch.Tensor, ctx: StepContext, transform, divisor=None):
         if not self.all_active or self.k_max >= logits.shape[-1]:
             return None
         if sync_free(logits):
-            return SYNC_FREE_TOP_K(logits, self.p.top_k, self.k_max, transform, getattr(transform, "divisor", None))
+            return SYNC_FREE_TOP_K(logits, self.p.top_k, self.k_max, transform, divisor)
         return top_k_candidates(logits, self.p.top_k, self.k_max, transform)

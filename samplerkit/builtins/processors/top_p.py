@@ -43,30 +43,17 @@ class TopP(ThresholdProcessor):
     class Params(StepParams):
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="cumulative probability kept; 1 disables")
 
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        # The threshold select_candidates computed on the tensor the pipeline then hands to apply.
-        self._memo: tuple | None = None
-
-    def _threshold(self, logits: torch.Tensor) -> tuple[torch.Tensor, Stats | None]:
-        memo, self._memo = self._memo, None
-        if memo is not None and memo[0] is logits and memo[1] == logits._version:
-            return memo[2], memo[3]
-        return top_p_threshold(logits, self.p.top_p, work=self._work), None
-
-    def _remember(self, logits: torch.Tensor, stats: Stats, candidates: torch.Tensor | None = None) -> None:
-        threshold = top_p_threshold(logits, self.p.top_p, stats=stats, work=self._work, candidates=candidates)
-        self._memo = (logits, logits._version, threshold, stats)
-
     def threshold(self, logits: torch.Tensor) -> torch.Tensor:
-        return self._threshold(logits)[0]
+        return top_p_threshold(logits, self.p.top_p, work=self._work)
 
     def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
-        threshold, stats = self._threshold(logits)
-        threshold = self._for_rows(threshold)
-        if stats is None:
-            return Cut(threshold, logits.amax(dim=-1, keepdim=True))
-        return Cut(threshold, stats.row_max, stats.weights)
+        return Cut(self._for_rows(self.threshold(logits)), logits.amax(dim=-1, keepdim=True))
+
+    def _dense_cut(self, logits: torch.Tensor, stats: Stats, candidates: torch.Tensor | None = None) -> Cut:
+        """The cut computed from the statistics :meth:`select_candidates` already has, handed
+        back to the pipeline (not remembered here: the pipeline applies it to the same tensor)."""
+        threshold = top_p_threshold(logits, self.p.top_p, stats=stats, work=self._work, candidates=candidates)
+        return Cut(self._for_rows(threshold), stats.row_max, stats.weights)
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
@@ -80,13 +67,11 @@ class TopP(ThresholdProcessor):
         # Each weight is at most 1, so a row whose total exceeds 256 / p cannot have its
         # nucleus among 256 candidates: skip the topk and compute the dense threshold once.
         if bool((p.double().unsqueeze(-1) * total.double() > TOP_P_CANDIDATES).any()):
-            self._remember(logits, stats)
-            return None
+            return self._dense_cut(logits, stats)
         values, ids = largest(logits, TOP_P_CANDIDATES)
         threshold, covered = nucleus_threshold(values, top, total, p)
         if not bool(covered.all()):        # the nucleus extends past the candidates
-            self._remember(logits, stats, values)
-            return None
+            return self._dense_cut(logits, stats, values)
         return values.masked_fill_(~(values >= threshold), NEG_INF), ids      # NaN is dropped too
 
     def keep_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:

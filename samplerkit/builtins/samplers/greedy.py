@@ -20,6 +20,7 @@ class Greedy(Sampler):
     """
 
     name = "greedy"
+    picks_argmax = True
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return logits.argmax(dim=-1)

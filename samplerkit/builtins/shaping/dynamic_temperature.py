@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from samplerkit.builtins.processors.temperature import GREEDY_BELOW
+from samplerkit.builtins.processors.temperature import GREEDY_BELOW, finite_division
 from samplerkit.ops import NEG_INF
 from samplerkit.ops.shaping import dynamic_temperature
 from samplerkit.params import StepParams
@@ -30,6 +30,8 @@ class DynamicTemperature(Processor):
     """
 
     name = "dynamic_temperature"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     argmax_invariant = True
     inplace = False
 
@@ -51,7 +53,9 @@ class DynamicTemperature(Processor):
         t = dynamic_temperature(logits, self.p.low, self.p.high, self.p.exponent).to(torch.float32)
         t = torch.where(self.active, t, torch.ones_like(t))
         greedy = (t < GREEDY_BELOW).unsqueeze(-1)
-        out = logits / torch.where(greedy, torch.ones_like(t.unsqueeze(-1)), t.unsqueeze(-1))
+        # Saturating division (as temperature): a finite logit never becomes inf.
+        out = finite_division(logits, torch.where(greedy, torch.ones_like(t.unsqueeze(-1)), t.unsqueeze(-1)),
+                               torch.empty_like(logits))
         top = out.argmax(dim=-1, keepdim=True)
         is_top = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, top, True)
         return out.masked_fill_(greedy & ~is_top, NEG_INF)

@@ -26,6 +26,8 @@ class Smoothing(Processor):
     """
 
     name = "smoothing"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
     # With smoothing_curve > 3 the cubic term can lift a token above the former maximum.
     argmax_invariant = False
     inplace = False

@@ -33,6 +33,8 @@ class Xtc(Processor):
     """
 
     name = "xtc"
+    # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
+    keeps_finite = True
 
     class Params(StepParams):
         threshold: float = Field(0.1, gt=0.0, le=1.0, description="tokens at or above this probability are top choices (above 0.5 nothing is removed)")
