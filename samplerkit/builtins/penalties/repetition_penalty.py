@@ -26,7 +26,6 @@ class RepetitionPenalty(Processor):
 
     >>> import torch
     >>> from samplerkit.context import StepContext
-from samplerkit.ops.shaping import saturate
     >>> ctx = StepContext(1, 4, prompt_ids=[[0]], uses=frozenset({"generated"}), max_new_tokens=4)
     >>> ctx.append(torch.tensor([2]))
     >>> step = RepetitionPenalty([RepetitionPenalty.Params(repetition_penalty=2.0)])
