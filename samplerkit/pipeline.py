@@ -22,6 +22,7 @@ from samplerkit.ops.candidates import NEG_INF, densify
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.sync import sync_free, sync_free_scope
 from samplerkit.ops.truncation import Cut, cut_below
+from samplerkit.seeded import Seeded
 from samplerkit.steps import Processor, Sampler
 
 INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
@@ -172,13 +173,13 @@ class BoundPipeline:
         """The same per-row parameters for a subset (or fan-out) of the rows."""
         bound = BoundPipeline(self.pipeline, [self._row_processors[i] for i in keep], [self._row_samplers[i] for i in keep])
         # Random streams follow their rows: a row without a seed keeps the one drawn for it
-        # when the batch was formed (steps keep their per-row seeds in a `seeds` tensor).
+        # when the batch was formed (samplerkit.seeded).
         index = torch.as_tensor(list(keep), dtype=torch.int64)
         before = {id(spec): step for spec, step in self.steps}
         pairs = [(before.get(id(spec)), step) for spec, step in bound.steps] + [(self.sampler, bound.sampler)]
         for old, new in pairs:
-            if isinstance(getattr(old, "seeds", None), torch.Tensor) and isinstance(getattr(new, "seeds", None), torch.Tensor):
-                new.seeds = old.seeds.index_select(0, index.to(old.seeds.device))
+            if isinstance(old, Seeded) and isinstance(new, Seeded):
+                new.follow_rows(old, index)
         return bound
 
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:

@@ -154,18 +154,6 @@ class Seeded:
         old batch). Override only to carry more per-row random state."""
         self.streams = previous.streams.select(keep)
 
-    # Bridge until pipeline.py calls follow_rows: today BoundPipeline.select_rows carries a step's
-    # streams across a batch change by copying a tensor attribute named `seeds`. Exposing the
-    # streams' seeds under that name makes Seeded steps follow their rows already; delete this
-    # property with the pipeline change (docs/architecture.md, "Seeded steps").
-    @property
-    def seeds(self) -> torch.Tensor:
-        return self.streams.seeds
-
-    @seeds.setter
-    def seeds(self, value: torch.Tensor) -> None:
-        self.streams = RowStreams(value)
-
 
 class SeededSampler(Seeded, Sampler):
     """A stochastic sampler with one counter-based stream per row (see the module docs).

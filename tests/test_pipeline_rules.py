@@ -72,7 +72,7 @@ def test_greedy_with_seeded_xtc_takes_seeds():
     assert pipe.takes_seed
     bound = pipe.bind(3, seeds=[1, 2, None])
     xtc = bound.steps[0][1]
-    assert xtc.seeds[:2].tolist() == [1, 2]
+    assert xtc.streams.seeds[:2].tolist() == [1, 2]
 
 
 def test_seeded_xtc_reproducible_through_seeds():

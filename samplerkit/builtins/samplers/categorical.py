@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from samplerkit.context import StepContext
-from samplerkit.ops import race_sample, row_keys
+from samplerkit.ops import race_sample
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.random import race_sample_candidates
-from samplerkit.params import StepParams
-from samplerkit.steps import Sampler
+from samplerkit.seeded import SeededSampler, SeedParams
 
 
-class Categorical(Sampler):
+class Categorical(SeededSampler):
     """Draw token ``i`` with probability ``softmax(x)_i`` (after the pipeline's processors).
 
     Implemented as the exponential race (Gumbel-max, :mod:`samplerkit.ops.random`): exact,
@@ -32,28 +30,22 @@ class Categorical(Sampler):
     """
 
     name = "categorical"
-    stochastic = True
-
-    class Params(StepParams):
-        seed: int | None = Field(None, ge=0, lt=2**63, description="random seed of the row's stream; null draws one at random")
+    Params = SeedParams
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
-        seeds = [row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item())
-                 for row in self.rows]
-        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         self._work: dict = {}        # [B, V] float32 buffers (weights, kept weights), reused step to step
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return race_sample(logits, row_keys(self.seeds, ctx.num_generated),
+        return race_sample(logits, self.streams.keys(ctx),
                            workspace=scratch(self._work, "weights", logits, torch.float32))
 
     def sample_cut(self, logits: torch.Tensor, cut, ctx: StepContext) -> torch.Tensor:
-        return race_sample(logits, row_keys(self.seeds, ctx.num_generated),
+        return race_sample(logits, self.streams.keys(ctx),
                            workspace=scratch(self._work, "weights", logits, torch.float32), threshold=cut.threshold,
                            weights=cut.weights, mask_workspace=scratch(self._work, "mask", logits, torch.float32),
                            row_max=cut.row_max)
 
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62
-        return race_sample_candidates(values, ids, row_keys(self.seeds, ctx.num_generated), vocab)
+        return race_sample_candidates(values, ids, self.streams.keys(ctx), vocab)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from samplerkit.ops import NEG_INF, row_keys, uniform
+from samplerkit.ops import NEG_INF, uniform
 from samplerkit.ops.shaping import xtc_mask
 from samplerkit.params import StepParams
+from samplerkit.seeded import RowStreams, Seeded
 from samplerkit.steps import Processor
 
 #: Random stream of XTC's per-row coin (independent of the samplers' streams on the same key).
 XTC_STREAM = 0x787463
 
 
-class Xtc(Processor):
+class Xtc(Seeded, Processor):
     """With probability ``probability``, remove every token with ``p_i >= threshold`` except the least probable of them.
 
     llama.cpp's ``xtc`` (text-generation-webui's "exclude top choices"): it removes the obvious
@@ -48,13 +49,10 @@ class Xtc(Processor):
         super().__init__(rows, device)
         # Only active unseeded rows consume the global generator (so a neutral xtc does not
         # shift the sampler's unseeded draws).
-        seeds = [row.seed if row.seed is not None else
-                 (int(torch.randint(0, 2**62, ()).item()) if not row.is_neutral() else 0)
-                 for row in self.rows]
-        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        self.streams = RowStreams.for_rows(self.rows, self.device, draw_for=[not row.is_neutral() for row in self.rows])
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-        coin = uniform(row_keys(self.seeds, ctx.num_generated), XTC_STREAM)
+        coin = uniform(self.streams.keys(ctx), XTC_STREAM)
         fire = self.active & (coin < self.p.probability.double())
         keep = xtc_mask(logits, self.p.threshold) | ~fire.unsqueeze(-1)
         return logits.masked_fill_(~keep, NEG_INF)
