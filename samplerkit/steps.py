@@ -188,6 +188,9 @@ class Sampler(Step):
 
     #: Whether this sampler draws at random (the pipeline passes seeds only to those).
     stochastic: ClassVar[bool] = False
+    #: Whether :meth:`sample_cut` honours ``cut.source`` (:class:`samplerkit.ops.truncation.Cut`);
+    #: only such samplers are handed a truncation followed by monotone steps as a cut.
+    cut_source: ClassVar[bool] = False
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

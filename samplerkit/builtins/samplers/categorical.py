@@ -33,6 +33,7 @@ class Categorical(Sampler):
 
     name = "categorical"
     stochastic = True
+    cut_source = True          # sample_cut honours Cut.source
 
     class Params(StepParams):
         seed: int | None = Field(None, ge=0, lt=2**63, description="random seed of the row's stream; null draws one at random")
@@ -52,7 +53,7 @@ class Categorical(Sampler):
         return race_sample(logits, row_keys(self.seeds, ctx.num_generated),
                            workspace=scratch(self._work, "weights", logits, torch.float32), threshold=cut.threshold,
                            weights=cut.weights, mask_workspace=scratch(self._work, "mask", logits, torch.float32),
-                           row_max=cut.row_max)
+                           row_max=cut.row_max, source=cut.source)
 
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62
