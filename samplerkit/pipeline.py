@@ -421,7 +421,7 @@ class CapturedStep:
 #: Per thread: pipeline -> {batch size: (owner classes, workspaces)} of its last one-shot calls.
 _ONE_SHOT = threading.local()
 #: Batch sizes whose workspaces a pipeline keeps per thread (the least recently used goes).
-ONE_SHOT_BATCH_SIZES = 4
+ONE_SHOT_BATCH_SIZES = 2
 
 
 @contextmanager

@@ -12,7 +12,10 @@ import torch
 
 import samplerkit
 import samplerkit.ops.random as random_ops
+from samplerkit.builtins.processors import MinP, Temperature
+from samplerkit.builtins.samplers.categorical import Categorical
 from samplerkit.context import StepContext
+from samplerkit.pipeline import ONE_SHOT_BATCH_SIZES, Pipeline
 from samplerkit.registry import default_registry
 
 REGISTRY = default_registry()
@@ -102,6 +105,30 @@ def test_temperature_last_hands_the_sampler_a_threshold(steps, monkeypatch):
     assert torch.equal(ids, bound.sampler.sample(dense_reference(bound, x, ctx), ctx))
 
 
+def test_samplers_that_ignore_cut_source_get_dense_logits():
+    """A sampler whose sample_cut does not declare ``cut_source`` never gets a cut whose
+    threshold applies to other logits than the ones it is handed."""
+    calls = []
+
+    class PlainCut(Categorical):
+        name = "plain_cut"
+        cut_source = False
+
+        def sample_cut(self, logits, cut, ctx):
+            calls.append(cut.source)
+            return super().sample_cut(logits, cut, ctx)
+
+    x = logits("flat", 4, 3000)
+    sampler = PlainCut.spec(seed=0)
+    bound = Pipeline([MinP.spec(min_p=0.05), Temperature.spec(temperature=0.7)], sampler=sampler).bind(4)
+    ctx = StepContext(4, 3000)
+    ids = bound.sample(x, ctx)
+    assert calls == []
+    assert torch.equal(ids, bound.sampler.sample(dense_reference(bound, x, ctx), ctx))
+    Pipeline([Temperature.spec(temperature=0.7), MinP.spec(min_p=0.05)], sampler=sampler).bind(4).sample(x, ctx)
+    assert calls == [None]                                  # the last step's cut, as before
+
+
 def test_temperature_last_with_invalid_rows_matches_the_dense_order():
     x = logits("flat", 6, 2000)
     x[1, 5] = float("nan")
@@ -178,6 +205,9 @@ def test_one_shot_reuses_workspaces_per_batch_size_and_thread():
     assert first and sampler_workspace() is first          # reused on this thread
     pipe.sample(logits("flat", 2, 3000))                   # another batch size: its own
     assert sampler_workspace() is first
+    for batch in range(5, 5 + ONE_SHOT_BATCH_SIZES):       # the least recently used size goes
+        pipe.sample(logits("flat", batch, 3000))
+    assert sampler_workspace() is not first
     other = []
     thread = threading.Thread(target=lambda: other.append(sampler_workspace()))
     thread.start()
