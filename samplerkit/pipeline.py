@@ -349,7 +349,11 @@ class BoundPipeline:
                     return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx)
             run_dense(spec, step)
         for d_spec, d_step in deferred:      # monotone steps at the end stay dense
-            run_dense(d_spec, d_step)
+            if owned and d_step.inplace:     # into another buffer: the step can compare with its input
+                dense = _run_step(d_spec, d_step, dense, ctx,
+                                  out=scratch(None if copy_out else self._work, "monotone", dense, dense.dtype))
+            else:
+                run_dense(d_spec, d_step)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates, None

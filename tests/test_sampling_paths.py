@@ -243,3 +243,27 @@ def test_one_shot_with_a_stateful_sampler_equals_fresh_binds():
     x = logits("peaked", 4, 3000)
     for _ in range(3):
         assert torch.equal(pipe.sample(x, seeds=[1, 2, 3, 4]), pipe.bind(4, seeds=[1, 2, 3, 4]).sample(x))
+
+
+@pytest.mark.parametrize("divisor", [0.5, 1e-3, 2.0])
+def test_temperature_after_a_truncation_saturates_exactly_like_the_in_place_check(divisor):
+    """Logits with -inf (removed), +-inf, NaN and finite values near the float32 range: the
+    division into another tensor (the one-pass overflow check) equals the in-place one (the
+    exact masks), overflowing finite logits saturating at +-float32 max."""
+    from samplerkit.builtins.processors.temperature import _finite_division
+    big = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5000, generator=g)
+    x[:, ::7] = float("-inf")
+    x[1, 3], x[2, 4], x[3, 5], x[3, 6] = big, -big, float("nan"), float("inf")
+    x[4, 10], x[4, 11] = 3e38, -3e38
+    d = torch.full((6, 1), divisor)
+    into = _finite_division(x, d, torch.empty_like(x))
+    y = x.clone()
+    in_place = _finite_division(y, d, y)
+    assert torch.equal(into.isnan(), in_place.isnan())
+    keep = ~into.isnan()
+    assert torch.equal(into[keep], in_place[keep])
+    if divisor < 1:
+        assert into[1, 3] == big and into[2, 4] == -big and into[4, 10] == big and into[4, 11] == -big
+    assert torch.isinf(into[:, ::7]).all() and (into[:, ::7] < 0).all()
