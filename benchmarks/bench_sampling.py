@@ -4,7 +4,10 @@
     python benchmarks/bench_sampling.py --batch 64 --vocab 128256 --device cuda
 
 All three draw one token per row from the same logits, in one process, so ratios are
-comparable even on a noisy machine. Logit kinds: "peaked" (Zipf-like, like a language model's
+comparable even on a noisy machine. Every truncation is timed with temperature 0.7 first
+(transformers' and vLLM's order) and last (llama.cpp's), and transformers gets the same order.
+"bound" times ``pipe.bind(B, seeds).sample(x)`` (the decode loop's call), "one-shot" the
+README's ``pipe.sample(x, seeds)`` (a bind per call); "1shot/bd" is their ratio. Logit kinds: "peaked" (Zipf-like, like a language model's
 next-token distribution: a top-p 0.9 nucleus of tens to hundreds of tokens) and "flat"
 (standard normal: a nucleus of most of the vocabulary, the worst case).
 """
@@ -19,13 +22,23 @@ import torch
 
 import samplerkit
 
-# name: (samplerkit steps, (temperature, top_k, top_p, min_p, typical_p) for transformers)
+# name: the truncation steps; temperature goes first or last (--order), or is left out ("none").
 PIPELINES = {
-    "temperature+top_k+top_p": ([{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9}], (0.7, 50, 0.9, None, None)),
-    "temperature+top_p": ([{"temperature": 0.7}, {"top_p": 0.9}], (0.7, None, 0.9, None, None)),
-    "min_p": ([{"min_p": 0.05}], (None, None, None, 0.05, None)),
-    "temperature+typical_p": ([{"temperature": 0.7}, {"typical_p": 0.9}], (0.7, None, None, None, 0.9)),
+    "top_k+top_p": [{"top_k": 50}, {"top_p": 0.9}],
+    "top_p": [{"top_p": 0.9}],
+    "min_p": [{"min_p": 0.05}],
+    "typical_p": [{"typical_p": 0.9}],
 }
+TEMPERATURE = {"temperature": 0.7}
+ORDERS = ("first", "last", "none")
+
+
+def with_temperature(steps: list[dict], order: str) -> list[dict]:
+    return {"first": [TEMPERATURE, *steps], "last": [*steps, TEMPERATURE], "none": list(steps)}[order]
+
+
+def chain_name(steps: list[dict]) -> str:
+    return "+".join(next(iter(step)) for step in steps)
 
 
 def make_logits(kind: str, batch: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -73,7 +86,8 @@ def timeit(fn, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
-def build_transformers(params):
+def build_transformers(steps: list[dict]):
+    """transformers' warpers for the same steps, in the same order."""
     try:
         from transformers import (
             LogitsProcessorList,
@@ -85,19 +99,9 @@ def build_transformers(params):
         )
     except ImportError:
         return None
-    temperature, top_k, top_p, min_p, typical_p = params
-    procs = []
-    if temperature is not None:
-        procs.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None:
-        procs.append(TopKLogitsWarper(top_k))
-    if top_p is not None:
-        procs.append(TopPLogitsWarper(top_p))
-    if min_p is not None:
-        procs.append(MinPLogitsWarper(min_p))
-    if typical_p is not None:
-        procs.append(TypicalLogitsWarper(typical_p))
-    return LogitsProcessorList(procs)
+    warpers = {"temperature": TemperatureLogitsWarper, "top_k": TopKLogitsWarper, "top_p": TopPLogitsWarper,
+               "min_p": MinPLogitsWarper, "typical_p": TypicalLogitsWarper}
+    return LogitsProcessorList([warpers[name](value) for step in steps for name, value in step.items()])
 
 
 def main() -> None:
@@ -106,6 +110,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="*", default=[32000, 128256])
     ap.add_argument("--kind", nargs="*", default=["peaked", "flat"], choices=["peaked", "flat"])
     ap.add_argument("--pipeline", nargs="*", default=list(PIPELINES), choices=list(PIPELINES))
+    ap.add_argument("--order", nargs="*", default=["first", "last"], choices=ORDERS,
+                    help="where temperature 0.7 goes in each pipeline ('none': left out)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -116,33 +122,35 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     graphs = args.device == "cuda" and not args.no_graph
-    print(f"{'pipeline':<24} {'kind':<6} {'B':>3} {'V':>7} {'nucleus':>8} {'samplerkit':>11} "
-          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8}" + (f" {'other eager':>11} {'graph':>9} {'graph x20':>9} {'vs tf':>7}" if graphs else ""))
+    print(f"{'pipeline':<28} {'kind':<6} {'B':>3} {'V':>7} {'nucleus':>8} {'bound':>11} {'one-shot':>11} "
+          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8} {'1shot/bd':>8}" + (f" {'other eager':>11} {'graph':>9} {'graph x20':>9} {'vs tf':>7}" if graphs else ""))
     if graphs:
         from samplerkit.ops import sync
         print(f"eager CUDA steps take the {'sync-free' if sync.EAGER_CUDA else 'checked'} paths; 'other eager' "
               "times the other choice (samplerkit.ops.sync.EAGER_CUDA); 'graph' is one captured step replayed "
               "and waited for, 'graph x20' one of 20 replays queued back to back; 'vs tf' is against 'graph'")
-    for name in args.pipeline:
-        steps, params = PIPELINES[name]
-        tf = build_transformers(params)
+    for steps in [with_temperature(PIPELINES[name], order) for name in args.pipeline for order in args.order]:
+        name = chain_name(steps)
+        tf = build_transformers(steps)
         for kind in args.kind:
             for vocab in args.vocab:
                 for batch in args.batch:
                     x = make_logits(kind, batch, vocab, args.device)
                     pipe = samplerkit.load_pipeline({"backend": "bigram", "pipeline": steps,
                                                      "sampler": {"name": "categorical"}}, device=args.device)
-                    bound = pipe.bind(batch, seeds=list(range(batch)))
+                    seeds = list(range(batch))
+                    bound = pipe.bind(batch, seeds=seeds)
                     nucleus = float(torch.isfinite(bound.process(x)).sum(-1).float().mean())
                     t_sk = timeit(lambda: bound.sample(x), args.reps, args.device)
+                    t_once = timeit(lambda: pipe.sample(x, seeds=seeds), args.reps, args.device)
                     t_tf = timeit(lambda: transformers_step(x, tf), args.reps, args.device) if tf else float("nan")
-                    temperature, top_k, top_p, _, _ = params
-                    if top_p is not None and top_k is None:
-                        t_seed = timeit(lambda: seed_step(x, temperature, top_p), args.reps, args.device)
+                    if steps == [TEMPERATURE, {"top_p": 0.9}]:      # the seed's order: softmax(x / T), then top_p
+                        t_seed = timeit(lambda: seed_step(x, 0.7, 0.9), args.reps, args.device)
                     else:
                         t_seed = float("nan")
-                    line = (f"{name:<24} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
-                            f"{t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x {t_seed / t_sk:>7.1f}x")
+                    line = (f"{name:<28} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
+                            f"{t_once * 1e3:>9.2f}ms {t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x "
+                            f"{t_seed / t_sk:>7.1f}x {t_once / t_sk:>7.2f}x")
                     if graphs:
                         # The eager step with the other choice of paths (sync.EAGER_CUDA), then
                         # one step captured as a CUDA graph (BoundPipeline.capture), replayed.

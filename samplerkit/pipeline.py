@@ -9,7 +9,10 @@ nothing about backends.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, get_args
 
 import torch
@@ -120,20 +123,26 @@ class Pipeline:
             if not isinstance(values, Mapping):
                 raise ConfigError(ConfigIssue(
                     f"rows[{row}] {name}", f"must map that step's parameters to values, e.g. "
-                    f"{{{name!r}: {{{name!r}: {_short(values)}}}}} (a step name, then its parameters), got {_short(values)}"))
+                    f"{{{name!r}: {{{name!r}: {short_repr(values)}}}}} (a step name, then its parameters), got {short_repr(values)}"))
         procs = [s.with_params(overrides.get(s.name, {}), f"rows[{row}] {s.name}") for s in self.processors]
         samp = self.sampler.with_params(overrides.get(self.sampler.name, {}), f"rows[{row}] {self.sampler.name}")
         return procs, samp
 
     # -- one-shot library calls -------------------------------------------------------
+    # Each call binds afresh (its own seeds, no state carried over from an earlier call) but
+    # reuses the [B, V] workspaces of this thread's previous call at this batch size: allocating
+    # them anew costs about as much as the step itself (page faults), binding under 1 ms.
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
-        return self.bind(check_logits(logits, "process").shape[0]).process(logits, ctx)
+        with _one_shot(self, check_logits(logits, "process").shape[0]) as bound:
+            return bound.process(logits, ctx)
 
     def sample(self, logits: torch.Tensor, seeds: Sequence[int | None] | None = None,
                ctx: StepContext | None = None) -> torch.Tensor:
-        """Token ids ``[B]`` int64; ``seeds`` gives one optional seed per row."""
-        return self.bind(check_logits(logits, "sample").shape[0], seeds=seeds).sample(logits, ctx)
+        """Token ids ``[B]`` int64; ``seeds`` gives one optional seed per row. The same tokens as
+        ``bind(B, seeds=seeds).sample(logits, ctx)``."""
+        with _one_shot(self, check_logits(logits, "sample").shape[0], seeds) as bound:
+            return bound.sample(logits, ctx)
 
 
 class BoundPipeline:
@@ -161,6 +170,14 @@ class BoundPipeline:
         self._work: dict = {}           # the [B, V] buffer of _buffer, reused from step to step
         # The sampler can take a truncation's threshold instead of truncated logits.
         self._sampler_cuts = type(self.sampler).sample_cut is not Sampler.sample_cut
+        # Steps from this index on are monotone (temperature last, llama.cpp's order). A sampler
+        # that honours Cut.source takes the truncation before them as a threshold on the values
+        # it saw, with the monotone steps applied to all logits (no -inf in their input).
+        self._monotone_from = len(self.steps)
+        while self._monotone_from > 0 and self.steps[self._monotone_from - 1][1].monotone:
+            self._monotone_from -= 1
+        cut_at = self._monotone_from - 1 if type(self.sampler).cut_source else len(self.steps) - 1
+        self._cut_step = self.steps[cut_at][1] if self.steps and cut_at >= 0 else None
         # A greedy-style sampler after argmax-invariant processors needs none of them.
         self._skip_for_sampling = (type(self.sampler).picks_argmax
                                    and all(s.argmax_invariant for _, s in self.steps))
@@ -222,7 +239,7 @@ class BoundPipeline:
             if candidates is not None:
                 processed, candidates = densify(*candidates, logits.shape[-1]), None
             if cut is not None:
-                processed, cut = cut_below(processed, cut.threshold), None
+                processed, cut = cut_below(processed, cut.threshold, source=cut.source), None
             # A uniform row in place of each invalid one: the sampler never sees NaN.
             processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
         ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
@@ -277,8 +294,9 @@ class BoundPipeline:
             if cut is not None:
                 ids = self.sampler.sample_cut(processed, cut, ctx)
                 if ids is not None:
-                    return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) >= cut.threshold)
-                processed = cut_below(processed, cut.threshold)
+                    kept_values = processed if cut.source is None else cut.source
+                    return self._check_ids(ids, vocab, valid, lambda i: kept_values.gather(1, i) >= cut.threshold)
+                processed = cut_below(processed, cut.threshold, source=cut.source)
             if candidates is not None:
                 ids = self.sampler.sample_candidates(*candidates, ctx)
                 if ids is not None:
@@ -424,16 +442,34 @@ class BoundPipeline:
                     checks.append(_valid_rows(None, selected, None))
                 dense, candidates = None, selected
                 continue
-            if lazy_cut and step is last:
+            if lazy_cut and (step is last or step is self._cut_step):
                 cut = _call(spec, step.select_cut, dense, ctx)
                 if cut is not None:
-                    return dense, None, cut
+                    return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx)
             run_dense(spec, step)
         for d_spec, d_step in deferred:      # monotone steps at the end stay dense
-            run_dense(d_spec, d_step)
+            if owned and d_step.inplace:     # into another buffer: the step can compare with its input
+                dense = _run_step(d_spec, d_step, dense, ctx,
+                                  out=scratch(None if copy_out else self._work, "monotone", dense, dense.dtype))
+            else:
+                run_dense(d_spec, d_step)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates, None
+
+    def _monotone_after_cut(self, source: torch.Tensor, cut, ctx: StepContext):
+        """``(y, None, cut)`` with ``y = f(source)``, ``f`` the monotone steps after the truncation
+        whose ``cut`` compares ``source``: the kept values equal the dense order's (cut, then
+        ``f``) since ``f`` is elementwise and ``f(-inf) = -inf``, and ``f`` runs on logits without
+        ``-inf`` (temperature's cheap overflow check). ``source`` is left unchanged."""
+        y = source
+        for spec, step in self.steps[self._monotone_from:]:
+            if y is source and step.inplace:
+                y = _run_step(spec, step, source, ctx, out=scratch(self._work, "monotone", source, source.dtype))
+            else:
+                y = _run_step(spec, step, y, ctx)
+        # f is monotone, so the row maximum (always kept) maps to y's maximum.
+        return y, None, cut._replace(row_max=y.amax(dim=-1, keepdim=True), weights=None, source=source)
 
     def _buffer(self, x: torch.Tensor, *, reuse: bool) -> torch.Tensor:
         """A tensor shaped like ``x`` that the processors may write into. While sampling, one
@@ -523,7 +559,7 @@ def _check_rows(rows: Any) -> list[RowOverrides | None]:
     """``bind``'s ``rows`` as one override mapping (or None) per row."""
     if isinstance(rows, bool) or not isinstance(rows, (int, Sequence)) or isinstance(rows, (str, bytes)):
         raise ConfigError(ConfigIssue("rows", f"must be a batch size (an int >= 1) or a list with one override "
-                                              f"mapping (or None) per row, got {_short(rows)}"))
+                                              f"mapping (or None) per row, got {short_repr(rows)}"))
     if isinstance(rows, int):
         if rows < 1:
             raise ConfigError(ConfigIssue("rows", f"the batch size must be at least 1, got {rows}"))
@@ -534,13 +570,40 @@ def _check_rows(rows: Any) -> list[RowOverrides | None]:
     for i, row in enumerate(overrides):
         if row is not None and not isinstance(row, Mapping):
             raise ConfigError(ConfigIssue(f"rows[{i}]", f"must be a mapping of step name to parameters, e.g. "
-                                                        f"{{'top_p': {{'top_p': 0.5}}}}, or None, got {_short(row)}"))
+                                                        f"{{'top_p': {{'top_p': 0.5}}}}, or None, got {short_repr(row)}"))
     return overrides
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+
+#: Per thread: pipeline -> {batch size: (owner classes, workspaces)} of its last one-shot calls.
+_ONE_SHOT = threading.local()
+#: Batch sizes whose workspaces a pipeline keeps per thread (the least recently used goes).
+ONE_SHOT_BATCH_SIZES = 2
+
+
+@contextmanager
+def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None = None) -> Iterator[BoundPipeline]:
+    """``pipeline.bind(batch, seeds=seeds)`` holding the ``[B, V]`` workspaces (the ``_work``
+    dicts of scratch buffers) of the previous one-shot call with this batch size on this thread.
+    Only scratch space is reused, never parameters, seeds or step state: the draws are a fresh
+    bind's. Threads never share workspaces, and a nested call on the same thread gets its own
+    (the entry is taken out while in use)."""
+    bound = pipeline.bind(batch, seeds=seeds)
+    cache = getattr(_ONE_SHOT, "work", None)
+    if cache is None:
+        cache = _ONE_SHOT.work = weakref.WeakKeyDictionary()
+    sizes = cache.setdefault(pipeline, OrderedDict())
+    owners = [o for o in (bound, *(step for _, step in bound.steps), bound.sampler)
+              if isinstance(getattr(o, "_work", None), dict)]
+    classes = [type(o) for o in owners]
+    kept = sizes.pop(batch, None)
+    if kept is not None and kept[0] == classes:
+        for owner, work in zip(owners, kept[1]):
+            owner._work = work
+    yield bound
+    sizes[batch] = (classes, [o._work for o in owners])
+    while len(sizes) > ONE_SHOT_BATCH_SIZES:
+        sizes.popitem(last=False)
 
 
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:

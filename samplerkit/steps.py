@@ -210,6 +210,9 @@ class Sampler(Step):
     #: True when :meth:`sample` returns each row's argmax (the lowest id among ties): the
     #: pipeline then skips processors that are all ``argmax_invariant`` before it.
     picks_argmax: ClassVar[bool] = False
+    #: Whether :meth:`sample_cut` honours ``cut.source`` (:class:`samplerkit.ops.truncation.Cut`);
+    #: only such samplers are handed a truncation followed by monotone steps as a cut.
+    cut_source: ClassVar[bool] = False
 
     def sample(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

@@ -115,7 +115,8 @@ def _stream_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
 
 def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tensor | None = None, *,
                 threshold: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                mask_workspace: torch.Tensor | None = None, row_max: torch.Tensor | None = None) -> torch.Tensor:
+                mask_workspace: torch.Tensor | None = None, row_max: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from ``softmax(logits)`` exactly, reading the vocabulary O(1) times.
 
     The two-stage race. Token ids are cut into blocks of ``RACE_BLOCK`` consecutive ids; with
@@ -139,7 +140,8 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     With a ``threshold`` (a truncation ``x >= threshold`` the sampler applies itself, reusing the
     truncation's ``weights``), stage 1 needs each block's kept mass. On CPU the winning block is
     usually certified from 16 blocks' kept masses (:func:`_race_kept_blocks_lazily`), not from a
-    pass that masks every weight; the same block either way.
+    pass that masks every weight; the same block either way. ``source`` (see
+    :class:`samplerkit.ops.truncation.Cut`): the threshold compares ``source``, not ``logits``.
 
     >>> x = torch.tensor([[0.0, float('-inf'), 1.0]])
     >>> keys = row_keys(torch.tensor([7]), torch.tensor([0]))
@@ -147,9 +149,10 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     True
     """
     vocab = logits.shape[-1]
+    compared = logits if source is None else source      # what the threshold applies to
     if vocab <= RACE_BLOCK:
         if threshold is not None:
-            logits = cut_below(logits, threshold)
+            logits = cut_below(logits, threshold, source=source)
         return race_candidates(logits, torch.arange(vocab, device=logits.device).expand_as(logits), keys)
     if workspace is not None and (workspace.shape != logits.shape or workspace.device != logits.device):
         workspace = None
@@ -160,18 +163,19 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
         if weights is None:
             weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
         block, undecided = (None, None) if sync_free(logits) else _race_kept_blocks_lazily(
-            logits, weights, threshold, block_keys)
+            compared, weights, threshold, block_keys)
         if block is None:
-            block = _race_kept_blocks(logits, weights, threshold, block_keys, workspace)
+            block = _race_kept_blocks(compared, weights, threshold, block_keys, workspace)
         elif undecided is not None:
             rows = undecided.nonzero().squeeze(-1)
             block = block.index_copy(0, rows, _race_kept_blocks(
-                logits.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
+                compared.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
                 block_keys.index_select(0, rows)))
     ids, inside = _block_tokens(block, vocab)
     values = logits.gather(-1, ids).masked_fill_(~inside, float("-inf"))
     if threshold is not None:
-        values = values.masked_fill_(values < threshold, float("-inf"))
+        removed = (values if source is None else source.gather(-1, ids)) < threshold
+        values = values.masked_fill_(removed, float("-inf"))
     return race_candidates(values, ids, keys)
 
 

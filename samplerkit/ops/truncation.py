@@ -148,10 +148,17 @@ def nucleus_stats(logits: torch.Tensor, work: dict | None = None) -> Stats:
 class Cut(NamedTuple):
     """A truncation not yet applied: the row keeps ``x >= threshold`` (``[B, 1]``). ``row_max`` is
     the raw row maximum (a kept token, so the truncated row is valid iff it is finite);
-    ``weights``, when known, are ``exp_weights(x, safe_top(x))`` of the untruncated logits."""
+    ``weights``, when known, are ``exp_weights(x, safe_top(x))`` of the untruncated logits.
+
+    ``source``, when set, is the tensor the threshold compares instead of the logits handed
+    with the cut: the row keeps ``y_i`` where ``source_i >= threshold`` (a truncation followed by
+    monotone steps, ``y = f(source)``: the kept set is decided on the values the truncation saw,
+    since ``f`` may merge a kept and a removed value into one float). ``row_max`` and ``weights``
+    are then those of ``y``."""
     threshold: torch.Tensor
     row_max: torch.Tensor
     weights: torch.Tensor | None = None
+    source: torch.Tensor | None = None
 
 
 def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dict | None = None,
@@ -282,9 +289,10 @@ def nucleus_keep_sorted(sorted_values: torch.Tensor, top: torch.Tensor, total: t
 
 
 def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | None = None,
-              work: dict | None = None) -> torch.Tensor:
+              work: dict | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` where ``x >= threshold`` (per row ``[B, 1]``), else ``-inf``; into ``out`` (may be
-    ``logits`` itself, or ``None`` for a new tensor).
+    ``logits`` itself, or ``None`` for a new tensor). With ``source`` (a tensor shaped like
+    ``logits``, not ``out``): ``x`` where ``source >= threshold`` (see :class:`Cut`).
 
     Computed as ``min(x, copysign(inf, x - threshold))``: ``x - t`` has the sign of the comparison
     exactly (IEEE subtraction never rounds a nonzero difference to zero, and ``x - t`` is ``+0``
@@ -297,7 +305,8 @@ def cut_below(logits: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor |
         out = torch.empty_like(logits)
     threshold = torch.where(threshold == 0, threshold.new_full((), -0.0), threshold)
     bound = out if out is not logits else histogram.buffer(work, "bound", logits, logits.dtype)
-    bound = torch.sub(logits, threshold, out=bound) if bound is not None else logits - threshold
+    compared = logits if source is None else source
+    bound = torch.sub(compared, threshold, out=bound) if bound is not None else compared - threshold
     return keep_where_nonnegative(logits, bound, out)
 
 

@@ -31,6 +31,7 @@ class Categorical(SeededSampler):
 
     name = "categorical"
     Params = SeedParams
+    cut_source = True          # sample_cut honours Cut.source
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
@@ -44,7 +45,7 @@ class Categorical(SeededSampler):
         return race_sample(logits, self.streams.keys(ctx),
                            workspace=scratch(self._work, "weights", logits, torch.float32), threshold=cut.threshold,
                            weights=cut.weights, mask_workspace=scratch(self._work, "mask", logits, torch.float32),
-                           row_max=cut.row_max)
+                           row_max=cut.row_max, source=cut.source)
 
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62
