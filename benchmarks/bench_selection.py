@@ -26,7 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from samplerkit.builtins.processors.temperature import finite_division  # noqa: E402
+from samplerkit.builtins.shaping.temperature import finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
 from samplerkit.ops.candidates import top_k_candidates_keyed  # noqa: E402
 

@@ -137,7 +137,7 @@ def check_triton_matches_torch() -> None:
     same = int((fused == reference).sum())
     check("Triton race == torch race", same == rows, f"({same}/{rows} rows equal)")
     # The fused top-k key kernel (temperature's division included) == the torch keys.
-    from samplerkit.builtins.processors.temperature import finite_division
+    from samplerkit.builtins.shaping.temperature import finite_division
     x = (torch.randn(64, 128256, generator=g) * 3).to(DEVICE)
     x[0, :1000] = float("-inf")
     x[1, 5], x[1, 6], x[2, 7] = -0.0, 0.0, 3e38

@@ -24,9 +24,9 @@ BLOCK_ENV_VAR = "SAMPLERKIT_BLOCK_PLUGINS"
 
 # Built-ins are ordinary plugin modules, registered exactly as third-party ones are.
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "samplerkit.builtins.processors",
-    "samplerkit.builtins.penalties",
+    "samplerkit.builtins.truncation",
     "samplerkit.builtins.shaping",
+    "samplerkit.builtins.penalties",
     "samplerkit.builtins.samplers",
     "samplerkit.builtins.backends",
 )

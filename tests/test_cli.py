@@ -61,7 +61,7 @@ def test_plugins_lists_builtins_with_plugin_names_and_parameters(capsys):
     assert out.startswith("processors:")
     for name in ("temperature", "top_k", "top_p", "min_p", "greedy", "categorical", "bigram"):
         assert f"  {name}  [" in out
-    assert "[samplerkit.builtins.processors (built-in)]" in out
+    assert "[samplerkit.builtins.truncation (built-in)]" in out
     assert "top_p: number = 1.0 (> 0.0, <= 1.0)" in out or "top_p: number = 1.0" in out
     assert "cumulative probability kept; 1 disables" in out
 
@@ -71,7 +71,7 @@ def test_plugins_json(capsys):
     assert code == 0
     data = json.loads(out)
     top_k = next(e for e in data["processor"] if e["name"] == "top_k")
-    assert top_k["plugin"] == "samplerkit.builtins.processors"
+    assert top_k["plugin"] == "samplerkit.builtins.truncation"
     assert top_k["parameters"][0]["name"] == "top_k" and top_k["parameters"][0]["default"] == 0
     assert {e["name"] for e in data["sampler"]} >= {"greedy", "categorical"}
 

@@ -9,9 +9,9 @@ from pydantic import Field
 
 from samplerkit import Processor, Sampler, StepContext, StepParams, ThresholdProcessor
 from samplerkit.builtins.penalties import BUILTIN_PENALTIES
-from samplerkit.builtins.processors import BUILTIN_PROCESSORS
 from samplerkit.builtins.samplers import BUILTIN_SAMPLERS
 from samplerkit.builtins.shaping import BUILTIN_SHAPING
+from samplerkit.builtins.truncation import BUILTIN_TRUNCATION
 from samplerkit.ops import NEG_INF
 from samplerkit.registry import default_registry
 from samplerkit.testing import (
@@ -37,7 +37,7 @@ def test_sampler_contract(cls):
     check_sampler(cls)
 
 
-@pytest.mark.parametrize("cls", [*BUILTIN_PROCESSORS, *BUILTIN_PENALTIES, *BUILTIN_SHAPING, *BUILTIN_SAMPLERS], ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", [*BUILTIN_TRUNCATION, *BUILTIN_SHAPING, *BUILTIN_PENALTIES, *BUILTIN_SAMPLERS], ids=lambda c: c.name)
 def test_builtins_have_non_neutral_examples(cls):
     assert f"{cls.__module__}.{cls.__qualname__}" in BUILTIN_EXAMPLES
     examples = examples_for(cls)
@@ -218,7 +218,7 @@ def test_temporary_plugin_with_a_class_is_checked_through_the_registry():
     assert not default_registry().has("processor", "fine")      # nothing global changed
 
 
-class _OffByOneTopK(__import__("samplerkit.builtins.processors.top_k", fromlist=["TopK"]).TopK):
+class _OffByOneTopK(__import__("samplerkit.builtins.truncation.top_k", fromlist=["TopK"]).TopK):
     """A fast path that disagrees with apply(): keeps one token fewer."""
 
     name = "off_by_one_top_k"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import samplerkit
-from samplerkit.builtins.processors import MinP, Temperature, TopK, TopP
 from samplerkit.builtins.samplers import Greedy
+from samplerkit.builtins.shaping import Temperature
+from samplerkit.builtins.truncation import MinP, TopK, TopP
 from samplerkit.context import StepContext
 from samplerkit.ops import top_k_mask, top_p_mask, top_p_mask_reference
 from samplerkit.registry import default_registry
@@ -360,7 +361,7 @@ def test_temperature_deferred_past_top_k_equals_the_dense_order(kind, monkeypatc
     With logits one ulp apart (distinct before the division, which merges neighbours into ties)
     the fused path must detect the tie and fall back; with ordinary logits it is taken. Either way
     the result equals the sequential dense one: values and sampled tokens."""
-    import samplerkit.builtins.processors.top_k as top_k_module
+    import samplerkit.builtins.truncation.top_k as top_k_module
     from samplerkit.context import StepContext
     from samplerkit.ops.candidates import top_k_candidates
 

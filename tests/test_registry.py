@@ -8,7 +8,7 @@ import types
 import pytest
 
 from samplerkit import PluginError, UnknownNameError, hookimpl
-from samplerkit.builtins.processors import TopP
+from samplerkit.builtins.truncation import TopP
 from samplerkit.config import resolve
 from samplerkit.plugins import BLOCK_ENV_VAR, DEFAULT_PLUGINS, make_plugin_manager
 from samplerkit.registry import build_registry, default_registry
@@ -41,8 +41,8 @@ def test_builtins_are_registered_through_the_hooks():
     assert set(DEFAULT_PLUGINS) <= set(names)
     registry = build_registry(loaded)
     entry = registry.entry("processor", "top_p")
-    assert entry.cls is TopP and entry.plugin.name == "samplerkit.builtins.processors"
-    assert entry.plugin.describe() == "samplerkit.builtins.processors (built-in)"
+    assert entry.cls is TopP and entry.plugin.name == "samplerkit.builtins.truncation"
+    assert entry.plugin.describe() == "samplerkit.builtins.truncation (built-in)"
     assert registry.entry("sampler", "greedy").plugin.name == "samplerkit.builtins.samplers"
     assert registry.entry("backend", "bigram").plugin.name == "samplerkit.builtins.backends"
 
@@ -57,21 +57,22 @@ def test_registry_is_an_immutable_snapshot():
 
 
 def test_block_by_name():
-    registry = default_registry(block=["samplerkit.builtins.processors"])
-    assert not {"temperature", "top_k", "top_p", "min_p"} & set(registry.names("processor"))
-    assert "samplerkit.builtins.processors" in registry.blocked
+    registry = default_registry(block=["samplerkit.builtins.truncation"])
+    assert not {"top_k", "top_p", "min_p", "typical_p", "xtc"} & set(registry.names("processor"))
+    assert registry.has("processor", "temperature")            # the shaping plugin is not blocked
+    assert "samplerkit.builtins.truncation" in registry.blocked
     assert registry.has("sampler", "greedy")
 
 
 def test_block_from_config():
     from samplerkit.generate import load_config
     with pytest.raises(Exception) as info:
-        load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": [{"top_p": 0.9}]})
+        load_config({"plugins": {"block": ["samplerkit.builtins.truncation"]}, "pipeline": [{"top_p": 0.9}]})
     # Using a step of a blocked plugin says it is blocked, and by which plugin.
-    assert ("pipeline[0]: processor 'top_p' is provided by the plugin 'samplerkit.builtins.processors', "
+    assert ("pipeline[0]: processor 'top_p' is provided by the plugin 'samplerkit.builtins.truncation', "
             "which is blocked") in str(info.value)
-    config, registry = load_config({"plugins": {"block": ["samplerkit.builtins.processors"]}, "pipeline": []})
-    assert not registry.has("processor", "top_p") and config.plugins.block == ["samplerkit.builtins.processors"]
+    config, registry = load_config({"plugins": {"block": ["samplerkit.builtins.truncation"]}, "pipeline": []})
+    assert not registry.has("processor", "top_p") and config.plugins.block == ["samplerkit.builtins.truncation"]
 
 
 def test_block_from_environment(monkeypatch):
@@ -92,7 +93,7 @@ def test_duplicate_names_name_both_plugins():
             pass
     msg = str(info.value)
     assert "two plugins register a processor named 'top_p'" in msg
-    assert "samplerkit.builtins.processors (built-in)" in msg and "rival_plugin" in msg
+    assert "samplerkit.builtins.truncation (built-in)" in msg and "rival_plugin" in msg
 
 
 def test_duplicate_can_be_resolved_by_blocking():
@@ -100,7 +101,7 @@ def test_duplicate_can_be_resolved_by_blocking():
         name = "top_p"
 
     with temporary_plugin(plugin_module(register_processors=[AnotherTopP]), "rival_plugin",
-                          block=["samplerkit.builtins.processors"], load_entry_points=False) as reg:
+                          block=["samplerkit.builtins.truncation"], load_entry_points=False) as reg:
         assert reg.get("processor", "top_p") is AnotherTopP
 
 
@@ -263,7 +264,7 @@ def test_unknown_block_names_get_a_did_you_mean():
 
     with pytest.raises(ConfigError, match=r"plugins.block\[1\]: unknown plugin 'samplerkit.builtins.sampler'; "
                                           r"did you mean 'samplerkit.builtins.samplers'\? Plugins: "):
-        default_registry(block=["samplerkit.builtins.processors", "samplerkit.builtins.sampler"])
+        default_registry(block=["samplerkit.builtins.truncation", "samplerkit.builtins.sampler"])
 
 
 def test_a_step_of_a_blocked_builtin_says_it_is_blocked():

@@ -12,8 +12,9 @@ import torch
 
 import samplerkit
 import samplerkit.ops.random as random_ops
-from samplerkit.builtins.processors import MinP, Temperature
 from samplerkit.builtins.samplers.categorical import Categorical
+from samplerkit.builtins.shaping import Temperature
+from samplerkit.builtins.truncation import MinP
 from samplerkit.context import StepContext
 from samplerkit.pipeline import ONE_SHOT_BATCH_SIZES, Pipeline
 from samplerkit.registry import default_registry
@@ -250,7 +251,7 @@ def test_temperature_after_a_truncation_saturates_exactly_like_the_in_place_chec
     """Logits with -inf (removed), +-inf, NaN and finite values near the float32 range: the
     division into another tensor (the one-pass overflow check) equals the in-place one (the
     exact masks), overflowing finite logits saturating at +-float32 max."""
-    from samplerkit.builtins.processors.temperature import _finite_division
+    from samplerkit.builtins.shaping.temperature import _finite_division
     big = torch.finfo(torch.float32).max
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5000, generator=g)

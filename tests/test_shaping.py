@@ -11,20 +11,18 @@ import torch
 
 import samplerkit
 from samplerkit import ConfigError, StepContext
-from samplerkit.builtins.processors.temperature import Temperature
-from samplerkit.builtins.shaping import (
-    BUILTIN_SHAPING,
-    DynamicTemperature,
+from samplerkit.builtins.shaping import BUILTIN_SHAPING, DynamicTemperature, Smoothing, Temperature
+from samplerkit.builtins.truncation import (
+    BUILTIN_TRUNCATION,
     EpsilonCutoff,
     EtaCutoff,
-    Smoothing,
     TailFree,
     TopA,
     TopNSigma,
     TypicalP,
     Xtc,
 )
-from samplerkit.builtins.shaping.xtc import XTC_STREAM
+from samplerkit.builtins.truncation.xtc import XTC_STREAM
 from samplerkit.ops import row_keys, uniform
 from samplerkit.testing import examples_for
 
@@ -48,14 +46,15 @@ def logp(probs):
 
 # -- registration, examples, neutral values ------------------------------------------------
 
-def test_all_registered_in_the_shaping_plugin():
+def test_all_registered_in_their_family_plugin():
     registry = samplerkit.default_registry()
-    for cls in BUILTIN_SHAPING:
-        entry = registry.entry("processor", cls.name)
-        assert entry.cls is cls and entry.plugin.name == "samplerkit.builtins.shaping"
-    assert {c.name for c in BUILTIN_SHAPING} == {
-        "typical_p", "epsilon_cutoff", "eta_cutoff", "top_a", "tfs", "top_n_sigma", "dynamic_temperature",
-        "smoothing", "xtc"}
+    for family, classes in (("truncation", BUILTIN_TRUNCATION), ("shaping", BUILTIN_SHAPING)):
+        for cls in classes:
+            entry = registry.entry("processor", cls.name)
+            assert entry.cls is cls and entry.plugin.name == f"samplerkit.builtins.{family}"
+    assert {c.name for c in BUILTIN_TRUNCATION} == {
+        "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_a", "tfs", "top_n_sigma", "xtc"}
+    assert {c.name for c in BUILTIN_SHAPING} == {"temperature", "dynamic_temperature", "smoothing"}
 
 
 @pytest.mark.parametrize("cls", BUILTIN_SHAPING, ids=lambda c: c.name)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import samplerkit
-import samplerkit.builtins.processors.top_k
+import samplerkit.builtins.truncation.top_k
 from samplerkit.context import StepContext
 from samplerkit.errors import InvalidLogitsError
 from samplerkit.ops import sync, top_k_mask
@@ -75,7 +75,7 @@ def test_sync_free_top_k_after_a_division_that_creates_ties(select, monkeypatch)
     """Logits one ulp apart that temperature merges into ties at the boundary: the deferred
     division is applied before the selection, so the lower-id rule holds on the divided values."""
     monkeypatch.setattr(sync, "FORCE", True)
-    monkeypatch.setattr(samplerkit.builtins.processors.top_k, "SYNC_FREE_TOP_K", select)
+    monkeypatch.setattr(samplerkit.builtins.truncation.top_k, "SYNC_FREE_TOP_K", select)
     g = torch.Generator().manual_seed(1)
     base = 1.0 + torch.rand(16, 1, generator=g)
     x = base + torch.stack([torch.randperm(600, generator=g) for _ in range(16)]).float() * torch.finfo(torch.float32).eps

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from samplerkit.builtins.processors.temperature import finite_division  # noqa: E402
+from samplerkit.builtins.shaping.temperature import finite_division  # noqa: E402
 from samplerkit.ops import _triton  # noqa: E402
 from samplerkit.ops import random as torch_random  # noqa: E402
 from samplerkit.ops.candidates import order_keys, top_k_candidates_keyed  # noqa: E402

@@ -192,7 +192,8 @@ def race_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor)
 # are distinct because they carry the id). So kernel 1 reduces each group of 32 logits to its
 # maximum key (one read of the logits), and kernel 2, one program per row, takes the top K
 # groups and the top K keys among their K * GROUP members, sorted: the same list as one
-# ``topk`` over all V keys, without that topk (about 60% of a captured B=64 step on an H200).
+# ``topk`` over all V keys, without that topk (the largest part of a captured B=64 step on a
+# GPU: docs/performance.md).
 
 #: Below this key no real token's key lies (the smallest is -2^63 + 2^32 - V): padding.
 KEY_NONE = -9223372036854775807

@@ -9,8 +9,8 @@ by a checked fallback. They are taken
   it), on every device;
 - on CUDA for eager steps too while :data:`EAGER_CUDA` is true (the default). Eager steps are
   launch-bound on a GPU and the sync-free paths launch more kernels, so this was measured, not
-  assumed: on an H200 they were 5-15% faster than the checked paths on all six rows of
-  ``benchmarks/bench_sampling.py --device cuda``, which times both;
+  assumed: they were faster than the checked paths on all six rows of
+  ``benchmarks/bench_sampling.py --device cuda``, which times both (docs/performance.md);
 - everywhere with ``SAMPLERKIT_SYNC_FREE=1`` (or :data:`FORCE`): the test suite runs them on
   the CPU that way and checks them against the same references.
 

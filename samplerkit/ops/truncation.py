@@ -324,7 +324,7 @@ def remove_unkept(x: torch.Tensor, keep: torch.Tensor, work: dict | None = None)
     ``x.masked_fill_(~keep, -inf)``.
 
     On CPU ``masked_fill_`` branches on each element, and a truncation's mask is random in token
-    order: about 17 ms for ``[64, 128256]`` on this machine, against about 7 ms for the
+    order: it measured more than twice as slow (docs/performance.md) as the
     branch-free ``min(x, copysign(inf, keep - 1/2))`` (the mask's bytes read as 0/1, no bool
     kernel). A NaN would survive ``min`` where ``masked_fill_`` removes it, so a tensor whose
     sum is NaN (it holds a NaN, or both infinities) takes ``masked_fill_``. ``work``: reusable buffers.

@@ -41,13 +41,13 @@ _SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 #: Non-neutral example parameters of the built-in steps, keyed by ``module.qualname`` (so a
 #: third-party class that reuses a built-in's ``name`` does not inherit them).
 BUILTIN_EXAMPLES: dict[str, list[dict[str, Any]]] = {
-    "samplerkit.builtins.processors.temperature.Temperature": [
+    "samplerkit.builtins.shaping.temperature.Temperature": [
         {"temperature": 0.5}, {"temperature": 2.0}, {"temperature": 0.0}, {"temperature": 1e-3}],
-    "samplerkit.builtins.processors.top_k.TopK": [
+    "samplerkit.builtins.truncation.top_k.TopK": [
         {"top_k": 1}, {"top_k": 3}, {"top_k": 10}, {"top_k": 1000}],
-    "samplerkit.builtins.processors.top_p.TopP": [
+    "samplerkit.builtins.truncation.top_p.TopP": [
         {"top_p": 0.05}, {"top_p": 0.5}, {"top_p": 0.9}, {"top_p": 0.999}],
-    "samplerkit.builtins.processors.min_p.MinP": [
+    "samplerkit.builtins.truncation.min_p.MinP": [
         {"min_p": 0.05}, {"min_p": 0.5}, {"min_p": 1.0}],
     "samplerkit.builtins.penalties.repetition_penalty.RepetitionPenalty": [
         {"repetition_penalty": 1.3}, {"repetition_penalty": 0.7, "last_n": 2},
@@ -73,20 +73,20 @@ BUILTIN_EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "samplerkit.builtins.samplers.categorical.Categorical": [
         {"seed": 0}, {"seed": 12345}, {"seed": 2**62 + 7}, {"seed": None}],
     "samplerkit.builtins.samplers.greedy.Greedy": [],
-    "samplerkit.builtins.shaping.typical.TypicalP": [
+    "samplerkit.builtins.truncation.typical.TypicalP": [
         {"typical_p": 0.2}, {"typical_p": 0.9}, {"typical_p": 0.5, "min_tokens_to_keep": 3}],
-    "samplerkit.builtins.shaping.cutoffs.EpsilonCutoff": [
+    "samplerkit.builtins.truncation.cutoffs.EpsilonCutoff": [
         {"epsilon_cutoff": 3e-4}, {"epsilon_cutoff": 0.05}, {"epsilon_cutoff": 0.9, "min_tokens_to_keep": 2}],
-    "samplerkit.builtins.shaping.cutoffs.EtaCutoff": [
+    "samplerkit.builtins.truncation.cutoffs.EtaCutoff": [
         {"eta_cutoff": 2e-3}, {"eta_cutoff": 0.1}, {"eta_cutoff": 0.9, "min_tokens_to_keep": 3}],
-    "samplerkit.builtins.shaping.top_a.TopA": [{"top_a": 0.2}, {"top_a": 1.0}],
-    "samplerkit.builtins.shaping.tfs.TailFree": [{"tfs": 0.95}, {"tfs": 0.5}, {"tfs": 0.0, "min_keep": 2}],
-    "samplerkit.builtins.shaping.top_n_sigma.TopNSigma": [{"top_n_sigma": 1.0}, {"top_n_sigma": 0.1}, {"top_n_sigma": 3.0}],
+    "samplerkit.builtins.truncation.top_a.TopA": [{"top_a": 0.2}, {"top_a": 1.0}],
+    "samplerkit.builtins.truncation.tfs.TailFree": [{"tfs": 0.95}, {"tfs": 0.5}, {"tfs": 0.0, "min_keep": 2}],
+    "samplerkit.builtins.truncation.top_n_sigma.TopNSigma": [{"top_n_sigma": 1.0}, {"top_n_sigma": 0.1}, {"top_n_sigma": 3.0}],
     "samplerkit.builtins.shaping.dynamic_temperature.DynamicTemperature": [
         {"low": 0.5, "high": 1.5}, {"low": 0.0, "high": 2.0, "exponent": 0.5}, {"low": 0.7, "high": 0.7}],
     "samplerkit.builtins.shaping.smoothing.Smoothing": [
         {"smoothing_factor": 0.3}, {"smoothing_factor": 2.0, "smoothing_curve": 2.5}],
-    "samplerkit.builtins.shaping.xtc.Xtc": [
+    "samplerkit.builtins.truncation.xtc.Xtc": [
         {"threshold": 0.1, "probability": 1.0, "seed": 0}, {"threshold": 0.05, "probability": 0.5, "seed": 7}],
 }
 

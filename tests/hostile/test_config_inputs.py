@@ -72,8 +72,8 @@ def test_set_an_unhashable_name():
 @pytest.mark.parametrize("block, expected", [
     ([[1]], "plugins.block[0]: must be a plugin name (a string), got [1]"),
     ([None], "plugins.block[0]: must be a plugin name (a string), got None"),
-    (["samplerkit.builtins.procesors"], "plugins.block[0]: unknown plugin 'samplerkit.builtins.procesors'; "
-                                        "did you mean 'samplerkit.builtins.processors'?"),
+    (["samplerkit.builtins.truncaton"], "plugins.block[0]: unknown plugin 'samplerkit.builtins.truncaton'; "
+                                        "did you mean 'samplerkit.builtins.truncation'?"),
 ])
 def test_bad_plugin_block_entries(block, expected):
     with pytest.raises(ConfigError) as info:

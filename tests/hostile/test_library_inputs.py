@@ -58,7 +58,7 @@ def test_requires_grad_logits_to_process_say_to_detach(pipe):
 def test_a_plugin_failure_names_its_own_step_once():
     """A step deferred into the next one (temperature into top_k) that fails is reported as
     itself, not wrapped in the other step's PluginError."""
-    from samplerkit.builtins.processors.temperature import Temperature
+    from samplerkit.builtins.shaping.temperature import Temperature
 
     pipe = samplerkit.load_pipeline(PIPE)
     bound = pipe.bind(2)

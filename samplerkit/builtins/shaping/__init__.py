@@ -1,17 +1,12 @@
-"""Built-in truncation and shaping plugin (typical_p, epsilon/eta cutoffs, xtc, ...)."""
+"""Built-in shaping plugin: steps that reshape the distribution (rescale logits) without
+removing tokens: temperature, dynamic temperature, smoothing."""
 
-from samplerkit.builtins.shaping.cutoffs import EpsilonCutoff, EtaCutoff
 from samplerkit.builtins.shaping.dynamic_temperature import DynamicTemperature
 from samplerkit.builtins.shaping.smoothing import Smoothing
-from samplerkit.builtins.shaping.tfs import TailFree
-from samplerkit.builtins.shaping.top_a import TopA
-from samplerkit.builtins.shaping.top_n_sigma import TopNSigma
-from samplerkit.builtins.shaping.typical import TypicalP
-from samplerkit.builtins.shaping.xtc import Xtc
+from samplerkit.builtins.shaping.temperature import Temperature
 from samplerkit.hookspecs import hookimpl
 
-BUILTIN_SHAPING: list[type] = [TypicalP, EpsilonCutoff, EtaCutoff, TopA, TailFree, TopNSigma, DynamicTemperature,
-                               Smoothing, Xtc]
+BUILTIN_SHAPING: list[type] = [Temperature, DynamicTemperature, Smoothing]
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from samplerkit.builtins.processors.temperature import GREEDY_BELOW, finite_division
+from samplerkit.builtins.shaping.temperature import GREEDY_BELOW, finite_division
 from samplerkit.ops import NEG_INF
 from samplerkit.ops.shaping import dynamic_temperature
 from samplerkit.params import StepParams

@@ -14,8 +14,8 @@ from samplerkit.steps import Processor
 
 #: The exact selection where no host check is allowed (CUDA): one int64 topk over (value, id)
 #: keys. ``samplerkit.ops.candidates.top_k_candidates_repaired`` (a float32 topk and a device-side
-#: tie repair) selects the same set but measured slower on an H200 (505 us against 395 us at
-#: B=64, V=128256: torch's row cumsum costs 200 us); benchmarks/check_cuda.py compares both.
+#: tie repair) selects the same set but measured slower on a GPU (docs/performance.md: torch's
+#: row cumsum dominates it); benchmarks/check_cuda.py compares both.
 SYNC_FREE_TOP_K = top_k_candidates_keyed
 
 

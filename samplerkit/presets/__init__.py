@@ -22,7 +22,7 @@ PRESET_KEY = "preset"
 
 
 def _files():
-    return resources.files("samplerkit") / "presets"
+    return resources.files(__name__)          # the YAML files live beside this module
 
 
 def list_presets() -> list[str]:

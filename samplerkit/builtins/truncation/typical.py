@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from samplerkit.builtins.shaping._base import MaskProcessor
 from samplerkit.context import StepContext
 from samplerkit.ops.shaping import typical_cut, typical_mask
 from samplerkit.ops.truncation import keep_where_nonnegative
 from samplerkit.params import StepParams
+from samplerkit.steps import MaskProcessor
 
 
 class TypicalP(MaskProcessor):
