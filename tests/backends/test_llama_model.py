@@ -54,8 +54,13 @@ def test_batched_prefill_and_decode_match_transformers(backend, hf_llama):
         assert (got_all - ref[:n]).abs().max().item() <= TOL
 
 
-def test_padding_never_changes_a_rows_logits(backend):
-    _, batched, _ = run(backend, PROMPTS)
+@pytest.mark.parametrize("invariant", [True, False])
+def test_padding_never_changes_a_rows_logits(backend, invariant):
+    backend.model.batch_invariant = invariant      # False: one masked fused attention call per layer
+    try:
+        _, batched, _ = run(backend, PROMPTS)
+    finally:
+        backend.model.batch_invariant = True
     for i, prompt in enumerate(PROMPTS):
         # Row i alone, fed the same schedule it got in the batch.
         out = backend.prefill([prompt])
@@ -161,7 +166,7 @@ def test_threads_and_params(hf_dir):
     with pytest.raises(pydantic.ValidationError):
         LlamaParams(max_context=0)
     assert {f["name"] for f in LlamaParams.describe_fields()} == {"model", "device", "dtype", "weights", "max_context", "cache",
-                                                                   "threads"}
+                                                                   "threads", "batch_invariant"}
     assert all(f["description"] for f in LlamaParams.describe_fields())
 
 

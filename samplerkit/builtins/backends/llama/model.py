@@ -160,6 +160,10 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_context = int(max_context or config.max_position)
+        #: Decode attention per run of equally padded rows (True: batch-invariant, see the module
+        #: docstring) or one masked fused call over the whole batch (False: fewer calls when the
+        #: rows' paddings differ, but a row's bits then depend on its batch).
+        self.batch_invariant = True
 
     def _finish(self) -> None:
         """Rotary table, head counts and an empty cache, once the weights are in place."""
@@ -413,9 +417,14 @@ class LlamaModel:
             q = q.view(B, kvh, self._n_rep, d)
             # Each run of rows with the same pad attends to exactly its keys [pad, t]: a row's
             # softmax sums never see another row's padding (batch invariance).
-            a = torch.cat([_attend(q[b0:b1], k_cache[b0:b1, :, p:t + 1], v_cache[b0:b1, :, p:t + 1])
-                           for b0, b1, p in self._runs]) if len(self._runs) > 1 else \
-                _attend(q, k_cache[:, :, self._runs[0][2]:t + 1], v_cache[:, :, self._runs[0][2]:t + 1])
+            if not self.batch_invariant and len(self._runs) > 1:
+                keys_ok = (torch.arange(t + 1, device=self.device) >= self._pad[:, None])[:, None, None, :]
+                a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=keys_ok)
+            elif len(self._runs) > 1:
+                a = torch.cat([_attend(q[b0:b1], k_cache[b0:b1, :, p:t + 1], v_cache[b0:b1, :, p:t + 1])
+                               for b0, b1, p in self._runs])
+            else:
+                a = _attend(q, k_cache[:, :, self._runs[0][2]:t + 1], v_cache[:, :, self._runs[0][2]:t + 1])
             # reshape: on CUDA the attention output need not be contiguous.
             h.add_(layer.wo(a.reshape(B, 1, self._n_q), False))  # h is ours: add in place
             h.add_(self._mlp(layer, h))
