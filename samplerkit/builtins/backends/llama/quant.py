@@ -22,8 +22,9 @@ it multiplies quantized weights by 8-bit-quantized activations. ``weights: dequa
 the exact float32 model instead.
 
 A product of many rows (a prefill, :data:`DENSE_ROWS` or more) unpacks the matrix to a transient
-bfloat16 copy instead and runs a dense GEMM, which is much faster there (the weights are then
-rounded to bfloat16 too).
+dense copy instead and runs a dense GEMM, which is much faster there: bfloat16 where the CPU has
+native bfloat16 GEMMs (the weights are then rounded to bfloat16 too), float32 elsewhere (AVX2
+emulates bfloat16 GEMMs, 67x slower than float32; see :func:`dense_dtype`).
 
 Q8_0 (``w = d * q``, ``q`` in ``-128..127``) is two 4-bit planes: with ``q + 128 = 16 h + l``
 (``h``, ``l`` in ``0..15``), ``w = 16 d (h - 8) + d (l - 8) + 8 d``, i.e. one int4 product with
@@ -266,6 +267,19 @@ def _unpack_codes_t(packed: torch.Tensor, n: int, k: int, layout: tuple[int, tor
     return nibbles.index_select(2, inverse).view(k, n)
 
 
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype of a prefill's transient dense copy: bfloat16 where oneDNN has native bfloat16
+    GEMMs (AVX512-BF16, AMX), float32 elsewhere. On an AVX2 CPU a bfloat16 GEMM is emulated and
+    was measured 67x slower than float32 (``[256, 576] @ [576, 3072]``: 1750 ms vs 26 ms, one
+    thread), so there the copy costs twice the memory but runs at float32 GEMM speed."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
 def _kernel_layout_known() -> bool:
     """Whether this torch's int4 packing was recognised (see :func:`_kernel_layout`), so that the
     prefill path can unpack a matrix; True on every capability torch 2.5-2.13 ships."""
@@ -314,7 +328,8 @@ class Int4Linear:
         return layout is not None and self.out_features % layout[0] == 0
 
     def dense_t(self) -> torch.Tensor:
-        """``W.T`` ``[K, N]`` in bfloat16, dequantized from the packed planes (summed in float32)."""
+        """``W.T`` ``[K, N]`` dequantized from the packed planes (summed in float32), in
+        :func:`dense_dtype` (bfloat16 where the CPU multiplies it natively, else float32)."""
         k = self.planes[0][1].shape[0] * GROUP
         layout = _kernel_layout()
         if layout is None:
@@ -324,7 +339,7 @@ class Int4Linear:
             codes = _unpack_codes_t(packed, self.out_features, k, layout).view(k // GROUP, GROUP, self.out_features)
             part = codes.float().sub_(8).mul_(scales[:, None, :, 0].float()).add_(scales[:, None, :, 1].float())
             w = part if w is None else w.add_(part)
-        return w.view(k, self.out_features).to(torch.bfloat16)
+        return w.view(k, self.out_features).to(dense_dtype())
 
     def __call__(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
         """``x @ W.T``; ``dense`` picks the transient-bfloat16-copy path (None: when ``x`` has
@@ -337,7 +352,7 @@ class Int4Linear:
             dense = x2.shape[0] >= DENSE_ROWS
         if dense and self.can_unpack():
             w = self._held if self._held is not None else self.dense_t()
-            return torch.matmul(x2, w).to(x.dtype).view(*lead, self.out_features)
+            return torch.matmul(x2.to(w.dtype), w).to(x.dtype).view(*lead, self.out_features)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         packed, scales = self.planes[0]
         y = mm(x2, packed, GROUP, scales)
