@@ -19,6 +19,11 @@ kernel, what the backend did before); the runs alternate, best (median) of ``--r
 
     python benchmarks/bench_generate.py --invariance-cost --batches 1 8 --repeats 7
 
+``--kernels`` times one product ``x @ W.T`` per kernel (int4, int8 weight-only, float32,
+bfloat16) for the default model's matrix shapes, at 1 and 8 rows (and 256 for one shape):
+
+    python benchmarks/bench_generate.py --kernels --threads 1
+
 Also prints load time and peak RSS of each form (each in a fresh subprocess), and how close
 batch 1 gets to its memory-bandwidth cap (bytes of weights read per step / copy bandwidth
 measured here).
@@ -139,6 +144,37 @@ def time_generate_api(backend, batch: int, new_tokens: int) -> float | None:
         return None
 
 
+def kernels() -> None:
+    """Microseconds per ``x @ W.T`` (median of 30 after a warm-up) for each kernel the backend
+    could use, on random weights of the default model's shapes."""
+    ops = torch.ops.aten
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}")
+
+    def us(f, n: int) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e6
+
+    for n_out, k, rows in [(3072, 576, (1, 8, 256)), (576, 1536, (1, 8)), (49152, 576, (1, 8))]:
+        packed = ops._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n_out, k), dtype=torch.int32), 1)
+        scales = (torch.rand(k // 32, n_out, 2) * 0.01).bfloat16()
+        w8, s8 = torch.randint(-128, 127, (n_out, k), dtype=torch.int8), torch.rand(n_out).bfloat16()
+        wf = torch.randn(k, n_out)
+        wb = wf.bfloat16()
+        for m in rows:
+            x = torch.randn(m, k).bfloat16()
+            xf = x.float()
+            reps = 30 if m < 256 else 3
+            cells = {"int4": us(lambda: ops._weight_int4pack_mm_for_cpu(x, packed, 32, scales), reps),
+                     "int8": us(lambda: ops._weight_int8pack_mm(x, w8, s8), reps),
+                     "float32": us(lambda: xf @ wf, reps), "bfloat16": us(lambda: x @ wb, min(reps, 3))}
+            print(f"{n_out:6d} x {k:5d}, {m:3d} rows: " + "  ".join(f"{name} {v:9.0f} us" for name, v in cells.items()))
+
+
 def invariance_cost(args) -> None:
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
@@ -194,6 +230,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing")
     ap.add_argument("--skip-load-probe", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="time one product per kernel and shape")
     ap.add_argument("--invariance-cost", action="store_true", help="time batch invariance's cost per decode step")
     ap.add_argument("--_load-probe", dest="probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,6 +241,9 @@ def main() -> None:
         return
     if args.invariance_cost:
         invariance_cost(args)
+        return
+    if args.kernels:
+        kernels()
         return
 
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
