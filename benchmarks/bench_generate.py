@@ -11,6 +11,19 @@ other processes on a shared machine) and the median are reported, ratios from th
     python benchmarks/bench_generate.py                       # batch 1 and 8, 64 new tokens
     python benchmarks/bench_generate.py --batches 1 8 --new-tokens 128 --repeats 5
 
+``--invariance-cost`` instead measures what batch invariance costs a decode step (default
+model, prompts of different lengths so every row is padded differently): the step as it runs
+(attention per run of equally padded rows, written-out softmax) against ``batch_invariant:
+false`` (one masked ``F.scaled_dot_product_attention`` over the whole batch: torch's fused
+kernel, what the backend did before); the runs alternate, best (median) of ``--repeats``:
+
+    python benchmarks/bench_generate.py --invariance-cost --batches 1 8 --repeats 7
+
+``--kernels`` times one product ``x @ W.T`` per kernel (int4, int8 weight-only, float32,
+bfloat16) for the default model's matrix shapes, at 1 and 8 rows (and 256 for one shape):
+
+    python benchmarks/bench_generate.py --kernels --threads 1
+
 Also prints load time and peak RSS of each form (each in a fresh subprocess), and how close
 batch 1 gets to its memory-bandwidth cap (bytes of weights read per step / copy bandwidth
 measured here).
@@ -131,6 +144,69 @@ def time_generate_api(backend, batch: int, new_tokens: int) -> float | None:
         return None
 
 
+def kernels() -> None:
+    """Microseconds per ``x @ W.T`` (median of 30 after a warm-up) for each kernel the backend
+    could use, on random weights of the default model's shapes."""
+    ops = torch.ops.aten
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}")
+
+    def us(f, n: int) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e6
+
+    for n_out, k, rows in [(3072, 576, (1, 8, 256)), (576, 1536, (1, 8)), (49152, 576, (1, 8))]:
+        packed = ops._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n_out, k), dtype=torch.int32), 1)
+        scales = (torch.rand(k // 32, n_out, 2) * 0.01).bfloat16()
+        w8, s8 = torch.randint(-128, 127, (n_out, k), dtype=torch.int8), torch.rand(n_out).bfloat16()
+        wf = torch.randn(k, n_out)
+        wb = wf.bfloat16()
+        for m in rows:
+            x = torch.randn(m, k).bfloat16()
+            xf = x.float()
+            reps = 30 if m < 256 else 3
+            cells = {"int4": us(lambda: ops._weight_int4pack_mm_for_cpu(x, packed, 32, scales), reps),
+                     "int8": us(lambda: ops._weight_int8pack_mm(x, w8, s8), reps),
+                     "float32": us(lambda: xf @ wf, reps), "bfloat16": us(lambda: x @ wb, min(reps, 3))}
+            print(f"{n_out:6d} x {k:5d}, {m:3d} rows: " + "  ".join(f"{name} {v:9.0f} us" for name, v in cells.items()))
+
+
+def invariance_cost(args) -> None:
+    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
+
+    backend = LlamaBackend(LlamaParams())
+    words = backend.tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * 10))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA "
+          f"{torch.backends.cpu.get_cpu_capability()}, {args.new_tokens} steps, best (median) of {args.repeats}")
+
+    def run(batch: int, invariant: bool) -> float:
+        prompts = [words[: 5 + 3 * b] for b in range(batch)]
+        nxt = backend.prefill(prompts).last.argmax(-1)
+        backend.model.batch_invariant = invariant   # False: one masked fused attention call (LlamaParams)
+        try:
+            t = time.perf_counter()
+            for _ in range(args.new_tokens):
+                nxt = backend.step(nxt).argmax(-1)
+            return batch * args.new_tokens / (time.perf_counter() - t)
+        finally:
+            backend.model.batch_invariant = True
+
+    for batch in args.batches:
+        runs = {True: [], False: []}
+        run(batch, True), run(batch, False)
+        for _ in range(args.repeats):
+            for inv in (True, False):
+                runs[inv].append(run(batch, inv))
+        a, b = max(runs[True]), max(runs[False])
+        print(f"batch {batch}: batch-invariant {a:6.1f} ({statistics.median(runs[True]):6.1f}) tok/s, fused masked "
+              f"attention {b:6.1f} ({statistics.median(runs[False]):6.1f}) tok/s: invariance costs {1 - a / b:+.1%} "
+              f"(median {1 - statistics.median(runs[True]) / statistics.median(runs[False]):+.1%})")
+
+
 def load_hf(path):
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -154,12 +230,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill timing")
     ap.add_argument("--skip-load-probe", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="time one product per kernel and shape")
+    ap.add_argument("--invariance-cost", action="store_true", help="time batch invariance's cost per decode step")
     ap.add_argument("--_load-probe", dest="probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:
         load_probe(args.probe)
+        return
+    if args.invariance_cost:
+        invariance_cost(args)
+        return
+    if args.kernels:
+        kernels()
         return
 
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams

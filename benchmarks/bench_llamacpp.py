@@ -10,6 +10,14 @@ and no decode loop), which splits samplerkit's overhead from llama.cpp's compute
 and the best of ``--repeats`` is reported (a shared machine disturbs some runs), with the median.
 
     python benchmarks/bench_llamacpp.py --new-tokens 128 --repeats 3
+
+``--engines`` instead compares the two *engines* on the same GGUF, through the same backend
+interface (prefill, then ``step`` with argmax, no sampling pipeline): samplerkit's pure-PyTorch
+``llama`` backend (default packed weights; also ``weights: dequantize`` for reference) against
+the ``llamacpp`` backend (llama.cpp, one ``llama_decode`` for all rows), at batch 1 and 8, and
+the prefill of one 512-token prompt; runs alternate, best (median) of ``--repeats``:
+
+    python benchmarks/bench_llamacpp.py --engines --new-tokens 64 --repeats 5
 """
 
 from __future__ import annotations
@@ -31,7 +39,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--engines", action="store_true", help="compare the llama and llamacpp backends")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     args = parser.parse_args()
+    if args.engines:
+        engines(args)
+        return
 
     import llama_cpp
     from samplerkit_llamacpp import LlamaCppBackend, LlamaCppParams
@@ -79,6 +93,69 @@ def main() -> None:
               f"{min(produced)}-{max(produced)} tokens)  |  ratio {max(ours) / max(theirs):.2f}")
     only = [backend_only() for _ in range(args.repeats)]
     print(f"{'backend alone (argmax)':>24}: {max(only):6.1f} tok/s ({statistics.median(only):.1f})")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector ISA torch dispatches to (name it in every table)."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, torch ISA {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cpus"
+
+
+def engines(args) -> None:
+    from samplerkit_llamacpp import LlamaCppBackend, LlamaCppParams
+
+    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
+
+    torch.set_num_threads(args.threads)
+    ours = {"llama (packed, default)": LlamaBackend(LlamaParams(cache=False)),
+            "llama (dequantize, fp32)": LlamaBackend(LlamaParams(weights="dequantize"))}
+    cpp = LlamaCppBackend(LlamaCppParams(n_ctx=4096, n_seq=max(args.batches), n_threads=args.threads))
+    every = {**ours, "llama.cpp (llamacpp backend)": cpp}
+    ids = cpp.tokenize(PROMPT)
+    n = args.new_tokens
+
+    def decode(backend, batch: int) -> float:
+        start = time.perf_counter()
+        logits = backend.prefill([ids] * batch).last
+        for _ in range(n - 1):
+            logits = backend.step(logits.argmax(-1))
+        return batch * n / (time.perf_counter() - start)
+
+    long_ids = cpp.tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))[:args.prefill_tokens]
+
+    def prefill(backend) -> float:
+        start = time.perf_counter()
+        backend.prefill([long_ids])
+        return time.perf_counter() - start
+
+    print(f"{cpu_name()}; torch {torch.__version__}, {args.threads} threads; SmolLM2-135M-Instruct Q4_1 GGUF; "
+          f"greedy, {n} new tokens/row, prompt {len(ids)} tokens; best (median) of {args.repeats}")
+    for batch in args.batches:
+        runs = {name: [] for name in every}
+        for b in every.values():
+            decode(b, batch)                     # warm-up
+        for _ in range(args.repeats):
+            for name, b in every.items():
+                runs[name].append(decode(b, batch))
+        ref = max(runs["llama.cpp (llamacpp backend)"])
+        print(f"batch {batch}:")
+        for name, r in runs.items():
+            print(f"  {name:30s} {max(r):7.1f} ({statistics.median(r):6.1f}) tok/s  {max(r) / ref:5.2f}x llama.cpp")
+    runs = {name: [] for name in every}
+    for b in every.values():
+        prefill(b)
+    for _ in range(args.repeats):
+        for name, b in every.items():
+            runs[name].append(prefill(b))
+    print(f"prefill of one {len(long_ids)}-token prompt:")
+    ref = min(runs["llama.cpp (llamacpp backend)"])
+    for name, r in runs.items():
+        print(f"  {name:30s} {min(r) * 1e3:7.0f} ({statistics.median(r) * 1e3:6.0f}) ms  {ref / min(r):5.2f}x llama.cpp's speed")
 
 
 if __name__ == "__main__":

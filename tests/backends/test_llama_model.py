@@ -54,8 +54,13 @@ def test_batched_prefill_and_decode_match_transformers(backend, hf_llama):
         assert (got_all - ref[:n]).abs().max().item() <= TOL
 
 
-def test_padding_never_changes_a_rows_logits(backend):
-    _, batched, _ = run(backend, PROMPTS)
+@pytest.mark.parametrize("invariant", [True, False])
+def test_padding_never_changes_a_rows_logits(backend, invariant):
+    backend.model.batch_invariant = invariant      # False: one masked fused attention call per layer
+    try:
+        _, batched, _ = run(backend, PROMPTS)
+    finally:
+        backend.model.batch_invariant = True
     for i, prompt in enumerate(PROMPTS):
         # Row i alone, fed the same schedule it got in the batch.
         out = backend.prefill([prompt])
@@ -161,5 +166,64 @@ def test_threads_and_params(hf_dir):
     with pytest.raises(pydantic.ValidationError):
         LlamaParams(max_context=0)
     assert {f["name"] for f in LlamaParams.describe_fields()} == {"model", "device", "dtype", "weights", "max_context", "cache",
-                                                                   "threads"}
+                                                                   "threads", "batch_invariant"}
     assert all(f["description"] for f in LlamaParams.describe_fields())
+
+
+@pytest.fixture(scope="module")
+def packed_tiny(tmp_path_factory, tiny_tools):
+    """A tiny Q4_1 GGUF whose every matrix runs packed (vocabulary 320: a multiple of the int4
+    kernel's 16 outputs, so the output projection is packed too, as in the default model)."""
+    transformers = pytest.importorskip("transformers", reason="builds the tiny model")
+    from samplerkit.builtins.backends.llama.quant import Int4Linear, int4_kernel_available
+    from samplerkit.testing.tiny_models import TINY_LLAMA
+
+    if not int4_kernel_available():
+        pytest.skip("this torch has no int4 CPU kernel: no packed model to test")
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(**{**TINY_LLAMA, "vocab_size": 320}, bos_token_id=0, eos_token_id=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    path = tiny_tools.write_gguf(tmp_path_factory.mktemp("packed") / "tiny-Q4_1.gguf", model, cfg,
+                                 matrix_type="Q4_1", tokenizer=tiny_tools.train_byte_level_bpe())
+    backend = LlamaBackend(LlamaParams(model=str(path), cache=False))
+    assert all(isinstance(m, Int4Linear) for m in backend.model.linears())
+    return backend
+
+
+def _schedule(i: int, s: int) -> int:
+    """The token fed to prompt ``i`` at step ``s`` (the same alone and in any batch)."""
+    return (17 * s + 31 * i + 1) % 280
+
+
+# Different lengths, one long enough for the prefill's dense-copy path (DENSE_ROWS tokens).
+INVARIANCE_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [(7 * i + 3) % 280 for i in range(140)],
+                      [42], [100, 200, 50, 60, 70]]
+
+
+def test_a_row_is_bit_identical_alone_and_in_any_batch(packed_tiny):
+    """Batch invariance of the default (packed) path: a prompt's logits at every step are the
+    same bits alone, in batches of 2 and 5 in any order, with rows dropped (finished) and
+    duplicated (n fan-out) mid-generation."""
+    steps = 6
+    alone = {}
+    for i, prompt in enumerate(INVARIANCE_PROMPTS):
+        rows = [packed_tiny.prefill([prompt]).last[0]]
+        for s in range(steps):
+            rows.append(packed_tiny.step(torch.tensor([_schedule(i, s)]))[0])
+        alone[i] = rows
+    for order in ([1, 0], [2, 4], [3, 0, 4, 1, 2], [2, 2, 0, 1, 3]):
+        got = packed_tiny.prefill([INVARIANCE_PROMPTS[i] for i in order]).last
+        for j, i in enumerate(order):
+            assert torch.equal(got[j], alone[i][0]), (order, j)
+        live = list(order)
+        for s in range(steps):
+            if s == 2 and len(live) > 2:            # the first row finishes, the last is duplicated
+                keep = list(range(1, len(live))) + [len(live) - 1]
+                packed_tiny.select_rows(keep)
+                live = [live[k] for k in keep]
+            got = packed_tiny.step(torch.tensor([_schedule(i, s) for i in live]))
+            for j, i in enumerate(live):
+                assert torch.equal(got[j], alone[i][s + 1]), (order, s, j)

@@ -56,6 +56,12 @@ class LlamaParams(StepParams):
                           "options) so later starts skip parsing, dequantizing and packing. null: only when "
                           "the matrices stay packed (a dequantized float32 model is 4-8x its file's size on "
                           "disk); true/false: always/never.")
+    batch_invariant: bool = Field(
+        True, description="A row's logits are the same bits alone and at any position of any batch (seeded "
+                          "rows then give the same tokens whatever the batch; see docs/cli.md). false: one "
+                          "fused attention call over rows with different paddings (faster decode at batch > 1 "
+                          "with prompts of different lengths, see docs/performance.md), and a row's tokens may "
+                          "then depend on its batch.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (torch.set_num_threads, process-wide); null "
                                 "keeps torch's default (one per core).")
@@ -115,6 +121,7 @@ class LlamaBackend(Backend):
                 self.config = config
                 self.model = LlamaModel.from_state(config, tensors, layout, device=device, dtype=dtype,
                                                    max_context=_max_context(p, config))
+                self.model.batch_invariant = p.batch_invariant
                 return
         config, weights, tokenizer = _load(self.model_path, dtype, progress, keep_packed)
         if tokenizer is None:
@@ -122,6 +129,7 @@ class LlamaBackend(Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config))
+        self.model.batch_invariant = p.batch_invariant
         if entry is not None:
             cache.save(entry, config, tokenizer, self.model)
 

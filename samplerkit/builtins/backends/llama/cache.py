@@ -10,7 +10,10 @@ The entry's name is a hash of: the source file's sha256 (computed once per path,
 mtime, then remembered), the compute dtype, whether matrices are packed, this cache format,
 and — because the packed layout is the int4 kernel's own — the torch version and the CPU's
 vector ISA. A stale, partial or unreadable entry is ignored and rebuilt, never trusted: the
-file is written to a temporary name and renamed into place.
+file is written to a temporary name and renamed into place, and its metadata carries the sha256
+of its payload (every tensor's bytes, in name order), checked on every load, so flipped weight
+bytes are caught as the cache's damage (and rebuilt), never run as the model. An entry that
+cannot be removed (a read-only cache directory) is bypassed: the model loads from its file.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from samplerkit.builtins.backends.llama.default_model import cache_dir, file_dig
 from samplerkit.builtins.backends.llama.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 #: Bump when what is stored, or how it is laid out, changes.
-FORMAT = 1
+FORMAT = 2
 
 
 def entry_path(source: Path, *, dtype: torch.dtype, packed: bool) -> Path:
@@ -50,7 +53,7 @@ def save(path: Path, config: LlamaConfig, tokenizer: Tokenizer, model) -> None:
     kind, blob, kwargs = _tokenizer_state(tokenizer)
     tensors["tokenizer"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     meta = {"format": str(FORMAT), "config": json.dumps(config.__dict__), "layout": json.dumps(layout),
-            "tokenizer_kind": kind, "tokenizer_kwargs": json.dumps(kwargs)}
+            "tokenizer_kind": kind, "tokenizer_kwargs": json.dumps(kwargs), "payload_sha256": payload_digest(tensors)}
     try:
         _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     except Exception as e:  # noqa: BLE001 - OSError or safetensors' own error (disk full...): never fatal
@@ -71,15 +74,33 @@ def load(path: Path) -> tuple[LlamaConfig, Tokenizer, dict[str, torch.Tensor], d
             if meta.get("format") != str(FORMAT):
                 raise ValueError(f"cache format {meta.get('format')}, expected {FORMAT}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        digest = payload_digest(tensors)
+        if digest != meta.get("payload_sha256"):
+            raise ValueError(f"its weights are damaged (payload sha256 {digest[:16]}..., recorded "
+                             f"{str(meta.get('payload_sha256'))[:16]}...); the model file itself is not affected")
         config = LlamaConfig(**json.loads(meta["config"]))
         tokenizer = _tokenizer_from_state(meta["tokenizer_kind"], tensors.pop("tokenizer").numpy().tobytes(),
                                           json.loads(meta["tokenizer_kwargs"]))
         return config, tokenizer, tensors, json.loads(meta["layout"])
     except Exception as e:  # noqa: BLE001 - any damage means: rebuild from the source file
-        warnings.warn(f"ignoring unreadable model cache {path} ({type(e).__name__}: {e}); rebuilding it",
-                      stacklevel=2)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+            then = "rebuilding it"
+        except OSError as gone:                # a read-only cache directory: leave it, load the model file
+            then = f"it cannot be removed ({gone.strerror}), so the model loads from its file"
+        warnings.warn(f"ignoring unreadable model cache {path} ({type(e).__name__}: {e}); {then}", stacklevel=2)
         return None
+
+
+def payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: what an entry's
+    ``payload_sha256`` records, so that any changed byte of the stored weights is detected."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _tokenizer_state(tok: Tokenizer) -> tuple[str, bytes, dict[str, Any]]:

