@@ -60,8 +60,11 @@ def test_wrong_hf_model_type(tmp_path):
 
 
 def test_invalid_device():
-    with pytest.raises(SamplerkitError, match="device"):
-        LlamaBackend(LlamaParams(device="not-a-device"))
+    # Refused when the parameters are validated, before any model is loaded.
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="not a torch device name"):
+        LlamaParams(device="not-a-device")
 
 
 # -- default model ---------------------------------------------------------------------------
