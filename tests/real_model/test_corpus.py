@@ -4,8 +4,7 @@ under ``torch.inference_mode()``, through the library and the real ``samplerkit`
 logprobs on and off, ``n`` > 1, stop strings and chat messages. Each run must not crash, give
 valid token ids, and a seeded row must come out the same alone and inside a batch.
 
-Select it with ``-m real_model``. Tests that fail today because of another engineer's open
-defect are ``xfail(strict=True)`` with the issue and branch: flip them when that branch merges.
+Select it with ``-m real_model``.
 """
 
 from __future__ import annotations
@@ -37,11 +36,6 @@ CONVERSATION = [{"role": "system", "content": "You answer in one short sentence.
                 {"role": "user", "content": "And of Italy?"}]
 BUILTIN_PROCESSORS = [e for e in REGISTRY.entries("processor") if e.cls.__module__.startswith("samplerkit.builtins")]
 BUILTIN_SAMPLERS = [e for e in REGISTRY.entries("sampler") if e.cls.__module__.startswith("samplerkit.builtins")]
-
-# Open defects owned by other branches (issue 13): the lead flips these at merge.
-BATCH_INVARIANCE = "issue 13 defect 3, fixed on branch h-backend"
-SEEDS_REACH_EVERY_STEP = "issue 13 defect 7, fixed on branch h-core"
-TOP_P_INFERENCE_TENSORS = "issue 13 defect 1, fixed on branch h-core"
 
 
 def _generator(llama, pipeline, sampler, **generation):
@@ -90,7 +84,6 @@ def test_every_builtin_sampler_with_n_and_stop_strings(llama, entry):
     assert all(" the" not in c.text and "." not in c.text for c in out)
 
 
-@pytest.mark.xfail(strict=True, reason=TOP_P_INFERENCE_TENSORS)
 @pytest.mark.parametrize("pipeline", [[{"top_p": 0.999}], [{"temperature": 1.0}, {"top_k": 0}, {"top_p": 0.999}]],
                          ids=["top_p_large_kept_set", "top_p_after_neutral_steps"])
 def test_top_p_keeping_many_tokens_in_inference_mode(llama, pipeline):
@@ -132,7 +125,6 @@ def test_echo_returns_the_prompt_with_logprobs_and_alternatives(llama):
             assert len(lp.top) == 3 and lp.top[0][2] >= lp.logprob - 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason=BATCH_INVARIANCE)
 def test_a_seeded_row_is_the_same_alone_and_in_a_batch(llama):
     gen = Generator({"preset": "seed", "generation": {"max_new_tokens": 16}}, backend=llama, registry=REGISTRY)
     target = "The capital of France is"
@@ -151,7 +143,6 @@ def test_seeded_runs_repeat_exactly_in_inference_and_grad_mode(llama):
     assert first == second
 
 
-@pytest.mark.xfail(strict=True, reason=SEEDS_REACH_EVERY_STEP)
 def test_seeds_reach_a_seeded_processor(llama):
     # creative has xtc without its own seed: the run's seeds must make it reproducible too.
     gen = Generator({"preset": "creative", "generation": {"max_new_tokens": 8}}, backend=llama, registry=REGISTRY)
