@@ -433,6 +433,8 @@ class BoundPipeline:
                 # it (last step, while sampling) or it is applied here, as the step's apply would.
                 if lazy_cut and step is last:
                     return dense, None, selected
+                if lazy_cut and step is self._cut_step:
+                    return self._monotone_after_cut(dense, selected, ctx, checks)
                 out = dense if owned else self._buffer(dense, reuse=not copy_out)
                 dense = cut_below(dense, selected.threshold, out=out, work=self._work)
                 owned = True
@@ -445,19 +447,21 @@ class BoundPipeline:
             if lazy_cut and (step is last or step is self._cut_step):
                 cut = _call(spec, step.select_cut, dense, ctx)
                 if cut is not None:
-                    return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx)
+                    return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx, checks)
             run_dense(spec, step)
         for d_spec, d_step in deferred:      # monotone steps at the end stay dense
             if owned and d_step.inplace:     # into another buffer: the step can compare with its input
                 dense = _run_step(d_spec, d_step, dense, ctx,
                                   out=scratch(None if copy_out else self._work, "monotone", dense, dense.dtype))
+                if checks is not None and not d_step.keeps_finite:
+                    checks.append(_valid_rows(dense, None, None))
             else:
                 run_dense(d_spec, d_step)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates, None
 
-    def _monotone_after_cut(self, source: torch.Tensor, cut, ctx: StepContext):
+    def _monotone_after_cut(self, source: torch.Tensor, cut, ctx: StepContext, checks: list[torch.Tensor] | None):
         """``(y, None, cut)`` with ``y = f(source)``, ``f`` the monotone steps after the truncation
         whose ``cut`` compares ``source``: the kept values equal the dense order's (cut, then
         ``f``) since ``f`` is elementwise and ``f(-inf) = -inf``, and ``f`` runs on logits without
@@ -468,6 +472,8 @@ class BoundPipeline:
                 y = _run_step(spec, step, source, ctx, out=scratch(self._work, "monotone", source, source.dtype))
             else:
                 y = _run_step(spec, step, y, ctx)
+            if checks is not None and not step.keeps_finite:
+                checks.append(_valid_rows(y, None, None))
         # f is monotone, so the row maximum (always kept) maps to y's maximum.
         return y, None, cut._replace(row_max=y.amax(dim=-1, keepdim=True), weights=None, source=source)
 

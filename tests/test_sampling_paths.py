@@ -251,7 +251,7 @@ def test_temperature_after_a_truncation_saturates_exactly_like_the_in_place_chec
     """Logits with -inf (removed), +-inf, NaN and finite values near the float32 range: the
     division into another tensor (the one-pass overflow check) equals the in-place one (the
     exact masks), overflowing finite logits saturating at +-float32 max."""
-    from samplerkit.builtins.shaping.temperature import _finite_division
+    from samplerkit.builtins.shaping.temperature import finite_division
     big = torch.finfo(torch.float32).max
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5000, generator=g)
@@ -259,9 +259,9 @@ def test_temperature_after_a_truncation_saturates_exactly_like_the_in_place_chec
     x[1, 3], x[2, 4], x[3, 5], x[3, 6] = big, -big, float("nan"), float("inf")
     x[4, 10], x[4, 11] = 3e38, -3e38
     d = torch.full((6, 1), divisor)
-    into = _finite_division(x, d, torch.empty_like(x))
+    into = finite_division(x, d, torch.empty_like(x))
     y = x.clone()
-    in_place = _finite_division(y, d, y)
+    in_place = finite_division(y, d, y)
     assert torch.equal(into.isnan(), in_place.isnan())
     keep = ~into.isnan()
     assert torch.equal(into[keep], in_place[keep])
