@@ -80,7 +80,9 @@ def message_for(err: Mapping[str, Any], field: Any, known: list[str]) -> str:
     return f"{text} ({short_repr(value)})" if "got" in text else f"{text}, got {short_repr(value)}"
 
 
-def _range_text(field: Any) -> str:
+def field_bounds(field: Any) -> tuple[float | None, bool, float | None, bool]:
+    """A pydantic field's declared range as ``(low, low_open, high, high_open)`` (``None``: unbounded
+    on that side; ``*_open``: the bound itself is excluded, ``gt``/``lt``)."""
     lo = hi = None
     lo_open = hi_open = False
     for meta in getattr(field, "metadata", []):
@@ -91,6 +93,11 @@ def _range_text(field: Any) -> str:
                     lo, lo_open = v, is_open
                 else:
                     hi, hi_open = v, is_open
+    return lo, lo_open, hi, hi_open
+
+
+def _range_text(field: Any) -> str:
+    lo, lo_open, hi, hi_open = field_bounds(field)
     if lo is not None and hi is not None:
         return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
     if lo is not None:

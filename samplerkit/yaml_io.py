@@ -155,11 +155,8 @@ def _load_bounded(text: str, source: str) -> Any:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"the config is longer than {MAX_CONFIG_BYTES:,} characters, far more than any run "
                           "config needs", source)
-    loader = None
     try:
-        _check_events(text)
-        loader = _Loader(text)
-        return loader.get_single_data()
+        return _load_one(text)
     except _LimitExceeded as exc:
         raise ConfigError(ConfigIssue(_where(exc.mark), exc.message), source) from None
     except yaml.MarkedYAMLError as exc:
@@ -167,9 +164,18 @@ def _load_bounded(text: str, source: str) -> Any:
         raise ConfigError(ConfigIssue(_where(mark), f"YAML syntax error: {exc.problem or exc}"), source) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML error: {exc}", source) from None
+
+
+def _load_one(text: str) -> Any:
+    """One YAML document as Python objects: the bounds checked on its parse events first (before
+    any node is built), then built by the duplicate-refusing loader. Raises :class:`_LimitExceeded`
+    or PyYAML's errors."""
+    _check_events(text)
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
     finally:
-        if loader is not None:
-            loader.dispose()
+        loader.dispose()
 
 
 def _where(mark: Any) -> str:
@@ -226,15 +232,9 @@ def parse_set_value(raw: str, key: str) -> Any:
         return ""
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(ConfigIssue(f"--set {clip(key)}", f"the value is longer than {MAX_CONFIG_BYTES:,} characters"))
-    loader = None
     try:
-        _check_events(raw)
-        loader = _Loader(raw)
-        return loader.get_single_data()
+        return _load_one(raw)
     except _LimitExceeded as exc:
         raise ConfigError(ConfigIssue(f"--set {clip(key)}", exc.message)) from None
     except yaml.YAMLError:
         return raw
-    finally:
-        if loader is not None:
-            loader.dispose()

@@ -26,6 +26,7 @@ from samplerkit.errors import ConfigError
 from samplerkit.params import FLOAT32_MAX, FLOAT32_TINY
 from samplerkit.pipeline import Pipeline
 from samplerkit.registry import default_registry
+from samplerkit.spec import field_bounds
 from samplerkit.testing import examples_for, registered_classes
 
 REGISTRY = default_registry()
@@ -49,24 +50,10 @@ def logit_rows(draw):
     return x
 
 
-def _bounds(field) -> tuple[float | None, bool, float | None, bool]:
-    lo = hi = None
-    lo_open = hi_open = False
-    for meta in field.metadata:
-        for attr, is_lo, is_open in (("gt", True, True), ("ge", True, False), ("lt", False, True), ("le", False, False)):
-            v = getattr(meta, attr, None)
-            if v is not None:
-                if is_lo:
-                    lo, lo_open = v, is_open
-                else:
-                    hi, hi_open = v, is_open
-    return lo, lo_open, hi, hi_open
-
-
 def _extremes(field) -> list:
     """The ends of a numeric field's declared range, and the float32 extremes beyond open ends."""
     kind = field.annotation
-    lo, lo_open, hi, hi_open = _bounds(field)
+    lo, lo_open, hi, hi_open = field_bounds(field)
     if kind is int or kind == (int | None):
         lo_v = int(lo) + (1 if lo_open else 0) if lo is not None else -(2**63)
         hi_v = int(hi) - (1 if hi_open else 0) if hi is not None else 2**63 - 1
