@@ -9,6 +9,7 @@ pipeline skip a step whose rows are all neutral without touching the device.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import ClassVar
@@ -230,14 +231,45 @@ class Sampler(Step):
 
 
 def _pack_numeric_fields(rows: Sequence[StepParams], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pack each field whose value is a bool/int/float on every row into a ``[B]`` tensor."""
+    """Pack each bool/int/float field into a ``[B]`` tensor (bool, int64 or float32).
+
+    An optional number (``float | None``, ``int | None``) is packed too: rows that gave ``None``
+    hold NaN (floats) or 0 (ints, bools: False) there, and ``<field>_given`` (``[B]`` bool) says
+    which rows gave a number, so a step can treat ``None`` as "off" per row without Python work
+    per token. Fields of other types (lists, strings) are not packed.
+    """
     packed: dict[str, torch.Tensor] = {}
-    for name in type(rows[0]).model_fields:
+    for name, field in type(rows[0]).model_fields.items():
         values = [getattr(row, name) for row in rows]
-        if all(isinstance(v, bool) for v in values):
-            packed[name] = torch.tensor(values, dtype=torch.bool, device=device)
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            packed[name] = torch.tensor(values, dtype=torch.int64, device=device)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            packed[name] = torch.tensor(values, dtype=torch.float32, device=device)
+        numbers = [v for v in values if v is not None]
+        kind = _numeric_kind(numbers, field.annotation)
+        if kind is None:
+            continue
+        fill = {torch.bool: False, torch.int64: 0, torch.float32: float("nan")}[kind]
+        packed[name] = torch.tensor([fill if v is None else v for v in values], dtype=kind, device=device)
+        if _is_optional(field.annotation):
+            packed[f"{name}_given"] = torch.tensor([v is not None for v in values], dtype=torch.bool, device=device)
     return packed
+
+
+def _numeric_kind(numbers: list, annotation) -> torch.dtype | None:
+    """The tensor dtype of a field from its non-None values (or, when every row gave None, from
+    its declared type); None for fields that are not numbers."""
+    if numbers:
+        if all(isinstance(v, bool) for v in numbers):
+            return torch.bool
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            return torch.int64
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            return torch.float32
+        return None
+    declared = set(typing.get_args(annotation)) - {type(None)}
+    for python_type, dtype in ((bool, torch.bool), (int, torch.int64), (float, torch.float32)):
+        if declared == {python_type}:
+            return dtype
+    return None
+
+
+def _is_optional(annotation) -> bool:
+    """``X | None`` / ``Optional[X]``."""
+    return type(None) in typing.get_args(annotation)
