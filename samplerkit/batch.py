@@ -209,17 +209,15 @@ def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) ->
 def _check_seed(seed: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> int | None:
     if seed is None:
         return None
-    sampler = pipeline.sampler
-    if "seed" not in sampler.cls.Params.model_fields:
-        issues.append(ConfigIssue("seed", f"sampler {sampler.name!r} takes no seed"))
+    if not pipeline.takes_seed:
+        issues.append(ConfigIssue("seed", f"no step of this pipeline takes a seed (sampler {pipeline.sampler.name!r}); "
+                                          "leave it out or use a random sampler such as categorical"))
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
         issues.append(ConfigIssue("seed", f"must be an integer, got {short_repr(seed)}"))
         return None
-    try:
-        sampler.with_params({"seed": seed}, "seed")
-    except ConfigError as exc:
-        issues.extend(exc.issues)
+    if not 0 <= seed < 2**63:
+        issues.append(ConfigIssue("seed", f"must be in [0, 2**63), got {short_repr(seed)}"))
         return None
     return seed
 

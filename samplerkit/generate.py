@@ -136,7 +136,11 @@ def row_seeds(pipeline: Pipeline, prompts: int, n: int, seeds: Sequence[int | No
     """
     sampler = pipeline.sampler
     if "seed" not in sampler.cls.Params.model_fields:
-        return seeds and [s for s in seeds for _ in range(n)]
+        # Only processors draw (xtc under greedy): the n samples of a prompt still differ.
+        if seeds is None:
+            return None
+        per_row = [None if s is None else row_seed(s, j) for s in seeds for j in range(n)]
+        return None if all(s is None for s in per_row) else per_row
     config_seed = sampler.params.seed
 
     def base(i: int) -> int | None:

@@ -147,7 +147,16 @@ def test_duplicate_ids_are_errors_after_the_first(tmp_path):
 def test_a_seed_for_a_sampler_without_one_is_an_error(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a", "seed": 1}])
     _, errors = read_jobs(src, resolved({**CONFIG, "sampler": "greedy"}))
-    assert errors[0]["error"] == "seed: sampler 'greedy' takes no seed"
+    assert errors[0]["error"].startswith("seed: no step of this pipeline takes a seed (sampler 'greedy')")
+
+
+def test_a_seed_reaches_a_random_processor_under_greedy(tmp_path):
+    # xtc draws its coin from the row's seed even though greedy itself takes none.
+    config = resolved({**CONFIG, "pipeline": [{"xtc": {"threshold": 0.1, "probability": 0.5}}], "sampler": "greedy"})
+    src = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a", "seed": 7}, {"id": 2, "prompt": "b", "seed": -1}])
+    jobs, errors = read_jobs(src, config)
+    assert [(j.id, j.seed) for j in jobs] == [(1, 7)]
+    assert errors == [{"line": 2, "id": 2, "error": "seed: must be in [0, 2**63), got -1"}]
 
 
 def test_a_failure_at_generation_time_is_isolated_to_its_line(tmp_path):

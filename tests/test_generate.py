@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import samplerkit
 from samplerkit import GenerationError, Generator
 from samplerkit.builtins.backends.bigram import BOS_ID, EOS_ID, BigramBackend
 from samplerkit.registry import default_registry
@@ -690,3 +691,14 @@ def test_cli_generate_without_prompt_or_messages_exits_2(capsys):
 
     assert main(["generate", "--set", "backend=bigram"]) == 2
     assert "give at least one PROMPT" in capsys.readouterr().err
+
+
+def test_the_n_samples_of_a_prompt_differ_when_only_a_processor_is_seeded():
+    """Under greedy only xtc draws: the n samples of a seeded prompt get row_seed(base, j), so
+    their coins differ, and sample 0 keeps the prompt's own seed."""
+    from samplerkit.generate import row_seed, row_seeds
+
+    pipe = samplerkit.load_pipeline({"pipeline": [{"xtc": {"threshold": 0.1, "probability": 0.5}}], "sampler": "greedy"})
+    assert row_seeds(pipe, 2, 3, seeds=[5, None]) == [5, row_seed(5, 1), row_seed(5, 2), None, None, None]
+    assert len({*row_seeds(pipe, 1, 3, seeds=[5])}) == 3
+    assert row_seeds(pipe, 2, 3) is None
