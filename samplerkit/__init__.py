@@ -32,12 +32,13 @@ if TYPE_CHECKING:
         SamplerkitError,
         UnknownNameError,
     )
+    from samplerkit.fastpath import MaskProcessor, ThresholdProcessor
     from samplerkit.generate import Completion, Delta, Generator, TokenLogprob, generate
     from samplerkit.hookspecs import hookimpl
     from samplerkit.params import StepParams
     from samplerkit.pipeline import BoundPipeline, Pipeline
     from samplerkit.registry import Registry, default_registry
-    from samplerkit.steps import MaskProcessor, Processor, Sampler, ThresholdProcessor
+    from samplerkit.steps import Processor, Sampler
 
 # The public names are imported on first use (PEP 562), so `import samplerkit` (and with it the
 # `samplerkit` command's own module) is light: the command then loads torch inside its main(),
@@ -53,7 +54,8 @@ _PUBLIC = {
     "samplerkit.params": ("StepParams",),
     "samplerkit.pipeline": ("BoundPipeline", "Pipeline"),
     "samplerkit.registry": ("Registry", "default_registry"),
-    "samplerkit.steps": ("MaskProcessor", "Processor", "Sampler", "ThresholdProcessor"),
+    "samplerkit.fastpath": ("MaskProcessor", "ThresholdProcessor"),
+    "samplerkit.steps": ("Processor", "Sampler"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -20,6 +20,7 @@ import torch
 from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
+from samplerkit.fastpath import FastPathProcessor, FastPathSampler
 from samplerkit.ops import _triton
 from samplerkit.ops.candidates import NEG_INF, densify
 from samplerkit.ops.histogram import scratch
@@ -168,19 +169,29 @@ class BoundPipeline:
                 self.steps.append((spec, step))
         self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
         self._work: dict = {}           # the [B, V] buffer of _buffer, reused from step to step
+        # Decided once, here: which steps have the internal fast forms (samplerkit.fastpath).
+        # A plain Processor or Sampler is only ever asked for apply() / sample().
+        self._fast: list[bool] = [isinstance(step, FastPathProcessor) for _, step in self.steps]
+        fast_sampler = isinstance(self.sampler, FastPathSampler)
+        self._fast_sampler = fast_sampler
         # The sampler can take a truncation's threshold instead of truncated logits.
-        self._sampler_cuts = type(self.sampler).sample_cut is not Sampler.sample_cut
+        self._sampler_cuts = fast_sampler and type(self.sampler).sample_cut is not FastPathSampler.sample_cut
         # Steps from this index on are monotone (temperature last, llama.cpp's order). A sampler
         # that honours Cut.source takes the truncation before them as a threshold on the values
         # it saw, with the monotone steps applied to all logits (no -inf in their input).
         self._monotone_from = len(self.steps)
-        while self._monotone_from > 0 and self.steps[self._monotone_from - 1][1].monotone:
+        while self._monotone_from > 0 and self._monotone(self._monotone_from - 1):
             self._monotone_from -= 1
-        cut_at = self._monotone_from - 1 if type(self.sampler).cut_source else len(self.steps) - 1
+        cut_source = fast_sampler and type(self.sampler).cut_source
+        cut_at = self._monotone_from - 1 if cut_source else len(self.steps) - 1
         self._cut_step = self.steps[cut_at][1] if self.steps and cut_at >= 0 else None
         # A greedy-style sampler after argmax-invariant processors needs none of them.
         self._skip_for_sampling = (type(self.sampler).picks_argmax
                                    and all(s.argmax_invariant for _, s in self.steps))
+
+    def _monotone(self, i: int) -> bool:
+        """Whether step ``i`` is a fast-path step that is monotone for this batch."""
+        return self._fast[i] and self.steps[i][1].monotone
 
     @property
     def batch_size(self) -> int:
@@ -291,14 +302,14 @@ class BoundPipeline:
         sampler without the fast form gets dense logits (the same draw, by contract). The ids
         are checked as processor output is (see :func:`_check_ids`)."""
         try:
-            if cut is not None:
+            if cut is not None:             # only made for a sampler with sample_cut (_sampler_cuts)
                 ids = self.sampler.sample_cut(processed, cut, ctx)
                 if ids is not None:
                     kept_values = processed if cut.source is None else cut.source
                     return self._check_ids(ids, vocab, valid, lambda i: kept_values.gather(1, i) >= cut.threshold)
                 processed = cut_below(processed, cut.threshold, source=cut.source)
             if candidates is not None:
-                ids = self.sampler.sample_candidates(*candidates, ctx)
+                ids = self.sampler.sample_candidates(*candidates, ctx) if self._fast_sampler else None
                 if ids is not None:
                     values, cand_ids = candidates
                     return self._check_ids(ids, vocab, valid,
@@ -385,11 +396,11 @@ class BoundPipeline:
         # comes next, they only touch its k + 1 values instead of a [B, V] pass.
         deferred: list[tuple[StepSpec, Processor]] = []
 
-        def run_dense(spec: StepSpec, step: Processor) -> None:
+        def run_dense(spec: StepSpec, step: Processor, fast: bool) -> None:
             nonlocal dense, owned
             before = dense
-            if step.inplace and not owned:
-                dense = _run_step(spec, step, dense, ctx, out=self._buffer(dense, reuse=not copy_out))
+            if (not fast or step.inplace) and not owned:      # a plain Processor may write in place
+                dense = _run_step(spec, step, dense, ctx, out=self._buffer(dense, reuse=not copy_out), fast=fast)
                 owned = True
             else:
                 dense = _run_step(spec, step, dense, ctx)
@@ -403,19 +414,19 @@ class BoundPipeline:
             return values
 
         last = self.steps[-1][1] if self.steps else None
-        for spec, step in self.steps:
+        for (spec, step), fast in zip(self.steps, self._fast):
             if candidates is not None:
-                values = _call(spec, step.apply_candidates, *candidates, ctx)
+                values = _call(spec, step.apply_candidates, *candidates, ctx) if fast else None
                 if values is not None:
                     candidates = (values, candidates[1])
                     if checks is not None and not step.keeps_finite:
                         checks.append(_valid_rows(None, candidates, None))
                     continue
                 dense, candidates, owned = densify(*candidates, vocab), None, True
-            if step.monotone:
+            if fast and step.monotone:
                 deferred.append((spec, step))
                 continue
-            if deferred:
+            if deferred and fast:
                 # One deferred division (temperature) can be fused into the selection's kernel.
                 divisor = deferred[0][1].fused_divisor() if len(deferred) == 1 else None
                 selected = _call(spec, step.select_candidates_after, dense, ctx, transform, divisor)
@@ -424,9 +435,12 @@ class BoundPipeline:
                         checks.append(_valid_rows(None, selected, None))
                     dense, candidates, deferred = None, selected, []
                     continue
-                for d_spec, d_step in deferred:
-                    run_dense(d_spec, d_step)
-                deferred = []
+            for d_spec, d_step in deferred:
+                run_dense(d_spec, d_step, True)
+            deferred = []
+            if not fast:
+                run_dense(spec, step, False)
+                continue
             selected = _call(spec, step.select_candidates, dense, ctx)
             if isinstance(selected, Cut):
                 # The step decided densely and hands back its threshold: the sampler applies
@@ -448,7 +462,7 @@ class BoundPipeline:
                 cut = _call(spec, step.select_cut, dense, ctx)
                 if cut is not None:
                     return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx, checks)
-            run_dense(spec, step)
+            run_dense(spec, step, True)
         for d_spec, d_step in deferred:      # monotone steps at the end stay dense
             if owned and d_step.inplace:     # into another buffer: the step can compare with its input
                 dense = _run_step(d_spec, d_step, dense, ctx,
@@ -456,7 +470,7 @@ class BoundPipeline:
                 if checks is not None and not d_step.keeps_finite:
                     checks.append(_valid_rows(dense, None, None))
             else:
-                run_dense(d_spec, d_step)
+                run_dense(d_spec, d_step, True)
         if copy_out and dense is not None and not owned:
             dense = dense.clone()            # process() never returns the caller's tensor
         return dense, candidates, None
@@ -619,10 +633,17 @@ def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
+    """``step.apply(x)``, or with ``out`` the result written into that buffer: through
+    ``apply_into`` for a fast-path step (``fast``), else ``apply`` on a copy in ``out``."""
     shape = x.shape
     try:
-        out = step.apply(x, ctx) if out is None else step.apply_into(x, out, ctx)
+        if out is None:
+            out = step.apply(x, ctx)
+        elif fast:
+            out = step.apply_into(x, out, ctx)
+        else:
+            out = step.apply(out.copy_(x), ctx)
     except PluginError:
         raise
     except Exception as exc:

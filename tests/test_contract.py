@@ -12,6 +12,7 @@ from samplerkit.builtins.penalties import BUILTIN_PENALTIES
 from samplerkit.builtins.samplers import BUILTIN_SAMPLERS
 from samplerkit.builtins.shaping import BUILTIN_SHAPING
 from samplerkit.builtins.truncation import BUILTIN_TRUNCATION
+from samplerkit.fastpath import FastPathSampler
 from samplerkit.ops import NEG_INF
 from samplerkit.registry import default_registry
 from samplerkit.testing import (
@@ -231,7 +232,7 @@ class _OffByOneTopK(__import__("samplerkit.builtins.truncation.top_k", fromlist=
         return values.clone().index_fill_(1, torch.tensor([values.shape[1] - 1]), NEG_INF), ids
 
 
-class _SortedWrongSampler(Sampler):
+class _SortedWrongSampler(FastPathSampler):
     """Deterministic, but its candidate path picks the last candidate instead of the argmax."""
 
     name = "sorted_wrong"

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import FastPathProcessor, FastPathSampler
 from samplerkit.ops.truncation import Cut, cut_below
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor, Sampler
@@ -335,7 +336,8 @@ def _check_processor_candidates(cls: type, params: list[StepParams], seed: int) 
     """``select_candidates`` / ``apply_candidates`` (optional fast paths) must equal ``apply`` exactly."""
     from samplerkit.ops.candidates import densify
 
-    if not (_overrides(cls, Processor, "select_candidates") or _overrides(cls, Processor, "apply_candidates")):
+    if not issubclass(cls, FastPathProcessor) or not (_overrides(cls, FastPathProcessor, "select_candidates")
+                                                      or _overrides(cls, FastPathProcessor, "apply_candidates")):
         return
     logits = _candidate_logits(seed)
     batch, vocab = logits.shape
@@ -467,7 +469,7 @@ def check_sampler(cls: type, params_examples: Sequence[Mapping[str, Any]] | None
         assert len(set(many.tolist())) > 1, f"{cls.name}: seeds 0..15 all drew {many.tolist()} on a flat distribution"
 
     # The optional candidate fast path draws what sample() draws on the dense row.
-    if _overrides(cls, Sampler, "sample_candidates"):
+    if issubclass(cls, FastPathSampler) and _overrides(cls, FastPathSampler, "sample_candidates"):
         from samplerkit.ops.candidates import densify
 
         big = _candidate_logits(seed)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import FastPathSampler
 from samplerkit.ops import race_sample
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.random import race_sample_candidates
 from samplerkit.seeded import SeededSampler, SeedParams
 
 
-class Categorical(SeededSampler):
+class Categorical(SeededSampler, FastPathSampler):
     """Draw token ``i`` with probability ``softmax(x)_i`` (after the pipeline's processors).
 
     Implemented as the exponential race (Gumbel-max, :mod:`samplerkit.ops.random`): exact,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from samplerkit.context import StepContext
-from samplerkit.steps import Sampler
+from samplerkit.fastpath import FastPathSampler
 
 
-class Greedy(Sampler):
+class Greedy(FastPathSampler):
     """Pick the highest logit of each row: ``argmax_i x_i`` (the lowest id among ties).
 
     Deterministic; processors that never change the argmax are skipped before it.

@@ -6,13 +6,13 @@ import torch
 from pydantic import Field, model_validator
 
 from samplerkit.builtins.shaping.temperature import GREEDY_BELOW, finite_division
+from samplerkit.fastpath import FastPathProcessor
 from samplerkit.ops import NEG_INF
 from samplerkit.ops.shaping import dynamic_temperature
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
 
 
-class DynamicTemperature(Processor):
+class DynamicTemperature(FastPathProcessor):
     """Divide logits by a temperature that grows with the row's normalised entropy: ``T = low + (high - low) (H / log n)^exponent``.
 
     llama.cpp's dynatemp (``temp_ext``; text-generation-webui's ``dynatemp_low/high/exponent``):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from samplerkit.fastpath import FastPathProcessor
 from samplerkit.ops.shaping import quadratic_smoothing
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
 
 
-class Smoothing(Processor):
+class Smoothing(FastPathProcessor):
     """Reshape logits by a quadratic (or cubic) curve around the top: ``x' = max - k f d^2 + s f d^3``, ``d = x - max``.
 
     text-generation-webui's quadratic sampling: ``f = smoothing_factor``,

@@ -6,11 +6,11 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import FastPathProcessor
 from samplerkit.ops import NEG_INF
 from samplerkit.ops.histogram import column_chunks
 from samplerkit.ops.sync import sync_free
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
 
 #: Temperatures below this are treated as 0 (greedy).
 GREEDY_BELOW = 1e-5
@@ -60,7 +60,7 @@ def _no_overflow(x: torch.Tensor, quotient: torch.Tensor) -> bool:
     return True
 
 
-class Temperature(Processor):
+class Temperature(FastPathProcessor):
     """Divide logits by a temperature: ``x_i / T``, so ``p_i ∝ exp(x_i / T)``.
 
     ``T < 1`` sharpens, ``T > 1`` flattens, ``T = 1`` is neutral. ``T = 0`` means greedy for

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from samplerkit.fastpath import MaskProcessor
 from samplerkit.ops.shaping import epsilon_mask, eta_threshold, keep_top_count
 from samplerkit.params import StepParams
-from samplerkit.steps import MaskProcessor
 
 
 class EpsilonCutoff(MaskProcessor):

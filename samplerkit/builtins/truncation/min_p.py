@@ -6,11 +6,11 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import ThresholdProcessor
 from samplerkit.ops import NEG_INF
 from samplerkit.ops.sync import sync_free
 from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, min_p_threshold
 from samplerkit.params import StepParams
-from samplerkit.steps import ThresholdProcessor
 
 
 class MinP(ThresholdProcessor):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from samplerkit.fastpath import MaskProcessor
 from samplerkit.ops.shaping import tail_free_mask
 from samplerkit.params import StepParams
-from samplerkit.steps import MaskProcessor
 
 
 class TailFree(MaskProcessor):

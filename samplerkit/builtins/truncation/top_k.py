@@ -6,11 +6,11 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import FastPathProcessor
 from samplerkit.ops import NEG_INF, top_k_mask
 from samplerkit.ops.candidates import top_k_candidates, top_k_candidates_keyed
 from samplerkit.ops.sync import sync_free
 from samplerkit.params import StepParams
-from samplerkit.steps import Processor
 
 #: The exact selection where no host check is allowed (CUDA): one int64 topk over (value, id)
 #: keys. ``samplerkit.ops.candidates.top_k_candidates_repaired`` (a float32 topk and a device-side
@@ -19,7 +19,7 @@ from samplerkit.steps import Processor
 SYNC_FREE_TOP_K = top_k_candidates_keyed
 
 
-class TopK(Processor):
+class TopK(FastPathProcessor):
     """Keep the ``k`` highest logits of each row, set the rest to ``-inf``.
 
     ``top_k = 0`` is neutral (vLLM's ``-1`` is not accepted: one spelling). Exactly ``k``

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from samplerkit.fastpath import ThresholdProcessor
 from samplerkit.ops.shaping import top_n_sigma_threshold
 from samplerkit.params import StepParams
-from samplerkit.steps import ThresholdProcessor
 
 
 class TopNSigma(ThresholdProcessor):

@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import ThresholdProcessor
 from samplerkit.ops import NEG_INF, _triton
 from samplerkit.ops.candidates import top_p_on_sorted
 from samplerkit.ops.sync import sync_free
@@ -19,7 +20,6 @@ from samplerkit.ops.truncation import (
     top_p_threshold,
 )
 from samplerkit.params import StepParams
-from samplerkit.steps import ThresholdProcessor
 
 
 class TopP(ThresholdProcessor):

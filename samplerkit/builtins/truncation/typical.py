@@ -6,10 +6,10 @@ import torch
 from pydantic import Field
 
 from samplerkit.context import StepContext
+from samplerkit.fastpath import MaskProcessor
 from samplerkit.ops.shaping import typical_cut, typical_mask
 from samplerkit.ops.truncation import keep_where_nonnegative
 from samplerkit.params import StepParams
-from samplerkit.steps import MaskProcessor
 
 
 class TypicalP(MaskProcessor):
