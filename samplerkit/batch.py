@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from samplerkit.config import RunConfig, validate_generation
+from samplerkit.detokenize import lone_surrogate
 from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
 
@@ -141,7 +142,7 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         issues.append(ConfigIssue("prompt", "is required"))
     elif not isinstance(prompt, str):
         issues.append(ConfigIssue("prompt", f"must be a string, got {short_repr(prompt)}"))
-    elif (surrogate := _lone_surrogate(prompt)) is not None:
+    elif (surrogate := lone_surrogate(prompt)) is not None:
         issues.append(ConfigIssue("prompt", f"has a lone surrogate \\u{ord(prompt[surrogate]):04x} at character "
                                             f"{surrogate + 1}, which is not text; a \\ud800-\\udfff escape in JSON "
                                             f"must be half of a pair (like \\ud83d\\ude00)"))
@@ -163,16 +164,6 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         # The config's seed, made explicit: `seeds=[None]` would give n > 1 samples one stream.
         seed = getattr(pipeline.sampler.params, "seed", None)
     return Job(number, line_id, prompt, params, seed, options)
-
-
-def _lone_surrogate(text: str) -> int | None:
-    """Index of the first code point in U+D800..U+DFFF (JSON can spell one alone; UTF-8 cannot
-    encode it, so no tokenizer can take it), or None."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as exc:
-        return exc.start
 
 
 def _unknown_key_message(key: str) -> str:

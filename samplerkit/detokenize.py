@@ -80,3 +80,13 @@ class StopMatcher:
         out = self.text[self._emitted:upto]
         self._emitted = upto
         return out
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first code point in U+D800..U+DFFF standing alone (JSON can spell one,
+    ``"\\ud800"``; UTF-8 cannot encode it, so no tokenizer can take it), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start

@@ -21,7 +21,7 @@ from samplerkit.backend import Backend, CheckedBackend, backend_label
 from samplerkit.chat_template import check_messages
 from samplerkit.config import RunConfig, read_yaml, resolve, validate_generation
 from samplerkit.context import StepContext
-from samplerkit.detokenize import IncrementalDetokenizer, StopMatcher
+from samplerkit.detokenize import IncrementalDetokenizer, StopMatcher, lone_surrogate
 from samplerkit.errors import GenerationError, PluginError, SamplerkitError
 from samplerkit.pipeline import Pipeline, RowOverrides
 from samplerkit.registry import Registry, default_registry
@@ -262,11 +262,10 @@ def _prompt_list(prompts: Any) -> list[Prompt]:
 def _check_text(text: str, where: str) -> str:
     """``text`` if it is valid Unicode; lone surrogates (``"\\ud800"``, e.g. from JSON) cannot be
     tokenized, so they are an error naming ``where`` and the position."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise GenerationError(f"{where} contains a lone surrogate {text[e.start]!r} at character {e.start}, which is "
-                              "not valid Unicode text; replace it (e.g. text.encode('utf-8', 'replace').decode())") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise GenerationError(f"{where} contains a lone surrogate {text[at]!r} at character {at}, which is "
+                              "not valid Unicode text; replace it (e.g. text.encode('utf-8', 'replace').decode())")
     return text
 
 
