@@ -175,3 +175,28 @@ def test_a_really_corrupt_default_model_is_still_named(cache_dir, tmp_path):
     fake.write_bytes(b"GGUF" + b"\x00" * 100)
     with pytest.raises(SamplerkitError, match="is corrupt"):
         default_model.verify_sha256(fake, default_model.SHA256)
+
+
+def test_cache_writes_never_follow_a_planted_symlink(tmp_path, monkeypatch):
+    """Someone who can write to the cache directory plants symlinks at every temporary name a
+    writer could predict (``.NAME.PID.tmp``, the pattern used before): the cache entry and the
+    digest record are still written, and the symlinks' targets are untouched."""
+    monkeypatch.setenv("SAMPLERKIT_CACHE", str(tmp_path / "cache"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    _, memo = default_model._where(model)
+    memo.parent.mkdir(parents=True)
+    os.symlink(victim, memo.with_name(f".{memo.name}.{os.getpid()}.tmp"))
+    target = tmp_path / "cache" / "entry.safetensors"
+    os.symlink(victim, target.with_name(f".{target.name}.{os.getpid()}.tmp"))
+
+    default_model._remember(model, "ab" * 32)
+    cache._write_atomic(target, lambda tmp: tmp.write_bytes(b"entry"))
+
+    assert victim.read_text() == "precious"
+    assert json.loads(memo.read_text())["sha256"] == "ab" * 32
+    assert target.read_bytes() == b"entry"
+    leftovers = [p.name for p in target.parent.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
+    assert leftovers == []

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 
 from samplerkit.builtins.backends.llama.config import LlamaConfig
 from samplerkit.builtins.backends.llama.default_model import cache_dir, file_digest
+from samplerkit.builtins.backends.llama.default_model import write_atomic as _write_atomic
 from samplerkit.builtins.backends.llama.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 #: Bump when what is stored, or how it is laid out, changes.
@@ -123,18 +123,6 @@ def _tokenizer_from_state(kind: str, blob: bytes, kwargs: dict[str, Any]) -> Tok
 
         return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_proto=blob), **kwargs)
     raise ValueError(f"unknown tokenizer kind {kind!r}")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: readers see the old entry or the whole new
-    one, never a partial file (also when two processes build the same entry at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["FORMAT", "entry_path", "load", "save"]

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from samplerkit.errors import ModelNotFoundError, SamplerkitError
@@ -83,12 +85,27 @@ def _remember(path: Path, digest: str) -> None:
     """Record ``digest`` for ``path`` (best effort: a read-only cache only costs hashing again)."""
     where, memo = _where(path)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**where, "sha256": digest}))
-        os.replace(tmp, memo)
+        write_atomic(memo, lambda tmp: tmp.write_text(json.dumps({**where, "sha256": digest})))
     except OSError:
         pass
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: readers see the old file or the whole new
+    one, never a partial file (also when two processes or threads write the same path at once).
+
+    ``tmp`` is created fresh by :func:`tempfile.mkstemp` (``O_CREAT | O_EXCL``, an unpredictable
+    name), so a file or symlink someone planted in the cache directory is never written through.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verify_sha256(path: Path, expected: str) -> None:
