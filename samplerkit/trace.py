@@ -277,7 +277,10 @@ def logprob_taps(trace_fn: Callable[..., Trace], logits: torch.Tensor, ctx: Step
         index = traced.processed_index if name == STAGE_PROCESSED else traced.names.index(name)
         logq = torch.log_softmax(stage.logits, dim=-1)
         picked = logq.gather(1, chosen).squeeze(1).tolist()
-        values, tops = logq.nan_to_num(nan=float("-inf")).topk(min(top, logq.shape[-1]), dim=-1) if top else (None, None)
+        # NaN rows are reported invalid below; keep NaN out of topk's ranking (nan_to_num would
+        # also turn -inf into the lowest float, so a removed token would look kept).
+        ranked = logq.masked_fill(logq.isnan(), float("-inf"))
+        values, tops = ranked.topk(min(top, logq.shape[-1]), dim=-1) if top else (None, None)
         values = values.tolist() if top else None
         tops = tops.tolist() if top else None
         for row in range(traced.batch_size):
