@@ -164,7 +164,7 @@ def _follow_line(followed: dict[str, Any]) -> str:
                         if followed["removed_by"] is None or e["p"] > 0 or e["stage"] == followed["removed_by"]["stage"])
     who = followed["removed_by"]
     verdict = "kept to the end: it can be drawn" if who is None else (
-        f"removed by {who['location']}" + (f" (plugin {who['plugin']})" if who["plugin"] else ""))
+        f"removed by {who['location']}" + (f", plugin {who['plugin']}" if who["plugin"] else ""))
     return f"token {followed['text']!r} (id {followed['id']}): p {steps}; {verdict}"
 
 
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(result, shown, one, follow, config, args)
     if args.plot is not None:
+        sys.stdout.flush()                      # the tables before the plot's note on stderr
         _plot(result, shown, one, args)
     return 0
 

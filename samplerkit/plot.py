@@ -167,21 +167,30 @@ def steps_figure(traces: Sequence[Trace], tokens: Sequence[str], *, row: int = 0
 
 def save(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` to ``path``: PNG (150 dpi), SVG, or an HTML page embedding the SVG."""
+    from matplotlib import rc_context
+
     path = check_path(path)
     suffix = path.suffix.lower()
     try:
-        if suffix == ".html":
-            buffer = io.StringIO()
-            fig.savefig(buffer, format="svg")
-            svg = buffer.getvalue()
-            svg = svg[svg.index("<svg"):]                  # drop the XML prolog inside HTML
-            path.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>samplerkit explain</title>"
-                            f"</head>\n<body>\n{svg}\n</body></html>\n", encoding="utf-8")
-        else:
-            fig.savefig(path, format=suffix[1:], dpi=150)
+        # SVG text stays text (searchable, and half the size of glyph outlines).
+        with rc_context({"svg.fonttype": "none"}):
+            _write(fig, path, suffix)
     except OSError as exc:
         raise SamplerkitError(f"--plot {path}: cannot write the picture: {exc.strerror or exc}") from None
     return path
+
+
+def _write(fig: Any, path: Path, suffix: str) -> None:
+    if suffix == ".html":
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+        svg = buffer.getvalue()
+        svg = svg[svg.index("<svg"):]                  # drop the XML prolog inside HTML
+        path.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>samplerkit explain</title>"
+                        f"</head>\n<body>\n{svg}\n</body></html>\n", encoding="utf-8")
+    else:
+        # No date in an SVG: the same trace gives the same file.
+        fig.savefig(path, format=suffix[1:], dpi=150, **({"metadata": {"Date": None}} if suffix == ".svg" else {}))
 
 
 __all__ = ["FORMATS", "check_path", "label", "save", "step_figure", "steps_figure", "token_set"]
