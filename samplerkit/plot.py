@@ -172,8 +172,9 @@ def save(fig: Any, path: str | Path) -> Path:
     path = check_path(path)
     suffix = path.suffix.lower()
     try:
-        # SVG text stays text (searchable, and half the size of glyph outlines).
-        with rc_context({"svg.fonttype": "none"}):
+        # SVG text stays text (searchable, and half the size of glyph outlines); fixed ids
+        # (hashsalt) so the same trace gives the same file.
+        with rc_context({"svg.fonttype": "none", "svg.hashsalt": "samplerkit"}):
             _write(fig, path, suffix)
     except OSError as exc:
         raise SamplerkitError(f"--plot {path}: cannot write the picture: {exc.strerror or exc}") from None

@@ -184,3 +184,38 @@ def test_explain_on_the_default_model(capsys, tmp_path):
     assert step["follow"]["removed_by"]["location"] == "pipeline[1] top_p"
     svg = picture.read_text()
     assert "input: kept 49152" in svg and "top_p (pipeline[1] top_p)" in svg
+
+
+# -- the docs show real output ---------------------------------------------------------------
+
+def _blocks(path: Path, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_library_examples_in_docs_explain_print_what_they_say(index, capsys):
+    block = _blocks(ROOT / "docs" / "explain.md", "python")[index]
+    code = "\n".join(line for line in block.splitlines() if not line.startswith("# "))
+    expected = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    exec(compile(code, f"docs/explain.md python block {index}", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+@pytest.mark.parametrize("command", ["--token o", "--all-steps --max-new-tokens 5", "--token ab"])
+def test_the_explain_examples_in_docs_cli_are_real(command, capsys):
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    prompt = f'$ samplerkit explain --config examples/bigram.yaml "The capital" {command}\n'
+    block = next(b for b in _blocks(ROOT / "docs" / "cli.md", "") if b.startswith(prompt))
+    assert prompt in text
+    code, out, err = run(capsys, "explain", "--config", BIGRAM, "The capital", *command.split())
+    assert (out + err) == block[len(prompt):]
+
+
+def test_the_picture_in_docs_is_small_and_shows_every_stage():
+    svg = (ROOT / "docs" / "explain-step.svg").read_text(encoding="utf-8")
+    assert len(svg.encode()) < 60_000
+    for title in ("input: kept 49152", "temperature (pipeline[0] temperature)", "top_k (pipeline[1] top_k): kept 50",
+                  "top_p (pipeline[2] top_p): kept 32", "min_p (pipeline[3] min_p): kept 4"):
+        assert title in svg
+    script = (ROOT / "docs" / "explain-step.sh").read_text(encoding="utf-8")
+    assert "--plot docs/explain-step.svg" in script and "examples/transformers_order.yaml" in script
