@@ -160,3 +160,16 @@ def test_the_schema_accepts_both_forms():
     validator.validate({"generation": {"logprobs": {"top": 5, "at": ["input", "top_p"]}}})
     validator.validate({"generation": {"logprobs": 3}})
     assert not validator.is_valid({"generation": {"logprobs": {"top": 5}}})
+
+
+def test_no_trace_runs_unless_taps_are_asked_for(monkeypatch):
+    from samplerkit.pipeline import BoundPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trace ran without taps")
+
+    monkeypatch.setattr(BoundPipeline, "trace", refuse)
+    [c] = samplerkit.generate(["The"], _config(3))
+    assert len(c.logprobs) == 4
+    with pytest.raises(AssertionError, match="trace ran"):
+        samplerkit.generate(["The"], _config({"top": 1, "at": ["input"]}))

@@ -225,3 +225,23 @@ def test_a_failing_step_is_named_with_its_plugin():
         pipe = _pipe([{"broken": {"on": True}}], registry=registry)
         with pytest.raises(PluginError, match=r"pipeline\[0\] broken .*failed: RuntimeError: kaboom"):
             pipe.trace(_logits())
+
+
+class LowestMax(samplerkit.Sampler):
+    """A third-party sampler that declares it picks the argmax (the lowest id among ties)."""
+
+    name = "lowest_max"
+    picks_argmax = True
+
+    def sample(self, logits, ctx):
+        return logits.argmax(dim=-1)
+
+
+def test_a_plugin_sampler_that_declares_picks_argmax_gets_its_stage():
+    with temporary_plugin(LowestMax) as registry:
+        pipe = _pipe([{"top_k": 4}], sampler="lowest_max", registry=registry)
+        x = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+        trace = pipe.trace(x)
+    assert trace.names == ["input", "top_k", "lowest_max"]
+    assert trace.stages[-1].location == "sampler lowest_max"
+    assert trace.removed_by(2).name == "lowest_max" and trace.removed_by(1) is None
