@@ -202,8 +202,14 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator(config, registry=registry)
     follow = _token_id(args, generator)
     decode = generator.backend.detokenize
+    if config.generation.n > 1:
+        print(f"samplerkit explain: note: generation.n is {config.generation.n}; explain traces one sample",
+              file=sys.stderr)
     if args.all_steps:
         steps = args.max_new_tokens or min(config.generation.max_new_tokens, ALL_STEPS_DEFAULT)
+        if steps < 1:
+            raise SamplerkitError("generation.max_new_tokens is 0: there is no step to explain; "
+                                  "pass --max-new-tokens N")
         result = explain(generator, args.prompt, steps=steps, traced=None, top=args.top)
     else:
         result = explain(generator, args.prompt, steps=args.step + 1, traced={args.step}, top=args.top)

@@ -103,6 +103,7 @@ def test_a_third_party_step_is_explained_like_a_built_in(capsys, tmp_path):
     (["--max-new-tokens", "3"], "--max-new-tokens goes with --all-steps"),
     (["--step", "500"], "the generation ended after"),
     (["--set", "pipeline[0].temperature=-1"], "pipeline[0] temperature"),
+    (["--all-steps", "--set", "generation.max_new_tokens=0"], "generation.max_new_tokens is 0"),
 ])
 def test_user_errors_exit_2_with_a_message(capsys, argv, message):
     code, out, err = run(capsys, "explain", "The capital", "--config", BIGRAM, *argv)
@@ -219,3 +220,8 @@ def test_the_picture_in_docs_is_small_and_shows_every_stage():
         assert title in svg
     script = (ROOT / "docs" / "explain-step.sh").read_text(encoding="utf-8")
     assert "--plot docs/explain-step.svg" in script and "examples/transformers_order.yaml" in script
+
+
+def test_a_sample_count_is_not_silently_ignored(capsys):
+    code, out, err = run(capsys, "explain", "The capital", "--config", BIGRAM, "--set", "generation.n=3")
+    assert code == 0 and "note: generation.n is 3; explain traces one sample" in err
