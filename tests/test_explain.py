@@ -225,3 +225,15 @@ def test_the_picture_in_docs_is_small_and_shows_every_stage():
 def test_a_sample_count_is_not_silently_ignored(capsys):
     code, out, err = run(capsys, "explain", "The capital", "--config", BIGRAM, "--set", "generation.n=3")
     assert code == 0 and "note: generation.n is 3; explain traces one sample" in err
+
+
+def test_an_unseeded_config_gets_a_printed_seed_that_reproduces_the_run(capsys):
+    code, out, _ = run(capsys, "explain", "The capital", "--config", BIGRAM, "--set", "sampler.seed=null",
+                       "--all-steps", "--max-new-tokens", "8")
+    assert code == 0
+    seed = re.search(r"^seed: (\d+) \(the config has none; pass --seed \1 to draw the same tokens\)$", out, re.M)
+    assert seed
+    generated = next(line for line in out.splitlines() if line.startswith("generated: "))
+    code, again, _ = run(capsys, "explain", "The capital", "--config", BIGRAM, "--seed", seed.group(1),
+                         "--all-steps", "--max-new-tokens", "8")
+    assert generated in again.splitlines() and "seed: " not in again

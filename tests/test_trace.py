@@ -245,3 +245,11 @@ def test_a_plugin_sampler_that_declares_picks_argmax_gets_its_stage():
     assert trace.names == ["input", "top_k", "lowest_max"]
     assert trace.stages[-1].location == "sampler lowest_max"
     assert trace.removed_by(2).name == "lowest_max" and trace.removed_by(1) is None
+
+
+def test_a_seeded_random_step_traces_the_draw_the_bound_pipeline_makes():
+    x = _logits(rows=4, vocab=200, seed=5)
+    pipe = _pipe([{"xtc": {"threshold": 0.01, "probability": 0.7}}, {"top_k": 30}])
+    bound = pipe.bind(4, seeds=[11, 12, 13, 14])
+    assert torch.equal(bound.trace(x).stage("processed").logits, bound.process(x))
+    assert bound.trace(x).stage("xtc").kept.tolist() != [200] * 4     # the coin removed something
