@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from samplerkit.config import RunConfig, validate_generation
+from samplerkit.config import RunConfig, check_stages, validate_generation
 from samplerkit.detokenize import lone_surrogate
 from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
@@ -155,7 +155,9 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
             issues.append(ConfigIssue("generation", f"must be an object of generation options, got {short_repr(overrides)}"))
         else:
             try:
-                options = validate_generation(config.generation, overrides).model_dump()
+                checked = validate_generation(config.generation, overrides)
+                options = checked.model_dump()
+                issues.extend(check_stages(checked.logprob_stages, pipeline.processors, pipeline.sampler))
             except ConfigError as exc:
                 issues.extend(exc.issues)
     if issues:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from samplerkit import explain
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -343,6 +344,7 @@ COMMANDS: tuple[Command, ...] = (
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
+    Command("explain", "show what each pipeline stage did to the next-token distribution", explain.run, explain.add_arguments),
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).

@@ -22,11 +22,11 @@ The format::
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
 from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, short_repr
 from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
@@ -56,6 +56,44 @@ DEFAULT_PIPELINE: list[dict[str, Any]] = [{"temperature": {"temperature": 0.6}},
 MAX_PIPELINE_STEPS = 1000
 
 
+#: The stage a logprob tap or a trace names for the pipeline's input (the raw model logits).
+STAGE_INPUT = "input"
+#: The stage name for the output of the last processor (the input when there is none).
+STAGE_PROCESSED = "processed"
+
+
+class LogprobTaps(BaseModel):
+    """``logprobs: {top: 5, at: [input, top_k, processed]}``: the chosen token's log-probability
+    and the ``top`` most likely tokens under the distribution at each named stage of the
+    pipeline (see :func:`stage_names`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    top: int = Field(0, ge=0, le=100, description="how many most likely tokens to report at each stage (and in `top`)")
+    at: list[str] = Field(min_length=1, max_length=MAX_PIPELINE_STEPS + 3, description=(
+        "the stages to tap: `input`, a processor's name (`top_k`; a repeated step: `top_k#2`), `processed`, "
+        "or a sampler that picks the argmax (`greedy`)"))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_strict(value, cls.model_fields[info.field_name].annotation)
+
+    @field_validator("at")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(map(repr, repeated))} more than once; list each stage once")
+        return value
+
+
+def _logprobs_form(value: Any) -> str:
+    """Which form of ``logprobs`` a value is (a mapping: the taps; anything else: the count), so
+    that a mistake is reported against that form only."""
+    return "LogprobTaps" if isinstance(value, (Mapping, LogprobTaps)) else "int"
+
+
 class GenerationConfig(BaseModel):
     """Options of the decode loop (not of any step)."""
 
@@ -67,7 +105,10 @@ class GenerationConfig(BaseModel):
         default_factory=list, description="extra token ids that end a row, besides the model's EOS")
     ignore_eos: bool = Field(False, description="keep generating past EOS")
     n: int = Field(1, ge=1, le=1024, description="samples per prompt")
-    logprobs: int | None = Field(None, ge=0, le=100, description="return the chosen token's log-probability and this many top alternatives; null for none")
+    logprobs: Annotated[Annotated[int, Field(ge=0, le=100), Tag("int")] | Annotated[LogprobTaps, Tag("LogprobTaps")],
+                        Discriminator(_logprobs_form)] | None = Field(None, description=(
+        "return the chosen token's log-probability and this many top alternatives; or `{top: N, at: [stage, ...]}` "
+        "for the same at named stages of the pipeline too; null for none"))
     top_logprobs_from: Literal["raw", "processed"] = Field(
         "raw", description="where the logprobs top alternatives come from: the raw model distribution or the one the token was drawn from")
     echo: bool = Field(False, description="also return the prompt tokens with their log-probabilities")
@@ -77,7 +118,45 @@ class GenerationConfig(BaseModel):
     @classmethod
     def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # The same strict numbers and booleans as every step's Params (samplerkit.strict).
+        if info.field_name == "logprobs" and _logprobs_form(value) == "int":
+            return check_strict(value, int | None)        # the mapping form checks its own fields
         return check_strict(value, cls.model_fields[info.field_name].annotation)
+
+    @property
+    def top_logprobs(self) -> int:
+        """How many top alternatives each logprob reports (the int form, or ``logprobs.top``)."""
+        return self.logprobs.top if isinstance(self.logprobs, LogprobTaps) else (self.logprobs or 0)
+
+    @property
+    def logprob_stages(self) -> tuple[str, ...]:
+        """The stages tapped by ``logprobs: {at: [...]}``; empty for the int form or none."""
+        return tuple(self.logprobs.at) if isinstance(self.logprobs, LogprobTaps) else ()
+
+
+def stage_names(processors: Sequence[StepSpec], sampler: StepSpec | None = None) -> list[str]:
+    """The stages of a pipeline, in order, as traces and logprob taps name them: ``input``, each
+    processor by its step name (a name that repeats gets ``#2``, ``#3``, ... from its second
+    occurrence: ``top_k``, ``top_k#2``), and the sampler's name when the sampler declares
+    ``picks_argmax`` (its own truncation to one token). ``processed`` (the last processor's
+    output) is an alias that :func:`check_stages` accepts too."""
+    names = [STAGE_INPUT]
+    seen: dict[str, int] = {}
+    for spec in processors:
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        names.append(spec.name if seen[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}")
+    if sampler is not None and getattr(sampler.cls, "picks_argmax", False):
+        names.append(sampler.name)
+    return names
+
+
+def check_stages(wanted: Sequence[str], processors: Sequence[StepSpec], sampler: StepSpec | None,
+                 where: str = "generation.logprobs.at") -> list[ConfigIssue]:
+    """One issue per name in ``wanted`` that is not a stage of this pipeline, naming the stages."""
+    known = stage_names(processors, sampler)
+    known.insert(len(processors) + 1, STAGE_PROCESSED)
+    return [ConfigIssue(f"{where}[{i}]", f"{short_repr(name)} is not a stage of this pipeline{did_you_mean(name, known)} "
+                                         f"Stages: {', '.join(known)}")
+            for i, name in enumerate(wanted) if name not in known]
 
 
 class PluginsConfig(BaseModel):
@@ -144,6 +223,8 @@ def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = No
             if spec is not None:
                 processors.append(spec)
     sampler = _resolve_named(structure.sampler, "sampler", registry, issues, DEFAULT_SAMPLER)
+    if isinstance(structure.generation, GenerationConfig) and structure.generation.logprob_stages:
+        issues.extend(check_stages(structure.generation.logprob_stages, processors, sampler))
     if issues:
         raise ConfigError(issues, source)
     return RunConfig(backend, tuple(processors), sampler, structure.generation, structure.plugins, dict(data),
@@ -239,10 +320,15 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
     if err["type"] == "extra_forbidden" and len(loc) == 1:
         known = [*_Structure.model_fields, "preset"]
         return ConfigIssue(clip(loc[0]), f"unknown section{did_you_mean(loc[0], known)} Sections: {', '.join(known)}")
+    if loc[:3] == ["generation", "logprobs", "LogprobTaps"]:      # the mapping form's own fields
+        loc = ["generation", "logprobs", *loc[3:]]
+        section, field_at = LogprobTaps, 2
+    else:
+        loc = loc[:2] + [p for p in loc[2:] if p != "int"] if loc[:2] == ["generation", "logprobs"] else loc
+        section, field_at = {"generation": GenerationConfig, "plugins": PluginsConfig}.get(loc[0] if loc else ""), 1
     location = clip(".".join(p for p in loc if not re.fullmatch(r"str|dict\[.*\]", p)), 160)
-    section = {"generation": GenerationConfig, "plugins": PluginsConfig}.get(loc[0] if loc else "")
     known = list(section.model_fields) if section else []
-    field = section.model_fields.get(loc[1]) if section and len(loc) >= 2 else None
+    field = section.model_fields.get(loc[field_at]) if section and len(loc) > field_at else None
     return ConfigIssue(location, message_for(err, field, known))
 
 
@@ -320,6 +406,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
 # that steps and presets need not import this module; they are re-exported here for callers.
 __all__ = [
     "DEFAULT_BACKEND", "DEFAULT_PIPELINE", "DEFAULT_SAMPLER", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES",
-    "MAX_PIPELINE_STEPS", "GenerationConfig", "InvalidPolicy", "PluginsConfig", "RunConfig", "StepSpec",
-    "apply_override", "check_bounds", "parse_yaml", "read_yaml", "resolve", "validate_generation",
+    "MAX_PIPELINE_STEPS", "STAGE_INPUT", "STAGE_PROCESSED", "GenerationConfig", "InvalidPolicy", "LogprobTaps",
+    "PluginsConfig", "RunConfig", "StepSpec", "apply_override", "check_bounds", "check_stages", "parse_yaml", "read_yaml",
+    "resolve", "stage_names", "validate_generation",
 ]

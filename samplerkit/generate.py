@@ -25,6 +25,24 @@ from samplerkit.detokenize import IncrementalDetokenizer, StopMatcher, lone_surr
 from samplerkit.errors import GenerationError, PluginError, SamplerkitError
 from samplerkit.pipeline import Pipeline, RowOverrides
 from samplerkit.registry import Registry, default_registry
+from samplerkit.trace import TapValue, check_tap_stages, logprob_taps
+
+
+@dataclass
+class StageLogprob:
+    """The chosen token seen at one stage of the pipeline (``generation.logprobs: {at: [...]}``).
+
+    ``logprob`` is ``log softmax(z)[token]`` with ``z`` the logits after that stage (``input``:
+    the raw model logits; ``processed``: after the last processor); ``top`` the stage's ``top``
+    most likely tokens as ``(token_id, text, logprob)``, removed tokens never listed. When a
+    stage at or before this one made the row unusable (NaN, +inf, no token left; see
+    ``on_invalid``), ``logprob`` is ``None``, ``top`` is empty and ``invalid`` names that stage
+    and what it made.
+    """
+
+    logprob: float | None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+    invalid: str | None = None
 
 
 @dataclass
@@ -41,6 +59,8 @@ class TokenLogprob:
     from the raw distribution or, with ``top_logprobs_from="processed"``, from the drawn one
     (removed tokens never appear there, so it may hold fewer than ``k``). Prompt tokens' ``top``
     is always from the raw distribution (no pipeline runs over the prompt).
+    ``taps`` (with ``logprobs: {top: k, at: [stage, ...]}``): the token at each named stage,
+    stage name -> :class:`StageLogprob`; ``None`` otherwise.
     """
 
     token_id: int
@@ -48,6 +68,7 @@ class TokenLogprob:
     logprob: float
     processed_logprob: float | None = None
     top: list[tuple[int, str, float]] = field(default_factory=list)
+    taps: dict[str, StageLogprob] | None = None
 
 
 @dataclass
@@ -290,6 +311,8 @@ class _Run:
         if overrides:
             gen = validate_generation(gen, overrides)
         self.gen = gen
+        if overrides and gen.logprob_stages:       # the config's own taps were checked when it was resolved
+            check_tap_stages(gen.logprob_stages, owner.pipeline.processors, owner.pipeline.sampler)
         self.inputs = _prompt_list(prompts)
         self.messages = [check_messages(p, f"prompt {i}") if not isinstance(p, str) else None
                          for i, p in enumerate(self.inputs)]
@@ -402,12 +425,14 @@ class _Run:
             processed = bound.process(logits, ctx) if want_logprobs else None
             ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
             drawn = ctx.take_distribution() if want_logprobs else None
+            taps = logprob_taps(bound.trace, logits, ctx, ids, gen.logprob_stages, gen.top_logprobs) \
+                if gen.logprob_stages else None          # before ctx.append: the history the steps saw
             ctx.append(ids)
             id_list = ids.tolist()
             invalid = set() if self.pipeline.on_invalid != "mark_invalid" else {
                 slot for slot, ok in enumerate(valid.tolist()) if not ok}
             if want_logprobs:
-                lp = self._step_logprobs(logits, processed if drawn is None else drawn, ids)
+                lp = self._step_logprobs(logits, processed if drawn is None else drawn, ids, taps)
             keep: list[int] = []
             for slot, (r, token) in enumerate(zip(running, id_list)):
                 row = self.rows[r]
@@ -465,14 +490,16 @@ class _Run:
             return emit + tail + row.stops.finish(), True
         return emit, False
 
-    def _step_logprobs(self, logits: torch.Tensor, drawn: torch.Tensor, ids: torch.Tensor):
+    def _step_logprobs(self, logits: torch.Tensor, drawn: torch.Tensor, ids: torch.Tensor,
+                       taps: list[dict[str, TapValue]] | None = None):
         """Per-row log-probabilities of the chosen ``ids``: under the raw ``logits`` and under
-        ``drawn``, the logits the sampler drew from (see :class:`TokenLogprob`)."""
+        ``drawn``, the logits the sampler drew from (see :class:`TokenLogprob`); ``taps``, from
+        :func:`samplerkit.trace.logprob_taps`, per stage."""
         raw = torch.log_softmax(logits.float(), dim=-1)
         proc = torch.log_softmax(drawn.float(), dim=-1)
         chosen_raw = raw.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
         chosen_proc = proc.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
-        k = min(self.gen.logprobs or 0, logits.shape[-1])
+        k = min(self.gen.top_logprobs, logits.shape[-1])
         source = proc if self.gen.top_logprobs_from == "processed" else raw
         top_vals = top_ids = None
         if k:
@@ -482,7 +509,10 @@ class _Run:
 
         def one(slot: int, token: int) -> TokenLogprob:
             top = [(t, detok([t]), v) for t, v in zip(top_ids[slot], top_vals[slot]) if v != float("-inf")] if k else []
-            return TokenLogprob(token, detok([token]), chosen_raw[slot], chosen_proc[slot], top)
+            stages = None if taps is None else {
+                name: StageLogprob(tap.logprob, [(t, detok([t]), v) for t, v in tap.top], tap.invalid)
+                for name, tap in taps[slot].items()}
+            return TokenLogprob(token, detok([token]), chosen_raw[slot], chosen_proc[slot], top, stages)
         return one
 
     def _prompt_logprobs(self, ids: list[int], all_logits: torch.Tensor) -> list[TokenLogprob | None]:
@@ -493,7 +523,7 @@ class _Run:
         raw = torch.log_softmax(all_logits[:-1].float(), dim=-1)
         target = torch.as_tensor(ids[1:], device=raw.device)
         chosen = raw.gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()
-        k = min(self.gen.logprobs or 0, raw.shape[-1])
+        k = min(self.gen.top_logprobs, raw.shape[-1])
         detok = self.backend.detokenize
         tops: list[list[tuple[int, str, float]]] = [[] for _ in chosen]
         if k:
@@ -515,5 +545,5 @@ class _Run:
         return out
 
 
-__all__ = ["Completion", "Delta", "Generator", "SamplerkitError", "TokenLogprob", "generate", "load_backend", "load_config",
+__all__ = ["Completion", "Delta", "Generator", "SamplerkitError", "StageLogprob", "TokenLogprob", "generate", "load_backend", "load_config",
            "row_seed", "row_seeds"]

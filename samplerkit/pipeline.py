@@ -28,6 +28,7 @@ from samplerkit.ops.sync import sync_free, sync_free_scope
 from samplerkit.ops.truncation import Cut, cut_below
 from samplerkit.seeded import Seeded
 from samplerkit.steps import Processor, Sampler
+from samplerkit.trace import Trace, trace_steps
 
 INVALID_POLICIES: tuple[str, ...] = get_args(InvalidPolicy)
 
@@ -144,6 +145,11 @@ class Pipeline:
         ``bind(B, seeds=seeds).sample(logits, ctx)``."""
         with _one_shot(self, check_logits(logits, "sample").shape[0], seeds) as bound:
             return bound.sample(logits, ctx)
+
+    def trace(self, logits: torch.Tensor, ctx: StepContext | None = None, *, seeds: Sequence[int | None] | None = None,
+              top: int = 5) -> Trace:
+        """``bind(B, seeds=seeds).trace(logits, ctx, top=top)``: see :meth:`BoundPipeline.trace`."""
+        return self.bind(check_logits(logits, "trace").shape[0], seeds=seeds).trace(logits, ctx, top=top)
 
 
 class BoundPipeline:
@@ -503,6 +509,15 @@ class BoundPipeline:
             raise ValueError(f"{method}: logits have {logits.shape[0]} rows but the pipeline was bound for "
                              f"{self.batch_size}; bind it for this batch (pipeline.bind({logits.shape[0]}))")
         return logits
+
+    def trace(self, logits: torch.Tensor, ctx: StepContext | None = None, *, top: int = 5) -> Trace:
+        """What each stage does to these logits, per row: kept count, mass, entropy, top tokens,
+        and which stage removed each token (:class:`samplerkit.trace.Trace`). Runs every step's
+        ``apply`` densely; costs nothing unless called."""
+        logits = self._check_batch(logits, "trace")
+        with self._lock:
+            return trace_steps(logits, ctx, self.pipeline.processors, self.steps, self.pipeline.sampler,
+                               self.sampler, top)
 
 
 class CapturedStep:

@@ -47,7 +47,10 @@ def run_config_schema(registry: Registry) -> dict[str, Any]:
     """The whole config's schema (draft 2020-12)."""
     generation = GenerationConfig.model_json_schema()
     plugins = PluginsConfig.model_json_schema()
+    # Nested models' definitions (logprobs' LogprobTaps): their "#/$defs/..." refs resolve at the root.
+    defs = {**generation.pop("$defs", {}), **plugins.pop("$defs", {})}
     return {
+        **({"$defs": defs} if defs else {}),
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "samplerkit run configuration",
         "type": "object",
