@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from samplerkit import compare
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -343,6 +344,9 @@ COMMANDS: tuple[Command, ...] = (
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
+    Command("compare", "run two configs on the same prompts with common random numbers", compare.run,
+            compare.add_arguments, "Compare two configs: first divergence, token agreement and, along A's text, "
+            "the total-variation distance per step (see docs/compare.md)."),
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).

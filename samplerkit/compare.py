@@ -12,20 +12,20 @@ What is reported, per prompt (and per sample when ``generation.n > 1``):
   one run ended and the other did not; ``None`` when the token lists are equal) and the
   **token agreement** ``#{i < min(|a|, |b|): a_i = b_i} / max(|a|, |b|)``;
 - **along A's tokens** (teacher forcing): at each position ``t`` of A's run, both configs are
-  given the same prefix, ``prompt + a_0 .. a_{t-1}`` (the model's logits come from one prefill
-  of that text per config's backend; each config's step context holds A's tokens as its
-  history, so penalties see the same text), and each one's pipeline produces the distribution
-  its sampler draws from (:func:`drawn_distribution`): ``p_t`` for A, ``q_t`` for B. Reported:
-  the total-variation distance ``TV_t = 1/2 sum_i |p_t(i) - q_t(i)|``, both kept-set sizes,
-  and the token each config draws there with the row's seed and counter ``t``. A's draw is
-  A's own token (``replayed`` says whether it is, see below); B's is what B would have drawn
-  on A's text. Before the first divergence A's prefix *is* B's, so these are B's real tokens.
+  given the same prefix, ``prompt + a_0 .. a_{t-1}`` (the model's logits come from the decode
+  loop's own path: a prefill of the prompts, then one backend step per token of A; each
+  config's step context holds A's tokens as its history, so penalties see the same text), and
+  each one's pipeline produces the distribution its sampler draws from
+  (:func:`drawn_distribution`): ``p_t`` for A, ``q_t`` for B. Reported: the total-variation
+  distance ``TV_t = 1/2 sum_i |p_t(i) - q_t(i)|``, both kept-set sizes, and the token each
+  config draws there with the row's seed and counter ``t``. A's draw is A's own token
+  (``replayed`` checks it); B's is what B would have drawn on A's text. Before the first
+  divergence A's prefix *is* B's, so these are B's real tokens.
 
 Teacher forcing along A (rather than along B) makes every step of A's text comparable; swap
-the configs to go along B. The logits of the forced pass come from a prefill of the whole
-text, which can differ from the decode loop's step-by-step logits in the last float bits;
-``replayed`` is the fraction of positions where A's forced draw equals A's real token (1.0 on
-the backends shipped here; below 1 it says the two logit paths disagree somewhere).
+the configs to go along B. ``replayed``, the fraction of positions where A's forced draw is
+A's real token, is 1.0 whenever the backend gives the same logits for a row whatever the batch
+(the shipped backends do; a backend that does not shows it here).
 
 How strongly the race couples draws when the kept sets differ is measured in docs/compare.md
 (``benchmarks/compare_coupling.py``): :func:`race_coupling` is its closed form.
@@ -41,22 +41,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from samplerkit.backend import Backend
-from samplerkit.config import RunConfig
-from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, GenerationError
-from samplerkit.generate import Completion, Generator, Prompt, load_backend, load_config, row_seeds
-from samplerkit.pipeline import BoundPipeline, Pipeline
-from samplerkit.registry import Registry
+
+# torch and the decode loop load when a comparison runs, not when the CLI builds its parser.
+if TYPE_CHECKING:
+    import torch
+
+    from samplerkit.backend import Backend
+    from samplerkit.config import RunConfig
+    from samplerkit.generate import Completion, Generator, Prompt
+    from samplerkit.pipeline import Pipeline
+    from samplerkit.registry import Registry
 
 __all__ = ["Comparison", "ForcedStep", "RowComparison", "compare", "drawn_distribution", "race_coupling",
            "total_variation"]
 
-ConfigLike = str | Path | Mapping[str, Any] | RunConfig
+ConfigLike = "str | Path | Mapping[str, Any] | RunConfig"
 
 
 @dataclass
@@ -164,6 +166,8 @@ def drawn_distribution(pipeline: Pipeline, processed: torch.Tensor, drawn: torch
     its distribution is the point mass on the token it picked, so greedy against sampling from
     the same logits has ``TV = 1 - p(argmax)``, not 0.
     """
+    import torch
+
     if pipeline.sampler.cls.picks_argmax:
         return torch.nn.functional.one_hot(ids, processed.shape[-1]).double()
     z = (processed if drawn is None else drawn).double()
@@ -187,6 +191,8 @@ def race_coupling(p: torch.Tensor, q: torch.Tensor, block: int | None = None) ->
     block masses, then, within each block both picked, to the conditional distributions
     (the stages' noises are independent). ``block=None`` or ``V <= block``: one race.
     """
+    import torch
+
     p, q = p.double().flatten(), q.double().flatten()
     if block is None or p.numel() <= block:
         return _one_race_coupling(p, q)
@@ -205,6 +211,8 @@ def race_coupling(p: torch.Tensor, q: torch.Tensor, block: int | None = None) ->
 
 
 def _one_race_coupling(p: torch.Tensor, q: torch.Tensor) -> float:
+    import torch
+
     keep = ((p > 0) & (q > 0)).nonzero().flatten()
     if keep.numel() == 0:
         return 0.0
@@ -225,13 +233,16 @@ def compare(config_a: ConfigLike, config_b: ConfigLike, prompts: Prompt | Sequen
     """Run ``config_a`` and ``config_b`` on ``prompts`` with common random numbers.
 
     ``seeds``: one base seed per prompt, used by both configs (as :meth:`Generator.generate`'s
-    ``seeds``). Without it, each prompt's base seed is A's sampler seed, else B's, else 0:
-    both configs always get the same seeds, never one drawn at random. ``generation``
+    ``seeds``). Without it, each prompt's base seed is A's sampler seed, else B's, else the
+    prompt's index: both configs always get the same seeds, never one drawn at random. ``generation``
     overrides apply to both configs (``max_new_tokens=16``, ``chat=True``); ``n`` must agree.
     ``backend`` (loaded from A's config when omitted) serves both configs when their backend
     sections are equal; otherwise B's is loaded (or pass ``backend_b``), and the two must share a
     vocabulary and tokenizer.
     """
+    from samplerkit.config import validate_generation
+    from samplerkit.generate import Generator, load_backend, load_config, row_seeds
+
     conf_a, reg_a = load_config(config_a, registry)
     conf_b, reg_b = load_config(config_b, registry)
     if backend is None:
@@ -243,8 +254,6 @@ def compare(config_a: ConfigLike, config_b: ConfigLike, prompts: Prompt | Sequen
     if gen_a.backend.vocab_size != gen_b.backend.vocab_size:
         raise ConfigError(ConfigIssue("backend", f"A's model has {gen_a.backend.vocab_size} tokens and B's "
                                                  f"{gen_b.backend.vocab_size}; compare needs one vocabulary"))
-    from samplerkit.config import validate_generation
-
     opts_a = validate_generation(conf_a.generation, generation) if generation else conf_a.generation
     opts_b = validate_generation(conf_b.generation, generation) if generation else conf_b.generation
     if opts_a.n != opts_b.n:
@@ -258,16 +267,21 @@ def compare(config_a: ConfigLike, config_b: ConfigLike, prompts: Prompt | Sequen
     out_b = gen_b.generate(prompts, seeds=base if gen_b.pipeline.takes_seed else None, **generation)
     per_row_a = row_seeds(gen_a.pipeline, n_prompts, opts_a.n, base) if gen_a.pipeline.takes_seed else None
     per_row_b = row_seeds(gen_b.pipeline, n_prompts, opts_b.n, base) if gen_b.pipeline.takes_seed else None
-    rows = []
+    rows, plans = [], []
     for r, (a, b) in enumerate(zip(out_a, out_b)):
         if a.prompt_token_ids != b.prompt_token_ids:
             raise ConfigError(ConfigIssue("backend", f"prompt {a.prompt_index} tokenizes differently under A and B; "
                                                      "compare needs one tokenizer (the same model family)"))
         seed_a = per_row_a[r] if per_row_a else None
         seed_b = per_row_b[r] if per_row_b else None
-        row = _free_runs(a, b, seed_a if seed_a is not None else seed_b)
-        row.steps = _forced_steps(a, (gen_a, opts_a, seed_a), (gen_b, opts_b, seed_b))
-        rows.append(row)
+        rows.append(_free_runs(a, b, seed_a if seed_a is not None else seed_b))
+        plans.append((a, seed_a, seed_b, _forced_count(a, opts_a, gen_a.backend)))
+    # The logits along A's tokens, through the decode loop's own path (prefill, then one step
+    # per token): exactly the logits A's run saw (the backends here are batch-invariant).
+    forced_a = _replay(gen_a.backend, plans)
+    forced_b = forced_a if gen_b.backend is gen_a.backend else _replay(gen_b.backend, plans)
+    for row, (a, seed_a, seed_b, count), la, lb in zip(rows, plans, forced_a, forced_b):
+        row.steps = _forced_steps(a, count, (gen_a, opts_a, seed_a, la), (gen_b, opts_b, seed_b, lb))
     return Comparison(gen_a.pipeline.describe(), gen_b.pipeline.describe(), rows, notes)
 
 
@@ -287,7 +301,9 @@ def _base_seeds(a: RunConfig, b: RunConfig, n_prompts: int, seeds: Sequence[int 
         return list(seeds)
     seed_a = getattr(a.sampler.params, "seed", None)
     seed_b = getattr(b.sampler.params, "seed", None)
-    chosen = seed_a if seed_a is not None else seed_b if seed_b is not None else 0
+    if seed_a is None and seed_b is None:
+        return list(range(n_prompts))           # prompt i: seed i, so prompts do not share noise
+    chosen = seed_a if seed_a is not None else seed_b
     if seed_a is not None and seed_b is not None and seed_a != seed_b:
         notes.append(f"A's sampler seed is {seed_a} and B's {seed_b}: both runs use {chosen} (common random numbers)")
     return [chosen] * n_prompts
@@ -305,26 +321,53 @@ def _free_runs(a: Completion, b: Completion, seed: int | None) -> RowComparison:
                          a.finish_reason, b.finish_reason, first, agree / longest if longest else 1.0)
 
 
-def _forced_steps(a: Completion, side_a, side_b) -> list[ForcedStep]:
-    """Both pipelines along A's tokens (see the module docs)."""
-    prompt = list(a.prompt_token_ids)
+def _forced_count(a: Completion, opts, backend) -> int:
+    """How many positions A drew a token at: each generated token, plus the EOS / stop token
+    that ended the row when it is not among ``token_ids`` (a stop *string* ends on a token that is)."""
+    tokens = a.token_ids
+    ended_on_token = a.finish_reason == "stop" and not any(s in backend.detokenize(tokens) for s in opts.stop)
+    return len(tokens) + (1 if ended_on_token else 0)
+
+
+def _replay(backend, plans) -> list[torch.Tensor]:
+    """Per row, ``[count, V]`` float32: the logits after ``prompt + a_0 .. a_{t-1}`` for each
+    ``t < count``, from one batched prefill of the prompts and one step per token of A."""
+    import torch
+
+    rows = [r for r, plan in enumerate(plans) if plan[3] > 0]
+    out: list[list[torch.Tensor]] = [[] for _ in plans]
+    if not rows:
+        return [torch.empty(0) for _ in plans]
+    logits = backend.prefill([plans[r][0].prompt_token_ids for r in rows]).last
+    t = 0
+    while True:
+        for slot, r in enumerate(rows):
+            out[r].append(logits[slot].float().clone())
+        t += 1
+        keep = [slot for slot, r in enumerate(rows) if plans[r][3] > t]
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            backend.select_rows(keep)
+            rows = [rows[k] for k in keep]
+        logits = backend.step(torch.tensor([plans[r][0].token_ids[t - 1] for r in rows], dtype=torch.int64,
+                                           device=logits.device))
+    return [torch.stack(x) if x else torch.empty(0) for x in out]
+
+
+def _forced_steps(a: Completion, count: int, side_a, side_b) -> list[ForcedStep]:
+    """Both pipelines along A's tokens (see the module docs); ``side`` = (generator, generation
+    options, seed, ``[count, V]`` logits)."""
+    import torch
+
     tokens = list(a.token_ids)
-    gen_a = side_a[0]
-    # The positions A drew a token at: each generated token, plus the EOS / stop token that ended
-    # the row when it is not among token_ids (a stop *string* ends on a token that is).
-    detok = gen_a.backend.detokenize
-    ended_on_token = a.finish_reason == "stop" and not any(s in detok(tokens) for s in side_a[1].stop)
-    count = len(tokens) + (1 if ended_on_token else 0)
-    if count == 0:
-        return []
-    text = prompt + tokens
-    logits = {id(side[0]): _prefix_logits(side[0], text, len(prompt), count) for side in (side_a, side_b)}
-    runs = [_Forced(gen, opts, seed, prompt, count) for gen, opts, seed in (side_a, side_b)]
+    runs = [_Forced(gen, opts, seed, list(a.prompt_token_ids), count) for gen, opts, seed, _ in (side_a, side_b)]
+    detok = side_a[0].backend.detokenize
     out = []
     for t in range(count):
         draws, dists = [], []
-        for run, (gen, _, _) in zip(runs, (side_a, side_b)):
-            ids, dist = run.step(logits[id(gen)][t:t + 1])
+        for run, side in zip(runs, (side_a, side_b)):
+            ids, dist = run.step(side[3][t:t + 1])
             draws.append(int(ids[0]))
             dists.append(dist[0])
         token = tokens[t] if t < len(tokens) else draws[0]
@@ -335,24 +378,19 @@ def _forced_steps(a: Completion, side_a, side_b) -> list[ForcedStep]:
     return out
 
 
-def _prefix_logits(gen: Generator, text: list[int], prompt_len: int, count: int) -> torch.Tensor:
-    """``[count, V]`` float32: the logits after ``text[:prompt_len + t]`` for ``t < count``, from
-    one prefill of the text (row ``t`` of the backend's ``all`` predicts token ``t + 1``)."""
-    out = gen.backend.prefill([text[:prompt_len + count - 1]], keep_all_logits=True)
-    every = out.all[0]
-    return every[prompt_len - 1:prompt_len - 1 + count].float()
-
-
 class _Forced:
     """One config's pipeline stepping along a given text with the decode loop's context."""
 
     def __init__(self, gen: Generator, opts, seed: int | None, prompt: list[int], count: int):
+        from samplerkit.context import StepContext
+
         backend = gen.backend
         self.pipeline = gen.pipeline
-        self.bound: BoundPipeline = gen.pipeline.bind(1, seeds=[seed] if seed is not None else None)
+        self.bound = gen.pipeline.bind(1, seeds=[seed] if seed is not None else None)
         self.ctx = StepContext(1, backend.vocab_size, prompt_ids=[prompt], uses=gen.pipeline.uses,
                                max_new_tokens=max(count, 1), eos_token_ids=[*backend.eos_token_ids, *opts.stop_token_ids],
-                               tokenize=lambda text: backend.tokenize(text, add_special=False))
+                               tokenize=lambda text: backend.tokenize(text, add_special=False),
+                               device=gen.pipeline.device)
         self.ctx.want_distribution = True
 
     def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,3 +399,151 @@ class _Forced:
         ids, _valid = self.bound.sample_with_validity(logits, self.ctx, processed=processed)
         drawn = self.ctx.take_distribution()
         return ids, drawn_distribution(self.pipeline, processed, drawn, ids)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    """``samplerkit compare A.yaml B.yaml PROMPT...``"""
+    parser.add_argument("config_a", metavar="A.yaml", help="the first run config (the text the forced pass follows)")
+    parser.add_argument("config_b", metavar="B.yaml", help="the second run config")
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
+    parser.add_argument("--seed", type=int, help="base seed of every prompt, for both configs (default: A's sampler "
+                        "seed, else B's, else the prompt's index)")
+    parser.add_argument("--max-new-tokens", type=int, help="sets generation.max_new_tokens of both configs")
+    parser.add_argument("--model", help="path to a GGUF file or Hugging Face model directory (sets backend.model of both)")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    parser.add_argument("--steps", action="store_true", help="print the forced pass step by step")
+    parser.add_argument("--json", action="store_true", help="print the whole comparison as one JSON object")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw TV per position along A's text (.png, .svg or .pdf; "
+                        "needs samplerkit[plot])")
+
+
+def _load_cli_config(path: str, model: str | None) -> dict[str, Any]:
+    import json
+
+    from samplerkit.config import apply_override, read_yaml
+    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
+
+    data = read_yaml(path)
+    if data.get(PRESET_KEY) in list_presets():
+        data = apply_preset(data)
+    if model:
+        data = apply_override(data, f"backend.model={json.dumps(model)}")
+    return data
+
+
+def run(args) -> int:
+    """The ``compare`` verb: 0 when it ran (whatever the configs do), 2 for a usage error."""
+    import json
+
+    from samplerkit.config import resolve
+    from samplerkit.registry import default_registry
+
+    if args.plot:
+        _check_plot_path(args.plot)
+    configs = []
+    for path in (args.config_a, args.config_b):
+        data = _load_cli_config(path, args.model)
+        plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
+        block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
+        configs.append(resolve(data, default_registry(block), path))
+    generation: dict[str, Any] = {}
+    if args.max_new_tokens is not None:
+        generation["max_new_tokens"] = args.max_new_tokens
+    if args.chat:
+        generation["chat"] = True
+    seeds = None if args.seed is None else [args.seed] * len(args.prompts)
+    result = compare(configs[0], configs[1], list(args.prompts), seeds=seeds, **generation)
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return 0
+    print(format_comparison(result, steps=args.steps, labels=(args.config_a, args.config_b)))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def format_comparison(result: Comparison, *, steps: bool = False, labels: tuple[str, str] = ("A", "B")) -> str:
+    """The human-readable report of :func:`compare` (what ``samplerkit compare`` prints)."""
+    lines = [f"A: {labels[0]}: {result.config_a}", f"B: {labels[1]}: {result.config_b}"]
+    lines += [f"note: {note}" for note in result.notes]
+    for row in result.rows:
+        name = f"prompt {row.prompt_index}" + (f", sample {row.sample_index}" if row.sample_index else "")
+        longest = max(len(row.tokens_a), len(row.tokens_b))
+        diverge = "identical tokens" if row.first_divergence is None else f"first divergence at token {row.first_divergence}"
+        lines.append(f"--- {name} (seed {row.seed}): {diverge}; agreement "
+                     f"{round(row.agreement * longest)}/{longest} ({row.agreement:.1%})")
+        lines.append(f"  A ({row.finish_a}): {row.text_a!r}")
+        lines.append(f"  B ({row.finish_b}): {row.text_b!r}")
+        if row.steps:
+            worst = max(row.steps, key=lambda s: s.tv)
+            same = sum(s.draw_a == s.draw_b for s in row.steps)
+            lines.append(f"  along A: mean TV {row.mean_tv:.3f}, max TV {worst.tv:.3f} at token {worst.position} "
+                         f"({worst.text!r}); B draws A's token at {same}/{len(row.steps)} steps"
+                         + ("" if row.replayed == 1.0 else f"; A's replay matched {row.replayed:.1%} of its tokens"))
+        if steps and row.steps:
+            lines.append(f"  {'t':>4}  {'A token':<16} {'B draw':<16} {'TV':>6} {'kept A':>7} {'kept B':>7}")
+            for s in row.steps:
+                mark = "" if s.draw_a == s.draw_b else "  *"
+                lines.append(f"  {s.position:>4}  {s.text!r:<16.16} {s.text_b!r:<16.16} {s.tv:>6.3f} {s.kept_a:>7} "
+                             f"{s.kept_b:>7}{mark}")
+    lines.append(f"overall: mean TV {result.mean_tv:.3f} along A; B draws A's token at {result.same_draw:.1%} of steps "
+                 f"(1 - mean TV = {1 - result.mean_tv:.1%})")
+    return "\n".join(lines)
+
+
+# -- the picture ---------------------------------------------------------------------------
+
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_plot_path(path: str) -> None:
+    if not str(path).lower().endswith(_PLOT_SUFFIXES):
+        raise GenerationError(f"--plot {path}: give a file name ending in {', '.join(_PLOT_SUFFIXES)}")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise GenerationError("plotting needs matplotlib: pip install 'samplerkit[plot]'") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(result: Comparison, path: str | Path):
+    """Draw ``TV_t`` along A's text, one panel per row, and save it to ``path``; returns the
+    figure (closed). Bars: ``TV_t`` per position; red bars mark positions where B draws another
+    token than A; a dashed line marks the first divergence of the free runs. The x axis is
+    labelled with A's tokens when they are few enough to read."""
+    _check_plot_path(str(path))
+    plt = _pyplot()
+    rows = [r for r in result.rows] or []
+    fig, axes = plt.subplots(max(len(rows), 1), 1, figsize=(10, 2.6 * max(len(rows), 1) + 0.6), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        xs = [s.position for s in row.steps]
+        colors = ["#1f77b4" if s.draw_a == s.draw_b else "#d62728" for s in row.steps]
+        ax.bar(xs, [s.tv for s in row.steps], color=colors, width=0.8)
+        if row.first_divergence is not None:
+            ax.axvline(row.first_divergence - 0.5, color="black", linestyle="--", linewidth=1,
+                       label=f"first divergence (token {row.first_divergence})")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("TV(A, B)")
+        prompt = row.prompt if len(row.prompt) <= 40 else row.prompt[:37] + "..."
+        ax.set_title(f"prompt {row.prompt_index} {prompt!r}: mean TV {row.mean_tv:.3f}, "
+                     f"B draws A's token at {row.same_draw:.0%} of steps", fontsize=9)
+        if 0 < len(row.steps) <= 40:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([repr(s.text)[1:-1] for s in row.steps], rotation=70, fontsize=7)
+        ax.set_xlabel("position along A's text (red: B draws another token)")
+    fig.suptitle(f"A: {result.config_a}\nB: {result.config_b}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
