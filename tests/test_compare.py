@@ -157,6 +157,21 @@ def test_race_coupling_closed_form_matches_the_samplers_draws(vocab):
         assert (1 - tv) / (1 + tv) <= exact <= 1 - tv
 
 
+def test_the_race_never_draws_a_removed_token_whose_noise_is_the_largest():
+    # Found by benchmarks/compare_coupling.py: for seed 1610 at counter 0, token 2837's 24-bit
+    # uniform is the largest, (2^24 - 1/2) 2^-24, which float32 rounds to 1.0: its Gumbel noise was
+    # +inf, -inf + inf = NaN, and argmax picked that removed token (~1 draw in 60,000 on a
+    # 256-token block). samplerkit.ops.random clamps the uniform below 1.
+    from samplerkit.ops.random import gumbel_noise, row_keys
+
+    assert torch.isfinite(gumbel_noise(row_keys(torch.tensor([1610]), torch.tensor([0])), torch.tensor([2837]))).all()
+    x = torch.full((1, 49152), float("-inf"))
+    x[0, 2837] = 0.0                                   # the block race must pick token 284's block
+    x[0, [260, 284]] = torch.tensor([14.4, 16.6])
+    top_p = Pipeline([REGISTRY.get("processor", "top_p").spec(top_p=0.6)], REGISTRY.get("sampler", "categorical").spec())
+    assert int(top_p.sample(x, [1610])[0]) in (260, 284)
+
+
 def test_race_coupling_edge_cases():
     p = torch.tensor([0.5, 0.5, 0.0])
     assert race_coupling(p, p) == pytest.approx(1.0)
@@ -189,6 +204,22 @@ def test_cli_json_and_text(yaml_files, capsys):
     text = capsys.readouterr().out
     assert "first divergence at token" in text and "kept A" in text and text.count("\n     ") >= 5
     assert "B draws A's token at" in text and "overall: mean TV" in text
+
+
+def test_cli_takes_a_preset_and_marks_differing_draws(yaml_files, tmp_path, capsys):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("preset: min_p\nbackend: bigram\ngeneration: {max_new_tokens: 12}\n")
+    same = yaml_files("same.yaml", [{"temperature": 1.0}, {"min_p": 0.1}])
+    assert cli.main(["compare", str(preset), same, "The ", "--steps"]) == 0
+    text = capsys.readouterr().out
+    assert "identical tokens" in text and "min_p(min_p=0.1)" in text and "  *" not in text
+    other = yaml_files("other.yaml", [{"temperature": 1.0}, {"top_k": 2}])
+    assert cli.main(["compare", str(preset), other, "The ", "--steps", "--seed", "1", "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["rows"][0]["steps"]
+    differ = sum(s["draw_a"] != s["draw_b"] for s in steps)
+    assert cli.main(["compare", str(preset), other, "The ", "--steps", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert differ > 0 and sum(line.endswith("  *") for line in text.splitlines()) == differ
 
 
 def test_cli_usage_errors_exit_2(yaml_files, tmp_path, capsys):
