@@ -283,3 +283,13 @@ def test_default_model_neutral_steps_change_no_draw(llama):
         assert row.first_divergence is None and row.tokens_a == row.tokens_b and len(row.tokens_a) >= 5
         assert row.replayed == 1.0
         assert all(s.tv < 1e-6 and s.draw_a == s.draw_b for s in row.steps)
+
+
+def test_the_python_example_in_docs_compare_prints_what_the_page_shows(capsys):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
+    code, shown = re.search(r"## From Python.*?```python\n(.*?)```\n\n```\n(.*?)```", page, flags=re.S).groups()
+    exec(compile(code, "docs/compare.md", "exec"), {})
+    assert capsys.readouterr().out == shown
