@@ -119,9 +119,18 @@ class RowComparison:
     def mean_tv(self) -> float:
         return sum(s.tv for s in self.steps) / len(self.steps) if self.steps else 0.0
 
+    @property
+    def uncoupled(self) -> list[int]:
+        """Positions where both configs claim the same distribution (``TV < 1e-9``) yet draw
+        different tokens. Two samplers that draw by samplerkit's seeded race from the same
+        distribution draw the same token, so this is empty for them; a position here means one
+        sampler does not use the race (its own noise: correct but uncoupled) or does not draw
+        the distribution its pipeline claims (``samplerkit verify`` tells which)."""
+        return [s.position for s in self.steps if s.tv < 1e-9 and s.draw_a != s.draw_b]
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(replayed=self.replayed, same_draw=self.same_draw, mean_tv=self.mean_tv)
+        out.update(replayed=self.replayed, same_draw=self.same_draw, mean_tv=self.mean_tv, uncoupled=self.uncoupled)
         return out
 
 
@@ -484,6 +493,10 @@ def format_comparison(result: Comparison, *, steps: bool = False, labels: tuple[
             lines.append(f"  along A: mean TV {row.mean_tv:.3f}, max TV {worst.tv:.3f} at token {worst.position} "
                          f"({worst.text!r}); B draws A's token at {same}/{len(row.steps)} steps"
                          + ("" if row.replayed == 1.0 else f"; A's replay matched {row.replayed:.1%} of its tokens"))
+        if row.uncoupled:
+            lines.append(f"  warning: same distribution, different draw at {len(row.uncoupled)} step(s) "
+                         f"({', '.join(map(str, row.uncoupled[:10]))}{', ...' if len(row.uncoupled) > 10 else ''}): "
+                         "one sampler does not draw by the seeded race, or does not draw what its pipeline claims")
         if steps and row.steps:
             lines.append(f"  {'t':>4}  {'A token':<16} {'B draw':<16} {'TV':>6} {'kept A':>7} {'kept B':>7}")
             for s in row.steps:

@@ -15,7 +15,9 @@ from samplerkit.builtins.backends.bigram import BigramBackend
 from samplerkit.compare import compare, format_comparison, plot, race_coupling, total_variation
 from samplerkit.errors import SamplerkitError
 from samplerkit.pipeline import Pipeline
-from samplerkit.registry import default_registry
+from samplerkit.plugins import PluginInfo
+from samplerkit.registry import Entry, Registry, default_registry
+from samplerkit.seeded import SeededSampler
 
 REGISTRY = default_registry()
 PROMPTS = ["The ", "A bird"]
@@ -131,6 +133,34 @@ def test_stop_token_is_a_compared_position(bigram):
     for row in stopped:
         assert len(row.steps) == len(row.tokens_a) + 1
         assert row.steps[-1].token in bigram.eos_token_ids and row.replayed == 1.0
+
+
+class _SharpSampler(SeededSampler):
+    """A deliberately wrong sampler: claims to draw softmax(x) (it records nothing) but races
+    on 2x, i.e. draws softmax(2x)."""
+
+    name = "sharp_categorical"
+
+    def sample(self, logits, ctx):
+        return self.streams.race(2 * logits, ctx)
+
+
+def _with_sharp_sampler():
+    entries = [e for kind in ("processor", "sampler", "backend") for e in REGISTRY.entries(kind)]
+    return Registry([*entries, Entry("sampler", "sharp_categorical", _SharpSampler, PluginInfo("test-wrong-sampler"))])
+
+
+def test_same_distribution_different_draw_flags_a_wrong_sampler(bigram):
+    registry = _with_sharp_sampler()
+    result = compare(config(BASE), config(BASE, sampler="sharp_categorical"), PROMPTS, seeds=[1, 2],
+                     backend=bigram, registry=registry)
+    flagged = [p for row in result.rows for p in row.uncoupled]
+    assert result.mean_tv < 1e-9 and flagged          # the same claimed distribution, other draws
+    assert "warning: same distribution, different draw" in format_comparison(result)
+    honest = compare(config(BASE), config(BASE, sampler={"name": "categorical"}), PROMPTS, seeds=[1, 2],
+                     backend=bigram, registry=registry)
+    assert all(not row.uncoupled for row in honest.rows)
+    assert "warning" not in format_comparison(honest)
 
 
 # -- how strongly the race couples draws ------------------------------------------------------
