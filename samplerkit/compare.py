@@ -66,7 +66,7 @@ class ForcedStep:
     """One position ``t`` of A's text, both configs on the prefix ``prompt + a_0 .. a_{t-1}``."""
 
     position: int
-    #: A's real token at ``t`` (``None`` past A's last drawn token never happens: see ``RowComparison``).
+    #: A's real token at ``t`` (its EOS at the last position when A stopped on one).
     token: int
     #: The token A's pipeline draws on this prefix with the row's seed (equals ``token`` when replayed).
     draw_a: int

@@ -58,8 +58,12 @@ def test_a_neutral_extra_step_changes_no_draw(bigram, extra):
     assert result.same_draw == 1.0 and result.mean_tv < 1e-9
 
 
-def test_different_kept_sets_report_divergence_tv_and_draws(bigram):
-    result = run(BASE, [{"temperature": 0.8}, {"top_k": 3}], bigram, seeds=[1, 2])
+@pytest.mark.parametrize("b_steps", [[{"temperature": 0.8}, {"top_k": 3}],
+                                     [{"repetition_penalty": 3.0}, *BASE]], ids=["top_k", "uses-history"])
+def test_different_configs_report_divergence_tv_and_draws(bigram, b_steps):
+    # With a penalty, B's forced draws equal its real tokens before the divergence only if the
+    # forced pass gives B the same history (A's tokens = B's tokens there) as its own run.
+    result = run(BASE, b_steps, bigram, seeds=[1, 2])
     assert result.mean_tv > 0.05
     for row in result.rows:
         d = row.first_divergence
@@ -70,7 +74,7 @@ def test_different_kept_sets_report_divergence_tv_and_draws(bigram):
         # and the first divergence is the first step where B draws another token.
         assert [s.draw_b for s in row.steps[:d + 1]] == row.tokens_b[:d + 1]
         assert all(s.draw_a == s.draw_b for s in row.steps[:d]) and row.steps[d].draw_a != row.steps[d].draw_b
-        assert all(s.kept_a == 10 and s.kept_b == 3 for s in row.steps)
+        assert all(s.kept_a == 10 and s.kept_b == b_steps[-1].get("top_k", 10) for s in row.steps)
 
 
 def test_tv_is_that_of_the_two_processed_distributions_on_a_prefix(bigram):
