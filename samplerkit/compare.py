@@ -449,8 +449,9 @@ def run(args) -> int:
     from samplerkit.config import resolve
     from samplerkit.registry import default_registry
 
-    if args.plot:
+    if args.plot:                    # before the runs: a bad name or no matplotlib fails fast
         _check_plot_path(args.plot)
+        _pyplot()
     configs = []
     for path in (args.config_a, args.config_b):
         data = _load_cli_config(path, args.model)

@@ -268,6 +268,19 @@ def test_cli_usage_errors_exit_2(yaml_files, tmp_path, capsys):
     assert ".png" in err and "Traceback" not in err
 
 
+def test_cli_model_and_missing_matplotlib_are_usage_errors(yaml_files, tmp_path, capsys, monkeypatch):
+    llama = tmp_path / "llama.yaml"
+    llama.write_text("pipeline: [{top_k: 5}]\nsampler: categorical\n")
+    missing = str(tmp_path / "nope.gguf")
+    assert cli.main(["compare", str(llama), str(llama), "x", "--model", missing]) == 2
+    assert missing in capsys.readouterr().err                   # --model reached both configs' backend
+    a = yaml_files("a.yaml", BASE)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)    # import matplotlib fails
+    assert cli.main(["compare", a, a, "x", "--max-new-tokens", "2", "--plot", str(tmp_path / "tv.png")]) == 2
+    err = capsys.readouterr().err
+    assert "samplerkit[plot]" in err and "Traceback" not in err
+
+
 def test_plot_has_a_panel_per_row_and_a_bar_per_step(bigram, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra (samplerkit[plot]) is not installed")
     result = run(BASE, [{"temperature": 0.8}, {"top_k": 3}], bigram, seeds=[1, 2])
