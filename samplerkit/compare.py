@@ -288,7 +288,7 @@ def compare(config_a: ConfigLike, config_b: ConfigLike, prompts: Prompt | Sequen
     # The logits along A's tokens, through the decode loop's own path (prefill, then one step
     # per token): exactly the logits A's run saw (the backends here are batch-invariant).
     forced_a = _replay(gen_a.backend, plans)
-    forced_b = forced_a if gen_b.backend is gen_a.backend else _replay(gen_b.backend, plans)
+    forced_b = forced_a if backend_b is backend else _replay(gen_b.backend, plans)   # one model: one replay
     for row, (a, seed_a, seed_b, count), la, lb in zip(rows, plans, forced_a, forced_b):
         row.steps = _forced_steps(a, count, (gen_a, opts_a, seed_a, la), (gen_b, opts_b, seed_b, lb))
     return Comparison(gen_a.pipeline.describe(), gen_b.pipeline.describe(), rows, notes)

@@ -340,3 +340,12 @@ def test_the_python_example_in_docs_compare_prints_what_the_page_shows(capsys):
     code, shown = re.search(r"## From Python.*?```python\n(.*?)```\n\n```\n(.*?)```", page, flags=re.S).groups()
     exec(compile(code, "docs/compare.md", "exec"), {})
     assert capsys.readouterr().out == shown
+
+
+def test_a_shared_backend_is_replayed_once(monkeypatch):
+    backend = BigramBackend()
+    prefills = []
+    original = backend.prefill
+    monkeypatch.setattr(backend, "prefill", lambda *a, **k: prefills.append(1) or original(*a, **k))
+    run(BASE, [{"top_k": 3}], backend, max_new_tokens=4)
+    assert len(prefills) == 3                  # A's run, B's run, one replay along A for both
