@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from samplerkit import explain
+from samplerkit import compare, explain
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -345,10 +345,13 @@ COMMANDS: tuple[Command, ...] = (
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
     Command("explain", "show what each pipeline stage did to the next-token distribution", explain.run, explain.add_arguments),
+    Command("compare", "run two configs on the same prompts with common random numbers", compare.run,
+            compare.add_arguments, "Compare two configs: first divergence, token agreement and, along A's text, "
+            "the total-variation distance per step (see docs/compare.md)."),
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).
-_PATH_ARGUMENTS = {"config", "config_file", "input", "output", "errors", "model"}
+_PATH_ARGUMENTS = {"config", "config_file", "config_a", "config_b", "input", "output", "errors", "model", "plot"}
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:

@@ -75,7 +75,8 @@ if triton is not None:
     def _gumbel(key, ids):
         """``gumbel_noise`` of (row key, ids): SplitMix64, 24-bit uniforms, ``-log(-log u)``."""
         h = _mix(key + ids.to(tl.uint64) * 0xD1B54A32D192ED03)
-        u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        # The top value rounds to 1.0 in float32 (noise +inf, NaN on a -inf logit): clamp below 1.
+        u = tl.minimum(((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)
         return -_log(-_log(u))
 
     @triton.jit

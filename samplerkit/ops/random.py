@@ -42,6 +42,8 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _TOKEN_STRIDE = _signed(0xD1B54A32D192ED03)
+#: The largest float32 below 1 (``1 - 2^-24``): the most a 24-bit uniform may be.
+_U_MAX = 1.0 - 2.0 ** -24
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,7 +76,9 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     if token_ids.dim() == 1:
         token_ids = token_ids.unsqueeze(0)
     h = _mix(keys.unsqueeze(-1) + token_ids * _TOKEN_STRIDE)
-    u = (_shift_right(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # The top 24-bit value, (2^24 - 1/2) 2^-24, rounds to 1.0 in float32, and -log(-log 1) = +inf:
+    # a removed token (-inf) would then score NaN and win argmax. Clamp to the float32 below 1.
+    u = ((_shift_right(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_U_MAX)
     return -torch.log(-torch.log(u))
 
 
