@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from samplerkit import lint
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -279,6 +280,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config_file}: ok")
     print(f"  backend: {config.backend.name}")
     print(f"  pipeline: {Pipeline.from_config(config).describe()}")
+    from samplerkit.config import read_yaml
+    for warning in lint.lint_config(config, document=read_yaml(args.config_file)):
+        print(f"  warning: {warning}")
     return 0
 
 
@@ -343,6 +347,7 @@ COMMANDS: tuple[Command, ...] = (
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
+    Command("lint", "warn about steps that do nothing, odd orders and other legal surprises", lint.run, lint.add_arguments),
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).

@@ -79,12 +79,17 @@ class Temperature(FastPathProcessor):
     """
 
     name = "temperature"
+    rescales = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
         temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1 is neutral, 0 means greedy")
+
+    @classmethod
+    def kept_at_most(cls, params):
+        return 1 if params.temperature < GREEDY_BELOW else None       # greedy rows keep one token
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

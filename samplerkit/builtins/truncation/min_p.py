@@ -28,6 +28,7 @@ class MinP(ThresholdProcessor):
     """
 
     name = "min_p"
+    truncates = True
 
     class Params(StepParams):
         min_p: float = Field(0.0, ge=0.0, le=1.0, description="minimum probability relative to the top token; 0 disables")

@@ -33,12 +33,22 @@ class TopK(FastPathProcessor):
     """
 
     name = "top_k"
+    truncates = True
+    scale_invariant = True  # ranks only
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
         top_k: int = Field(0, ge=0, description="number of highest logits kept; 0 disables")
+
+    @classmethod
+    def kept_at_most(cls, params):
+        return params.top_k or None
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.top_k or 1
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

@@ -39,6 +39,7 @@ class TopP(ThresholdProcessor):
     """
 
     name = "top_p"
+    truncates = True
 
     class Params(StepParams):
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="cumulative probability kept; 1 disables")
