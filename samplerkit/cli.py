@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from samplerkit import lint
+from samplerkit import lint, verify
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -348,6 +348,7 @@ COMMANDS: tuple[Command, ...] = (
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
     Command("lint", "warn about steps that do nothing, odd orders and other legal surprises", lint.run, lint.add_arguments),
+    Command("verify", "test statistically that a pipeline draws the distribution it claims", verify.run, verify.add_arguments),
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).

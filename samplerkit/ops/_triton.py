@@ -75,7 +75,8 @@ if triton is not None:
     def _gumbel(key, ids):
         """``gumbel_noise`` of (row key, ids): SplitMix64, 24-bit uniforms, ``-log(-log u)``."""
         h = _mix(key + ids.to(tl.uint64) * 0xD1B54A32D192ED03)
-        u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        # Clamped as in samplerkit.ops.random.gumbel_noise: 2^24 - 0.5 rounds to 2^24 (u = 1).
+        u = tl.minimum((h >> 40).to(tl.float32) + 0.5, 16777215.0) * (1.0 / 16777216.0)
         return -_log(-_log(u))
 
     @triton.jit

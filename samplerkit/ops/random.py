@@ -74,7 +74,9 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     if token_ids.dim() == 1:
         token_ids = token_ids.unsqueeze(0)
     h = _mix(keys.unsqueeze(-1) + token_ids * _TOKEN_STRIDE)
-    u = (_shift_right(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # The top 24-bit value, 2^24 - 0.5, rounds to 2^24 in float32: u = 1 would give G = +inf and
+    # a removed (-inf) token NaN, which argmax picks. Clamped to 1 - 2^-24, u stays in (0, 1).
+    u = (_shift_right(h, 40).to(torch.float32) + 0.5).clamp_(max=16777215.0) * (1.0 / (1 << 24))
     return -torch.log(-torch.log(u))
 
 

@@ -50,6 +50,16 @@ class TopK(FastPathProcessor):
     def keeps_all_of(cls, params):
         return params.top_k or 1
 
+    def reference(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Slow and plain (``samplerkit verify`` checks :meth:`apply` against it): per row, a
+        stable sort by descending logit (lower ids first among ties); the first ``k`` stay."""
+        out = logits.clone()
+        for b in range(logits.shape[0]):
+            k = int(self.p.top_k[b])
+            if k > 0:
+                out[b, torch.sort(logits[b], descending=True, stable=True).indices[k:]] = NEG_INF
+        return out
+
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
         active_ks = [row.top_k for row in self.rows if row.top_k > 0]
