@@ -69,15 +69,33 @@ class HalvesWithWrongReference(Processor):
         return logits * torch.where(self.active, 3.0, 1.0).unsqueeze(-1)
 
 
-def test_verify_passes_a_four_step_builtin_pipeline():
-    pipe = samplerkit.load_pipeline({"pipeline": [{"temperature": 0.7}, {"top_k": 50}, {"top_p": 0.9},
-                                                  {"min_p": 0.05}], "sampler": {"name": "categorical", "seed": 1}})
-    report = verify(pipe, cases("-inf holes"))
-    assert report.passed, report
-    result = report.results[0]
-    assert DRAWS <= result.draws < DRAWS + 8 and result.kept == 18
-    assert result.pvalue >= 1e-6 and result.outside == 0
-    assert "-inf holes" in str(report) and "1 of 1 cases pass" in str(report)
+def _doc_run(page: str, command: str) -> tuple[str, str]:
+    """(the YAML file, the output) that docs/PAGE shows for ``$ COMMAND``."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    name = command.split()[2]
+    yaml = re.search(rf"```yaml\n# {re.escape(name)}\n(.*?)```", (Path(__file__).resolve().parents[1] / "docs" /
+                                                                   "verify.md").read_text(encoding="utf-8"), re.S)
+    out = re.search(rf"\$ {re.escape(command)}\n(.*?)```", text, re.S)
+    assert yaml and out, f"docs/{page} shows no {command!r}"
+    return yaml.group(1), out.group(1)
+
+
+@pytest.mark.parametrize("page", ["verify.md", "cli.md"])
+def test_docs_show_a_real_run_of_a_four_step_builtin_pipeline(capsys, tmp_path, monkeypatch, page):
+    command = "samplerkit verify four.yaml --no-model --case ties"
+    yaml, expected = _doc_run(page, command)
+    if page == "cli.md":                   # the same run as verify.md's: checked there
+        assert expected == _doc_run("verify.md", command)[1]
+        return
+    (tmp_path / "four.yaml").write_text(yaml)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *command.split()[1:])
+    assert code == 0, err
+    assert out == expected
+    assert f"{DRAWS + 1:,}" in out           # 50,000 rounded up to 7 equal batches
 
 
 def test_verify_catches_a_sampler_drawing_softmax_2x():
