@@ -12,7 +12,7 @@ logits of the default model) :func:`verify`
    ctx)`` when it has one, else ``softmax(z)`` (a deterministic sampler claims its pick);
 3. draws at least ``draws`` tokens through the pipeline's real ``sample`` (the path generation
    takes), as ``[N, V]`` batches of identical rows with distinct seeds, so one call gives ``N``
-   independent draws;
+   independent draws (every row at its first step: the claimed row is the same for all);
 4. fails the case when any draw is a token of zero claimed probability (outside the kept set:
    a hard check, no statistics), or when Pearson's chi-square test of the counts against the
    claimed probabilities rejects at level ``alpha`` (``1e-6``: a correct pipeline fails a case
@@ -25,6 +25,7 @@ stays valid for such sums of independent categorical draws).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -142,7 +143,8 @@ def model_cases(prompts: Sequence[str] = MODEL_PROMPTS) -> list[LogitsCase]:
 
     model = find_default_model()
     stat = model.stat()
-    key = f"verify-logits-{stat.st_size}-{int(stat.st_mtime)}-{abs(hash(tuple(prompts))) % 10**8}.pt"
+    digest = hashlib.sha256("\0".join(prompts).encode("utf-8")).hexdigest()[:16]     # stable across runs
+    key = f"verify-logits-{stat.st_size}-{int(stat.st_mtime)}-{digest}.pt"
     path = cache_dir() / key
     logits = None
     if path.exists():
@@ -187,12 +189,9 @@ def verify(pipeline: Pipeline, cases: Sequence[LogitsCase] | None = None, *, dra
     return VerifyReport(pipeline.describe(), alpha, results)
 
 
-def _context(pipeline: Pipeline, rows: int, vocab: int, step_index: int = 0) -> StepContext:
-    """A context at step ``step_index`` of every row (the random streams' counter), with the
-    prompt :data:`PROMPT` and no generated tokens recorded."""
-    ctx = StepContext(rows, vocab, prompt_ids=[list(PROMPT)] * rows, uses=pipeline.uses, max_new_tokens=1)
-    ctx.num_generated.fill_(step_index)
-    return ctx
+def _context(pipeline: Pipeline, rows: int, vocab: int) -> StepContext:
+    """A context at the first step of every row, with the prompt :data:`PROMPT`."""
+    return StepContext(rows, vocab, prompt_ids=[list(PROMPT)] * rows, uses=pipeline.uses, max_new_tokens=1)
 
 
 def _same(label: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
@@ -208,19 +207,19 @@ def _same(label: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
     return None
 
 
-def _claimed_row(pipeline: Pipeline, x: torch.Tensor, step_index: int, result: CaseResult | None) -> torch.Tensor:
-    """The processed row ``[1, V]`` the pipeline claims at step ``step_index`` of a row (what
-    ``ctx.num_generated`` says): each step's ``apply``, or its ``reference`` where it declares
-    one, after checking that ``apply`` agrees with it (disagreements go to ``result``)."""
+def _claimed_row(pipeline: Pipeline, x: torch.Tensor, result: CaseResult) -> torch.Tensor:
+    """The processed row ``[1, V]`` the pipeline claims: each step's ``apply``, or its
+    ``reference`` where it declares one, after checking that ``apply`` agrees with it
+    (disagreements go to ``result``)."""
     z = x.clone()
     for spec in pipeline.processors:
         step = spec.cls([spec.params], "cpu")
-        out = step.apply(z.clone(), _context(pipeline, 1, x.shape[-1], step_index))
+        out = step.apply(z.clone(), _context(pipeline, 1, x.shape[-1]))
         reference = getattr(step, "reference", None)
         if callable(reference):
-            ref = reference(z.clone(), _context(pipeline, 1, x.shape[-1], step_index))
+            ref = reference(z.clone(), _context(pipeline, 1, x.shape[-1]))
             why = _same(f"{spec.location}: apply() vs its reference()", out[0], ref[0])
-            if why and result is not None:
+            if why:
                 result.failures.append(why)
             out = ref
         z = out
@@ -235,7 +234,7 @@ def _verify_case(pipeline: Pipeline, case: LogitsCase, draws: int, alpha: float,
     sampler_cls = pipeline.sampler.cls
     claims = getattr(sampler_cls, "stochastic", False) or callable(getattr(sampler_cls, "distribution", None))
     try:
-        z = _claimed_row(pipeline, x, 0, result)
+        z = _claimed_row(pipeline, x, result)
         if not random_steps:
             why = _same("the pipeline's process() (its fast paths) vs its steps one by one",
                         pipeline.bind(1).process(x, _context(pipeline, 1, vocab))[0], z[0])
@@ -243,7 +242,7 @@ def _verify_case(pipeline: Pipeline, case: LogitsCase, draws: int, alpha: float,
                 result.failures.append(why)
         # A deterministic sampler under deterministic steps draws one token: a few draws check it.
         total = draws if claims or random_steps else min(draws, 64)
-        counts, expected = _draw(pipeline, x, total, seed, random_steps)
+        counts, expected = _draw(pipeline, x, z, total, seed, random_steps)
     except (SamplerkitError, AssertionError) as exc:
         result.failures.append(f"{type(exc).__name__}: {exc}")
         return result
@@ -266,44 +265,46 @@ def _verify_case(pipeline: Pipeline, case: LogitsCase, draws: int, alpha: float,
     return result
 
 
-def _draw(pipeline: Pipeline, x: torch.Tensor, total: int, seed: int,
+def _draw(pipeline: Pipeline, x: torch.Tensor, z: torch.Tensor, total: int, seed: int,
           random_steps: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(counts [V], expected counts [V])`` of ``total`` draws (rounded up to whole batches)
-    through the pipeline's ``sample`` on copies of ``x``.
+    """``(counts [V], expected counts [V])`` of ``total`` draws (rounded up to equal batches)
+    through the pipeline's ``sample`` on copies of ``x``, every row at its first step.
 
-    One bound batch of ``R`` rows with distinct seeds; batch ``b`` runs at step ``b`` of every
-    row (``ctx.num_generated = b``), so each (seed, step) stream is drawn once. The claimed row
-    is recomputed at each step (a step may read the step count: min_tokens); with random
-    processors, from the batch's own processed rows, under the same streams as its draws."""
+    Each batch is bound with fresh seeds, distinct for every row of every batch (a config's
+    fixed seed would repeat one draw); a pipeline without a seeded step draws from torch's
+    generator, seeded here. The expected counts come from the claimed row ``z``; with random
+    processors, from each batch's own processed rows, under the same streams as its draws."""
     vocab = x.shape[-1]
     rows = max(1, min(total, BATCH_ELEMENTS // vocab, MAX_ROWS))
     rows = math.ceil(total / math.ceil(total / rows))          # equal batches, at most one extra draw each
     batch = x.expand(rows, vocab).contiguous()
     counts = torch.zeros(vocab, dtype=torch.int64)
     expected = torch.zeros(vocab, dtype=torch.float64)
+    bound = None
     with torch.random.fork_rng(devices=[]):
-        # Distinct seeds for the rows (a config's fixed seed would repeat one draw); a pipeline
-        # without a seeded step draws from torch's generator, seeded here.
         torch.manual_seed(seed)
-        seeds = [(seed * 0x9E3779B1 + i) % 2**62 for i in range(rows)] if pipeline.takes_seed else None
-        bound = pipeline.bind(rows, seeds=seeds)
         for b in range(math.ceil(total / rows)):
-            ids = bound.sample(batch, _context(pipeline, rows, vocab, b))
+            if pipeline.takes_seed:
+                seeds = [(seed * 0x9E3779B1 + b * rows + i) % 2**62 for i in range(rows)]
+                bound = pipeline.bind(rows, seeds=seeds)
+            elif bound is None:
+                bound = pipeline.bind(rows)
+            ids = bound.sample(batch, _context(pipeline, rows, vocab))
             counts += torch.bincount(ids, minlength=vocab)[:vocab]
             if random_steps:
-                expected += _claimed(pipeline, bound.process(batch, _context(pipeline, rows, vocab, b)), b).sum(0)
-            else:
-                expected += _claimed(pipeline, _claimed_row(pipeline, x, b, None), b)[0] * rows
+                expected += _claimed(pipeline, bound.process(batch, _context(pipeline, rows, vocab))).sum(0)
+    if not random_steps:
+        expected = _claimed(pipeline, z)[0] * int(counts.sum())
     return counts, expected
 
 
-def _claimed(pipeline: Pipeline, z: torch.Tensor, step_index: int = 0) -> torch.Tensor:
+def _claimed(pipeline: Pipeline, z: torch.Tensor) -> torch.Tensor:
     """``[R, V]`` float64: what the sampler claims to draw from processed rows ``z``: its
     ``distribution()`` or ``softmax(z)`` for a random sampler; a deterministic one (greedy)
     claims its own pick, probability 1."""
     cls, rows = pipeline.sampler.cls, z.shape[0]
     sampler = cls([pipeline.sampler.params] * rows, "cpu")
-    ctx = _context(pipeline, rows, z.shape[-1], step_index)
+    ctx = _context(pipeline, rows, z.shape[-1])
     if getattr(cls, "stochastic", False) or callable(getattr(cls, "distribution", None)):
         return claimed_distribution(sampler, z, ctx)
     return torch.nn.functional.one_hot(sampler.sample(z.clone(), ctx), z.shape[-1]).double()
