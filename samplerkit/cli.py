@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from samplerkit import compare, explain
+from samplerkit import compare, explain, lint, verify
 from samplerkit.errors import SamplerkitError
 
 EXIT_USER_ERROR = 2
@@ -280,6 +280,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config_file}: ok")
     print(f"  backend: {config.backend.name}")
     print(f"  pipeline: {Pipeline.from_config(config).describe()}")
+    from samplerkit.config import read_yaml
+    for warning in lint.lint_config(config, document=read_yaml(args.config_file)):
+        print(f"  warning: {warning}")
     return 0
 
 
@@ -344,6 +347,8 @@ COMMANDS: tuple[Command, ...] = (
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
+    Command("lint", "warn about steps that do nothing, odd orders and other legal surprises", lint.run, lint.add_arguments),
+    Command("verify", "test statistically that a pipeline draws the distribution it claims", verify.run, verify.add_arguments),
     Command("explain", "show what each pipeline stage did to the next-token distribution", explain.run, explain.add_arguments),
     Command("compare", "run two configs on the same prompts with common random numbers", compare.run,
             compare.add_arguments, "Compare two configs: first divergence, token agreement and, along A's text, "

@@ -84,6 +84,37 @@ class Processor(Step):
     #: :func:`samplerkit.testing.check_processor` tests the claim at extreme values.
     keeps_finite: ClassVar[bool] = False
 
+    # What the step does to the distribution, declared so that tools reason about a pipeline
+    # without a list of built-in names (``samplerkit lint``, docs/lint.md). A wrong claim makes
+    # lint give wrong advice; it never changes what the pipeline computes.
+    #: True when the step only removes tokens (writes ``-inf``), choosing them from the row's
+    #: own logits (their values or ranks: top_k, top_p, min_p), and never changes a kept logit.
+    truncates: ClassVar[bool] = False
+    #: For a truncation: the kept set is the same when the row's logits are first divided by a
+    #: positive number (top_k, which reads ranks only; top_n_sigma), so its place relative to a
+    #: :attr:`rescales` step does not matter.
+    scale_invariant: ClassVar[bool] = False
+    #: True when the step divides each row's logits by a positive number (temperature): a
+    #: truncation that reads probabilities (top_p, min_p) keeps another set before than after it.
+    rescales: ClassVar[bool] = False
+    #: True when the step removes tokens by identity (a list, a grammar, the history) whatever
+    #: their probability: after a truncation it may remove every token the truncation kept.
+    constrains: ClassVar[bool] = False
+    #: Whether the step draws at random (xtc's coin).
+    stochastic: ClassVar[bool] = False
+
+    @classmethod
+    def kept_at_most(cls, params: StepParams) -> int | None:
+        """The most tokens a row keeps after this step with ``params`` (``top_k``: ``k``), or
+        ``None`` when there is no such bound."""
+        return None
+
+    @classmethod
+    def keeps_all_of(cls, params: StepParams) -> int:
+        """A row with at most this many finite logits keeps all of them through this step with
+        ``params``. Default: 1 for a :attr:`truncates` step (every row keeps a token), else 0."""
+        return 1 if cls.truncates else 0
+
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 

@@ -17,6 +17,11 @@ Plugin authors run the same contract the built-ins pass::
         with temporary_plugin(my_plugin_module, "my_plugin") as registry:
             assert registry.has("processor", "my_processor")
 
+Whether a whole pipeline draws what it claims (``samplerkit verify``, docs/verify.md)::
+
+    report = verify(samplerkit.load_pipeline("run.yaml"))
+    assert report.passed, report
+
 Or over every class a registry holds (built-ins and installed plugins)::
 
     @parametrize_registered("processor")
@@ -37,6 +42,7 @@ from samplerkit.testing.contract import (
     registered_classes,
     temporary_plugin,
 )
+from samplerkit.testing.verification import VerifyReport, verify
 
 #: Built-in pipelines that together take every fast path of a sampling step (candidate lists,
 #: deferred temperature, greedy rows, thresholds handed to the sampler, the histograms, a
@@ -56,5 +62,5 @@ FAST_PATH_CHAINS = [
 __all__ = [
     "BUILTIN_EXAMPLES", "FAST_PATH_CHAINS", "check_backend", "check_distribution", "check_plugin", "check_processor",
     "check_sampler", "check_step", "examples_for",
-    "parametrize_registered", "registered_classes", "temporary_plugin",
+    "parametrize_registered", "registered_classes", "temporary_plugin", "VerifyReport", "verify",
 ]

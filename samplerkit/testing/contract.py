@@ -247,6 +247,7 @@ def check_processor(cls: type, params_examples: Sequence[Mapping[str, Any]] | No
             assert bool(torch.isfinite(out[i]).any()), f"{what}: removed every token (at least one must stay finite)"
         if cls.argmax_invariant:
             _assert_argmax_kept(cls, p, logits, out)
+        _assert_declared_bounds(cls, p, logits, out, ctx_for)
 
     # Rows independent: a mixed batch vs each row alone, and the batch reversed.
     assignments = [[params[(i + shift) % len(params)] for i in range(batch)] for shift in range(min(len(params), 3))]
@@ -312,6 +313,31 @@ def _assert_argmax_kept(cls: type, p: StepParams, logits: torch.Tensor, out: tor
             f"test row {i} (rows {moved} in all): input top token(s) {was}, output top token "
             f"{int(top_out[i])}. A greedy pipeline skips argmax-invariant steps, so this step would be "
             f"silently ignored there: set argmax_invariant = False on {cls.__qualname__}.")
+
+
+def _assert_declared_bounds(cls: type, p: StepParams, logits: torch.Tensor, out: torch.Tensor, ctx_for) -> None:
+    """The kept-set claims ``samplerkit lint`` reasons from: ``kept_at_most(p)`` bounds every
+    row's kept count; a row with at most ``keeps_all_of(p)`` finite logits keeps all of them; a
+    ``scale_invariant`` truncation keeps the same set of ``x / 2`` and ``x * 2`` (powers of two:
+    float32 scales them exactly)."""
+    what = f"{cls.name}({_describe(p)})"
+    kept, had = torch.isfinite(out).sum(-1), torch.isfinite(logits).sum(-1)
+    most = cls.kept_at_most(p)
+    if most is not None:
+        over = (kept > most).nonzero().squeeze(-1).tolist()
+        assert not over, (f"{what} declares kept_at_most = {most} but test row {over[0]} kept {int(kept[over[0]])} "
+                          f"tokens: fix {cls.__qualname__}.kept_at_most")
+    whole = cls.keeps_all_of(p)
+    for i in (had <= whole).nonzero().squeeze(-1).tolist():
+        assert int(kept[i]) == int(had[i]), (
+            f"{what} declares keeps_all_of = {whole} but removed tokens from test row {i}, which has {int(had[i])} "
+            f"finite logits: fix {cls.__qualname__}.keeps_all_of")
+    if getattr(cls, "scale_invariant", False) and not p.is_neutral():
+        for factor in (0.5, 2.0):
+            scaled = _apply(cls, [p] * logits.shape[0], logits * factor, ctx_for())
+            moved = (torch.isfinite(scaled) != torch.isfinite(out)).any(-1).nonzero().squeeze(-1).tolist()
+            assert not moved, (f"{what} declares scale_invariant = True but keeps other tokens of test row "
+                               f"{moved[0]} once its logits are multiplied by {factor}: set scale_invariant = False")
 
 
 def _overrides(cls: type, base: type, method: str) -> bool:

@@ -38,6 +38,9 @@ class SuppressTokens(Processor):
     name = "suppress_tokens"
     # Suppressing the top token changes the argmax, so a greedy pipeline must run this step.
     argmax_invariant = False
+    # It removes tokens by id whatever their probability (samplerkit lint warns when it runs
+    # after a truncation, which may have kept only tokens it suppresses).
+    constrains = True
 
     class Params(StepParams):
         token_ids: list[int] = Field(default_factory=list,

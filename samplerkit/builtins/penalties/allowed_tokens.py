@@ -28,6 +28,7 @@ class AllowedTokens(Processor):
     """
 
     name = "allowed_tokens"
+    constrains = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
 

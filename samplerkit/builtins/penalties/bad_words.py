@@ -37,6 +37,7 @@ class BadWords(Processor):
     """
 
     name = "bad_words"
+    constrains = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     uses = frozenset({"generated"})

@@ -31,6 +31,7 @@ class MinTokens(Processor):
     """
 
     name = "min_tokens"
+    constrains = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
 

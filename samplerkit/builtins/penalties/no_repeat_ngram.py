@@ -29,6 +29,7 @@ class NoRepeatNgram(Processor):
     """
 
     name = "no_repeat_ngram"
+    constrains = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     uses = frozenset({"generated"})

@@ -30,6 +30,7 @@ class DynamicTemperature(FastPathProcessor):
     """
 
     name = "dynamic_temperature"
+    rescales = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     argmax_invariant = True

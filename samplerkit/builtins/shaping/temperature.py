@@ -79,12 +79,32 @@ class Temperature(FastPathProcessor):
     """
 
     name = "temperature"
+    rescales = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
         temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1 is neutral, 0 means greedy")
+
+    @classmethod
+    def kept_at_most(cls, params):
+        return 1 if params.temperature < GREEDY_BELOW else None       # greedy rows keep one token
+
+    def reference(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Slow and plain (``samplerkit verify`` checks :meth:`apply` against it): ``x / T`` in
+        float64; a greedy row keeps only its first highest logit."""
+        out = logits.clone()
+        for b in range(logits.shape[0]):
+            t = float(self.p.temperature[b])
+            if t < GREEDY_BELOW:
+                top = int(logits[b].argmax())
+                out[b] = NEG_INF
+                out[b, top] = logits[b, top]
+            else:
+                q = (logits[b].double() / t).float()          # a finite logit saturates, -inf stays
+                out[b] = torch.where(torch.isinf(q) & torch.isfinite(logits[b]), q.clamp(-_FLOAT32_MAX, _FLOAT32_MAX), q)
+        return out
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

@@ -24,6 +24,7 @@ class EpsilonCutoff(MaskProcessor):
     """
 
     name = "epsilon_cutoff"
+    truncates = True
 
     class Params(StepParams):
         epsilon_cutoff: float = Field(0.0, ge=0.0, lt=1.0, description="tokens below this probability are removed; 0 disables")
@@ -31,6 +32,10 @@ class EpsilonCutoff(MaskProcessor):
 
         def is_neutral(self) -> bool:
             return self.epsilon_cutoff == 0.0
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.min_tokens_to_keep
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
@@ -56,6 +61,7 @@ class EtaCutoff(MaskProcessor):
     """
 
     name = "eta_cutoff"
+    truncates = True
 
     class Params(StepParams):
         eta_cutoff: float = Field(0.0, ge=0.0, lt=1.0, description="epsilon of eta sampling (the floor is min(eta, sqrt(eta) exp(-H))); 0 disables")
@@ -63,6 +69,10 @@ class EtaCutoff(MaskProcessor):
 
         def is_neutral(self) -> bool:
             return self.eta_cutoff == 0.0
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.min_tokens_to_keep
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

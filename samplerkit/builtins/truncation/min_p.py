@@ -28,9 +28,17 @@ class MinP(ThresholdProcessor):
     """
 
     name = "min_p"
+    truncates = True
 
     class Params(StepParams):
         min_p: float = Field(0.0, ge=0.0, le=1.0, description="minimum probability relative to the top token; 0 disables")
+
+    def reference(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Slow and plain (``samplerkit verify`` checks :meth:`apply` against it): float64
+        probabilities, ``p_i >= min_p * max_j p_j`` stays."""
+        probs = torch.softmax(logits.double(), -1)
+        keep = probs >= self.p.min_p.double().unsqueeze(-1) * probs.amax(-1, keepdim=True)
+        return logits.masked_fill(~keep, NEG_INF)
 
     def threshold(self, logits: torch.Tensor) -> torch.Tensor:
         # min_p = 0 gives log(0) = -inf: neutral rows keep everything by themselves.

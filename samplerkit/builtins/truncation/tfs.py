@@ -26,6 +26,7 @@ class TailFree(MaskProcessor):
     """
 
     name = "tfs"
+    truncates = True
 
     class Params(StepParams):
         tfs: float = Field(1.0, ge=0.0, le=1.0, description="share of the curvature kept (tail-free z); 1 disables")
@@ -33,6 +34,10 @@ class TailFree(MaskProcessor):
 
         def is_neutral(self) -> bool:
             return self.tfs >= 1.0
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.min_keep
 
     def keep(self, logits, ctx):
         return tail_free_mask(logits, self.p.tfs, self.p.min_keep)

@@ -24,6 +24,7 @@ class TopA(MaskProcessor):
     """
 
     name = "top_a"
+    truncates = True
 
     class Params(StepParams):
         top_a: float = Field(0.0, ge=0.0, le=1.0, description="floor relative to the squared top probability; 0 disables")

@@ -33,12 +33,32 @@ class TopK(FastPathProcessor):
     """
 
     name = "top_k"
+    truncates = True
+    scale_invariant = True  # ranks only
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
     argmax_invariant = True
 
     class Params(StepParams):
         top_k: int = Field(0, ge=0, description="number of highest logits kept; 0 disables")
+
+    @classmethod
+    def kept_at_most(cls, params):
+        return params.top_k or None
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.top_k or 1
+
+    def reference(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Slow and plain (``samplerkit verify`` checks :meth:`apply` against it): per row, a
+        stable sort by descending logit (lower ids first among ties); the first ``k`` stay."""
+        out = logits.clone()
+        for b in range(logits.shape[0]):
+            k = int(self.p.top_k[b])
+            if k > 0:
+                out[b, torch.sort(logits[b], descending=True, stable=True).indices[k:]] = NEG_INF
+        return out
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

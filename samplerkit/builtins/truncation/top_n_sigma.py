@@ -24,6 +24,8 @@ class TopNSigma(ThresholdProcessor):
     """
 
     name = "top_n_sigma"
+    truncates = True
+    scale_invariant = True  # max - n * sigma scales with the logits
 
     class Params(StepParams):
         top_n_sigma: float = Field(0.0, ge=0.0, description="standard deviations below the top logit kept; 0 disables")

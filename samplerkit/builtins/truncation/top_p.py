@@ -39,9 +39,23 @@ class TopP(ThresholdProcessor):
     """
 
     name = "top_p"
+    truncates = True
 
     class Params(StepParams):
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="cumulative probability kept; 1 disables")
+
+    def reference(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Slow and plain (``samplerkit verify`` checks :meth:`apply` against it): per row, the
+        float64 probabilities sorted descending; token ``j`` stays iff the mass before it is below
+        ``top_p``; tokens tied with a kept one stay."""
+        out = logits.clone()
+        for b in range(logits.shape[0]):
+            if not bool(self.active[b]):
+                continue
+            probs, order = torch.sort(torch.softmax(logits[b].double(), -1), descending=True, stable=True)
+            kept = order[(probs.cumsum(0) - probs) < float(self.p.top_p[b])]
+            out[b, logits[b] < logits[b, kept].min()] = NEG_INF
+        return out
 
     def threshold(self, logits: torch.Tensor) -> torch.Tensor:
         return top_p_threshold(logits, self.p.top_p, work=self._work)

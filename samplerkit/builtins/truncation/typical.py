@@ -28,6 +28,7 @@ class TypicalP(MaskProcessor):
     """
 
     name = "typical_p"
+    truncates = True
     # The most probable token may be atypical and removed.
     argmax_invariant = False
 
@@ -37,6 +38,10 @@ class TypicalP(MaskProcessor):
 
         def is_neutral(self) -> bool:
             return self.typical_p >= 1.0
+
+    @classmethod
+    def keeps_all_of(cls, params):
+        return params.min_tokens_to_keep
 
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)

@@ -34,6 +34,7 @@ class Xtc(Seeded, Processor):
     """
 
     name = "xtc"
+    stochastic = True
     # NaN/+inf never written on valid rows (tests/test_properties.py, extreme values).
     keeps_finite = True
 
