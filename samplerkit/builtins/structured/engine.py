@@ -1,0 +1,173 @@
+"""The bridge to llguidance: grammars from schemas, regexes and Lark/GBNF text, the engine's
+tokenizer from a backend's :class:`~samplerkit.backend.TokenVocabulary`, and token masks.
+
+llguidance (the extra ``structured``) is imported only here and only when a constrained step
+is configured or run. Everything costly is cached: a grammar's validation by its content hash,
+the engine tokenizer by the vocabulary object, and a compiled matcher by (tokenizer, grammar
+hash), so a schema seen before costs one ``deep_copy`` of its matcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from samplerkit.errors import GenerationError
+
+EXTRA_HINT = "pip install 'samplerkit[structured]'"
+
+#: Compiled matchers kept (least recently used first out).
+MATCHER_CACHE_SIZE = 256
+
+_lock = threading.Lock()
+_validated: OrderedDict[str, str] = OrderedDict()             # grammar hash -> "" or the engine's error
+_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # TokenVocabulary -> LLTokenizer
+_matchers: OrderedDict[tuple[int, str], Any] = OrderedDict()    # (id(LLTokenizer), grammar hash) -> LLMatcher
+_executor: Any = None
+
+
+def llguidance():
+    """The llguidance module, or an ImportError naming the extra to install."""
+    try:
+        import llguidance as llg
+        import llguidance.torch  # noqa: F401  (the bitmask helpers)
+    except ImportError as exc:
+        raise ImportError(f"constrained decoding (json_schema, json_object, regex, grammar, choice) needs the "
+                          f"llguidance package: {EXTRA_HINT} ({exc})") from None
+    return llg
+
+
+def grammar_hash(grammar: str) -> str:
+    return hashlib.sha256(grammar.encode("utf-8")).hexdigest()
+
+
+def build_grammar(kind: str, source: Any, options: dict[str, Any] | None = None) -> str:
+    """The llguidance grammar of a JSON schema (a dict), a regex, a Lark or GBNF grammar or a list
+    of choices; a ``ValueError`` with the engine's reason when it is invalid. Validation (the
+    costly part) is cached by the grammar's content hash."""
+    llg = llguidance()
+    if kind == "json_schema":
+        grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source, sort_keys=True), overrides=options or None)
+    elif kind == "choice":
+        grammar = llg.grammar_from("choice", list(source))
+    else:
+        try:
+            grammar = llg.grammar_from(kind, source)
+        except ValueError as exc:          # GBNF that does not convert to Lark
+            raise ValueError(str(exc)) from None
+    key = grammar_hash(grammar)
+    with _lock:
+        error = _validated.get(key)
+    if error is None:
+        error = llg.LLMatcher.validate_grammar(grammar)
+        with _lock:
+            _validated[key] = error
+            while len(_validated) > 4 * MATCHER_CACHE_SIZE:
+                _validated.popitem(last=False)
+    if error and not error.startswith("WARNING"):
+        raise ValueError(error.strip())
+    return grammar
+
+
+def engine_tokenizer(vocab) -> Any:
+    """The ``LLTokenizer`` of a :class:`~samplerkit.backend.TokenVocabulary` (built once per object)."""
+    with _lock:
+        tok = _tokenizers.get(vocab)
+    if tok is not None:
+        return tok
+    llg = llguidance()
+    if not vocab.eos_token_ids:
+        raise GenerationError("the backend's token vocabulary names no EOS token; constrained steps need one to end "
+                              "a row whose constraint is complete")
+    eos = list(vocab.eos_token_ids)
+    if vocab.hf_tokenizer_json is not None:
+        tok = llg.LLTokenizer(vocab.hf_tokenizer_json, n_vocab=vocab.vocab_size, eos_token=eos)
+    else:
+        tok = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped(vocab)), n_vocab=vocab.vocab_size, eos_token=eos)
+    with _lock:
+        _tokenizers[vocab] = tok
+    return tok
+
+
+class _Wrapped:
+    """The attributes llguidance's ``TokenizerWrapper`` reads, from a TokenVocabulary."""
+
+    def __init__(self, vocab):
+        self.eos_token_id = vocab.eos_token_ids[0]
+        self.bos_token_id = vocab.bos_token_id
+        self.tokens = list(vocab.tokens)
+        self.special_token_ids = list(vocab.special_token_ids)
+        self._encode = vocab.encode
+
+    def __call__(self, data: bytes) -> list[int]:
+        if self._encode is None:
+            raise NotImplementedError("this vocabulary has no encoder")
+        return self._encode(data)
+
+
+def new_matcher(tokenizer, grammar: str) -> Any:
+    """A fresh matcher for ``grammar`` at its start state: compiled once per (tokenizer, grammar),
+    then copied."""
+    llg = llguidance()
+    key = (id(tokenizer), grammar_hash(grammar))
+    with _lock:
+        template = _matchers.get(key)
+        if template is not None:
+            _matchers.move_to_end(key)
+    if template is None:
+        template = llg.LLMatcher(tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise GenerationError(f"the constraint could not be compiled for this tokenizer: {template.get_error()}")
+        with _lock:
+            _matchers[key] = template
+            while len(_matchers) > MATCHER_CACHE_SIZE:
+                _matchers.popitem(last=False)
+    return template.deep_copy()
+
+
+def clear_caches() -> None:
+    """Forget every cached grammar validation and compiled matcher (benchmarks time a cold compile)."""
+    with _lock:
+        _validated.clear()
+        _matchers.clear()
+
+
+def fill_masks(matchers: list[tuple[Any, int]], bitmask: torch.Tensor) -> None:
+    """Write each ``(matcher, row)``'s allowed-token bits into ``bitmask[row]`` (``[B, ceil(V/32)]``
+    int32, bit ``i % 32`` of word ``i // 32`` is token ``i``), in parallel across rows."""
+    global _executor
+    llg = llguidance()
+    if len(matchers) == 1:
+        llg.torch.fill_next_token_bitmask(matchers[0][0], bitmask, matchers[0][1])
+        return
+    if _executor is None:
+        _executor = llg.LLExecutor()
+    llg.torch.fill_next_token_bitmask_par(_executor, matchers, bitmask)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits[r, i] = -inf`` where bit ``i`` of ``bitmask[r]`` is 0 (in place), for the rows
+    ``rows`` (``None``: all). ``bitmask`` has one row per row of ``logits``."""
+    vocab = logits.shape[-1]
+    if bitmask.device != logits.device:
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    if rows is not None:
+        bitmask = bitmask.index_select(0, rows)
+    # [R, W] words -> [R, W, 32] bits -> [R, 32 W] (little-endian bit order), cut to V.
+    blocked = ((bitmask.unsqueeze(-1) >> shifts) & 1).eq(0).view(bitmask.shape[0], -1)[:, :vocab]
+    if rows is None:
+        return logits.masked_fill_(blocked, float("-inf"))
+    sub = logits.index_select(0, rows).masked_fill_(blocked, float("-inf"))
+    return logits.index_copy_(0, rows, sub)
