@@ -35,8 +35,9 @@ _executor: Any = None
 def llguidance():
     """The llguidance module, or an ImportError naming the extra to install."""
     try:
+        # Not llguidance.torch: importing it compiles a kernel with torch.compile (about 10 s
+        # here); fill_masks calls the same two engine entry points it wraps.
         import llguidance as llg
-        import llguidance.torch  # noqa: F401  (the bitmask helpers)
     except ImportError as exc:
         raise ImportError(f"constrained decoding (json_schema, json_object, regex, grammar, choice) needs the "
                           f"llguidance package: {EXTRA_HINT} ({exc})") from None
@@ -142,31 +143,45 @@ def fill_masks(matchers: list[tuple[Any, int]], bitmask: torch.Tensor) -> None:
     """Write each ``(matcher, row)``'s allowed-token bits into ``bitmask[row]`` (``[B, ceil(V/32)]``
     int32, bit ``i % 32`` of word ``i // 32`` is token ``i``), in parallel across rows."""
     global _executor
-    llg = llguidance()
+    if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
+        raise ValueError("the bitmask must be a contiguous int32 CPU tensor")
+    row_bytes = bitmask.shape[1] * 4
     if len(matchers) == 1:
-        llg.torch.fill_next_token_bitmask(matchers[0][0], bitmask, matchers[0][1])
+        matcher, row = matchers[0]
+        matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
         return
     if _executor is None:
-        _executor = llg.LLExecutor()
-    llg.torch.fill_next_token_bitmask_par(_executor, matchers, bitmask)
+        _executor = llguidance().LLExecutor()
+    _executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_BLOCKED_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _blocked_bits(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` bool: ``table[b, j]`` is True when bit ``j`` of byte ``b`` is 0."""
+    table = _BLOCKED_BITS.get(device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        table = _BLOCKED_BITS[device] = ((byte >> torch.arange(8, dtype=torch.int32)) & 1).eq(0).to(device)
+    return table
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``logits[r, i] = -inf`` where bit ``i`` of ``bitmask[r]`` is 0 (in place), for the rows
-    ``rows`` (``None``: all). ``bitmask`` has one row per row of ``logits``."""
+    ``rows`` (``None``: all). ``bitmask`` has one row per row of ``logits``.
+
+    The words are read as little-endian bytes (token ``8k + j`` is bit ``j`` of byte ``k``) and
+    expanded through a 256-entry table: one gather instead of 32 shifts per word (about 1.5x
+    faster on CPU; benchmarks/bench_structured.py)."""
     vocab = logits.shape[-1]
+    if rows is not None:
+        bitmask = bitmask.index_select(0, rows.to(bitmask.device))
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    shifts = _SHIFTS.get(logits.device)
-    if shifts is None:
-        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    if rows is not None:
-        bitmask = bitmask.index_select(0, rows)
-    # [R, W] words -> [R, W, 32] bits -> [R, 32 W] (little-endian bit order), cut to V.
-    blocked = ((bitmask.unsqueeze(-1) >> shifts) & 1).eq(0).view(bitmask.shape[0], -1)[:, :vocab]
+    table = _blocked_bits(logits.device)
+    count = bitmask.shape[0]
+    blocked = table.index_select(0, bitmask.contiguous().view(torch.uint8).view(-1).int()).view(count, -1)[:, :vocab]
     if rows is None:
         return logits.masked_fill_(blocked, float("-inf"))
     sub = logits.index_select(0, rows).masked_fill_(blocked, float("-inf"))

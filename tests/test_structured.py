@@ -1,0 +1,225 @@
+"""Constrained decoding (json_schema, json_object, regex, grammar, choice) on the byte-level
+bigram backend: exact masks, per-row constraints, state through compaction and fan-out,
+load-time errors, and the exactness of the constrained distribution (chi-square)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import jsonschema
+import pytest
+import torch
+
+import samplerkit
+from samplerkit.builtins.backends.bigram import EOS_ID, BigramBackend
+from samplerkit.builtins.structured import Constraint, JsonSchema, Regex
+from samplerkit.context import StepContext
+from samplerkit.errors import ConfigError
+from samplerkit.registry import default_registry
+
+pytest.importorskip("llguidance")
+
+ALPHA = 1e-6
+# Training text with every character JSON needs, so the bigram model gives them probability.
+TEXT = ('{"a": 12, "b": "x"} {"b": "yy", "a": -3, "c": [1, 2.5e3]}\n\n[1, 2, 3] true false null '
+        '"hello world" cat car dog 0.5\n\nThe cat sat. The dog ran. A car is red.\n\n')
+REGISTRY = default_registry()
+
+
+def config(pipeline, *, seed=1, max_new_tokens=48, **generation):
+    return {"backend": {"name": "bigram", "text": TEXT}, "pipeline": pipeline,
+            "sampler": {"name": "categorical", "seed": seed},
+            "generation": {"max_new_tokens": max_new_tokens, **generation}}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return BigramBackend(BigramBackend.Params(text=TEXT))
+
+
+def gen(backend, prompts, cfg, **kw):
+    return samplerkit.Generator(cfg, backend=backend).generate(prompts, **kw)
+
+
+def test_regex_outputs_match_and_stop(backend):
+    pattern = r"The (cat|dog|car) [a-z]{2,4}\."
+    out = gen(backend, ["x"] * 6, config([{"regex": {"pattern": pattern}}]), seeds=list(range(6)))
+    for c in out:
+        assert re.fullmatch(pattern, c.text), c.text
+        assert c.finish_reason == "stop"            # complete: only EOS was left
+    assert len({c.text for c in out}) > 1           # still sampled, not forced to one string
+
+
+def test_json_schema_per_row_with_fan_out(backend):
+    schemas = [
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "yy"]}},
+         "required": ["a", "b"], "additionalProperties": False},
+        None,
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 3},
+        {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+    ]
+    rows = [None if s is None else {"json_schema": {"schema": s}} for s in schemas]
+    out = gen(backend, ["p0", "p1", "p2", "p3"], config([{"json_schema": {}}], n=3), rows=rows)
+    assert len(out) == 12
+    for c in out:
+        schema = schemas[c.prompt_index]
+        if schema is None:
+            continue
+        assert c.finish_reason == "stop", c
+        jsonschema.validate(json.loads(c.text), schema)
+    free = [c.text for c in out if c.prompt_index == 1]
+    assert any(not _is_json(t) for t in free)       # the row without a schema is not constrained
+    # The n samples of a constrained prompt advance independently (different texts).
+    assert len({c.text for c in out if c.prompt_index == 0}) > 1
+
+
+def _is_json(text):
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_choice_grammar_and_gbnf(backend):
+    out = gen(backend, ["a"] * 8, config([{"choice": {"options": ["cat", "car", "dog"]}}]), seeds=list(range(8)))
+    assert {c.text for c in out} <= {"cat", "car", "dog"}
+    lark = 'start: item (" and " item)?\nitem: "cat" | "dog"'
+    out = gen(backend, ["a"] * 4, config([{"grammar": {"lark": lark}}], max_new_tokens=24), seeds=list(range(4)))
+    for c in out:
+        assert re.fullmatch(r"(cat|dog)( and (cat|dog))?", c.text) and c.finish_reason == "stop", c
+    gbnf = 'root ::= "The " animal "."\nanimal ::= "cat" | "dog"'
+    out = gen(backend, ["a"] * 4, config([{"grammar": {"gbnf": gbnf}}]), seeds=list(range(4)))
+    assert {c.text for c in out} <= {"The cat.", "The dog."} and all(c.finish_reason == "stop" for c in out)
+
+
+def test_json_object_and_compact_whitespace(backend):
+    out = gen(backend, ["a"] * 4, config([{"json_object": {"whitespace_flexible": False}}], max_new_tokens=200),
+              seeds=list(range(4)))
+    for c in out:
+        if c.finish_reason == "stop":
+            value = json.loads(c.text)
+            assert isinstance(value, dict)
+            # Compact: no whitespace outside strings.
+            assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', '""', c.text)), c.text
+
+
+def _ctx(batch, backend):
+    return StepContext(batch, 258, uses=frozenset({"generated"}), max_new_tokens=16,
+                       token_vocabulary=backend.token_vocabulary)
+
+
+def _allowed(step, ctx):
+    out = step.apply(torch.zeros(step.batch_size, 258), ctx)
+    return [set(torch.isfinite(row).nonzero().squeeze(-1).tolist()) for row in out]
+
+
+def test_mask_is_exact_and_eos_only_when_complete(backend):
+    step = Regex([Regex.Params(pattern="ca(t|r)s?")])
+    ctx = _ctx(1, backend)
+    seen = []
+    for text in ["", "c", "ca", "cat", "cats"]:
+        seen.append(_allowed(step, ctx)[0])
+        if text != "cats":
+            ctx.append(torch.tensor([ord("cats"[len(text)])]))
+    assert seen[0] == {ord("c")}
+    assert seen[1] == {ord("a")}
+    assert seen[2] == {ord("t"), ord("r")}
+    assert seen[3] == {ord("s"), EOS_ID}        # "cat" is complete: EOS or one more "s"
+    assert seen[4] == {EOS_ID}                  # nothing can follow "cats": only EOS
+
+
+def test_state_follows_rows_through_select_rows(backend):
+    pipe = samplerkit.load_pipeline({"pipeline": [{"regex": {}}], "sampler": "greedy"}, registry=REGISTRY)
+    bound = pipe.bind([{"regex": {"pattern": "ab(c|d)"}}, {"regex": {"pattern": "xy(z|w)"}}])
+    ctx = _ctx(2, backend)
+    bound.process(torch.zeros(2, 258), ctx)
+    ctx.append(torch.tensor([ord("a"), ord("x")]))
+    bound.process(torch.zeros(2, 258), ctx)
+    ctx.append(torch.tensor([ord("b"), ord("y")]))
+    # Drop row 0 and duplicate row 1: the copies keep row 1's matcher and then diverge.
+    keep = [1, 1]
+    bound = bound.select_rows(keep)
+    ctx.select_rows(keep)
+    step = bound.steps[0][1]
+    assert _allowed(step, ctx) == [{ord("z"), ord("w")}] * 2
+    ctx.append(torch.tensor([ord("z"), ord("w")]))
+    assert _allowed(step, ctx) == [{EOS_ID}, {EOS_ID}]
+    assert step._consumed == [3, 3]
+
+
+def test_unconstrained_rows_are_untouched(backend):
+    step = Regex([Regex.Params(pattern="a"), Regex.Params()])
+    logits = torch.randn(2, 258)
+    out = step.apply(logits.clone(), _ctx(2, backend))
+    assert torch.equal(out[1], logits[1])
+    assert torch.isfinite(out[0]).sum() == 1
+
+
+@pytest.mark.parametrize("step, params, words", [
+    ("json_schema", {"schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "not": {}}},
+     ["pipeline[0] json_schema", "invalid json schema", "not"]),
+    ("json_schema", {"schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}},
+     ["pipeline[0] json_schema", "missing"]),
+    ("regex", {"pattern": "a["}, ["pipeline[0] regex", "invalid regex", "unclosed character class"]),
+    ("grammar", {"lark": "start: foo"}, ["pipeline[0] grammar", "invalid lark", "foo"]),
+    ("grammar", {"gbnf": "root ::= ("}, ["pipeline[0] grammar", "invalid gbnf"]),
+    ("grammar", {"lark": 'start: "a"', "gbnf": 'root ::= "a"'}, ["either lark or gbnf"]),
+    ("choice", {"options": ["a", ""]}, ["options[1]", "empty string"]),
+    ("json_schema", {"file": "/nonexistent/schema.json"}, ["cannot read the schema file", "/nonexistent/schema.json"]),
+])
+def test_bad_constraints_are_config_errors_at_load_time(step, params, words):
+    with pytest.raises(ConfigError) as info:
+        samplerkit.load_pipeline({"pipeline": [{step: params}], "sampler": "greedy"}, registry=REGISTRY)
+    text = str(info.value)
+    for word in words:
+        assert word in text, text
+
+
+def test_bad_row_override_is_named_before_generation(backend):
+    with pytest.raises(ConfigError, match=r"rows\[1\] regex.*invalid regex"):
+        gen(backend, ["a", "b"], config([{"regex": {}}]), rows=[None, {"regex": {"pattern": "(("}}])
+
+
+def test_schema_file(tmp_path, backend):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"enum": ["cat", "dog"]}))
+    out = gen(backend, ["a"] * 3, config([{"json_schema": {"file": str(path)}}]), seeds=[1, 2, 3])
+    assert {json.loads(c.text) for c in out} <= {"cat", "dog"}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not JSON"):
+        samplerkit.load_pipeline({"pipeline": [{"json_schema": {"file": str(tmp_path / "bad.json")}}],
+                                  "sampler": "greedy"}, registry=REGISTRY)
+
+
+def test_steps_declare_constrains():
+    for name in ("json_schema", "json_object", "regex", "grammar", "choice"):
+        cls = REGISTRY.get("processor", name)
+        assert cls.constrains is True and issubclass(cls, Constraint)
+    assert JsonSchema.Params().is_neutral() and Regex.Params().is_neutral()
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_constrained_distribution_is_exact(backend):
+    """Tokens drawn after the mask follow ``p_i / sum_{j in A} p_j`` on the allowed set A."""
+    draws = 6000
+    pattern = "(a|e|o|t|s|h|r|n| )x"          # first token: one of nine bytes
+    pipe = samplerkit.load_pipeline({"pipeline": [{"regex": {"pattern": pattern}}],
+                                     "sampler": {"name": "categorical", "seed": 5}}, registry=REGISTRY)
+    bound = pipe.bind(draws, seeds=list(range(draws)))
+    logits = backend.table[ord("c")].unsqueeze(0).expand(draws, -1).contiguous()   # P(next | "c")
+    ids = bound.sample(logits, _ctx(draws, backend))
+    allowed = [ord(ch) for ch in "aeotshrn "]
+    assert set(ids.tolist()) <= set(allowed)
+    p = torch.softmax(backend.table[ord("c")].double()[allowed], dim=0)
+    counts = torch.bincount(ids, minlength=258)[allowed].double()
+    expected = p * draws
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2_sf(stat, len(allowed) - 1) > ALPHA, (counts.tolist(), expected.tolist())
+    assert math.isclose(float(p.sum()), 1.0)
