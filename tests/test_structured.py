@@ -14,7 +14,7 @@ import torch
 
 import samplerkit
 from samplerkit.builtins.backends.bigram import EOS_ID, BigramBackend
-from samplerkit.builtins.structured import Constraint, JsonSchema, Regex
+from samplerkit.builtins.structured import Constraint, JsonObject, JsonSchema, Regex
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError
 from samplerkit.registry import default_registry
@@ -223,3 +223,37 @@ def test_constrained_distribution_is_exact(backend):
     stat = float(((counts - expected) ** 2 / expected).sum())
     assert chi2_sf(stat, len(allowed) - 1) > ALPHA, (counts.tolist(), expected.tolist())
     assert math.isclose(float(p.sum()), 1.0)
+
+
+CONSTRAINTS = [c for c in REGISTRY.entries("processor") if getattr(c.cls, "constrains", False)]
+
+
+@pytest.mark.parametrize("entry", CONSTRAINTS, ids=lambda e: e.name)
+def test_constraint_contract(entry, backend):
+    """The processor contract (samplerkit.testing.check_processor) for the constrained steps, with
+    a tokenizer: neutral rows are the identity, a row's mask does not depend on its batch or
+    position, the pipeline leaves the caller's logits alone, nothing but -inf is written."""
+    cls = entry.cls
+    examples = [cls.Params(**e) for e in cls.contract_examples()]
+    assert examples and not any(p.is_neutral() for p in examples)
+    neutral = cls.Params(enabled=False) if cls is JsonObject else cls.Params()
+    assert neutral.is_neutral()
+    logits = torch.randn(4, 258, generator=torch.Generator().manual_seed(0)) * 3
+    rows = [examples[0], neutral, examples[-1], neutral]
+    mixed = cls(rows).apply(logits.clone(), _ctx(4, backend))
+    flipped = cls(rows[::-1]).apply(logits.flip(0).clone(), _ctx(4, backend)).flip(0)
+    for i, p in enumerate(rows):
+        alone = cls([p]).apply(logits[i:i + 1].clone(), _ctx(1, backend))
+        assert torch.equal(mixed[i:i + 1], alone) and torch.equal(flipped[i:i + 1], alone)
+        if p.is_neutral():
+            assert torch.equal(mixed[i], logits[i])
+        else:
+            kept = torch.isfinite(mixed[i])
+            assert 0 < int(kept.sum()) < 258 and torch.equal(mixed[i][kept], logits[i][kept])
+    assert not mixed.isnan().any()
+    pipe = samplerkit.load_pipeline({"pipeline": [{cls.name: examples[0].model_dump(by_alias=True)}],
+                                     "sampler": "greedy"}, registry=REGISTRY)
+    caller = logits.clone()
+    processed = pipe.bind(4).process(caller, _ctx(4, backend))
+    assert torch.equal(caller, logits)
+    assert torch.equal(processed, cls([examples[0]] * 4).apply(logits.clone(), _ctx(4, backend)))

@@ -56,6 +56,10 @@ class ConstraintParams(StepParams):
         self._grammar = grammar
         return self
 
+    def is_neutral(self) -> bool:
+        """A row without a grammar (``schema: null``, ``enabled: false``...) is left unchanged."""
+        return self._grammar is None
+
     @property
     def grammar(self) -> str | None:
         """The llguidance grammar of this row (validated when the parameters were), or ``None``."""
@@ -135,6 +139,8 @@ class Constraint(Processor):
             self._consumed[i] = n
 
     def apply(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if not self._constrained:           # every row neutral: the identity
+            return logits
         if self._matchers is None:
             self._start(ctx, logits.shape[-1])
         self._advance(ctx)
@@ -162,6 +168,12 @@ class JsonSchema(Constraint):
 
     name = "json_schema"
 
+
+    @classmethod
+    def contract_examples(cls) -> list[dict[str, Any]]:
+        """Parameters for the real-model corpus (tests/real_model); the constrained steps' own
+        contract is tests/test_structured.py (the generic one has no tokenizer to give them)."""
+        return [{"schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}]
     class Params(ConstraintParams):
         kind: ClassVar[str] = "json_schema"
         schema_: dict[str, Any] | bool | None = Field(None, alias="schema",
@@ -195,6 +207,12 @@ class JsonObject(Constraint):
 
     name = "json_object"
 
+
+    @classmethod
+    def contract_examples(cls) -> list[dict[str, Any]]:
+        """Parameters for the real-model corpus (tests/real_model); the constrained steps' own
+        contract is tests/test_structured.py (the generic one has no tokenizer to give them)."""
+        return [{"whitespace_flexible": False}]
     class Params(ConstraintParams):
         kind: ClassVar[str] = "json_schema"
         enabled: bool = Field(True, description="constrain the row to a JSON object")
@@ -214,6 +232,12 @@ class Regex(Constraint):
 
     name = "regex"
 
+
+    @classmethod
+    def contract_examples(cls) -> list[dict[str, Any]]:
+        """Parameters for the real-model corpus (tests/real_model); the constrained steps' own
+        contract is tests/test_structured.py (the generic one has no tokenizer to give them)."""
+        return [{"pattern": "[A-Za-z ,.]{1,40}"}]
     class Params(ConstraintParams):
         kind: ClassVar[str] = "regex"
         pattern: str | None = Field(None, min_length=1, description="the regular expression the output must match")
@@ -228,6 +252,12 @@ class Grammar(Constraint):
 
     name = "grammar"
 
+
+    @classmethod
+    def contract_examples(cls) -> list[dict[str, Any]]:
+        """Parameters for the real-model corpus (tests/real_model); the constrained steps' own
+        contract is tests/test_structured.py (the generic one has no tokenizer to give them)."""
+        return [{"lark": 'start: ("yes" | "no") "."'}, {"gbnf": 'root ::= [a-z]+'}]
     class Params(ConstraintParams):
         lark: str | None = Field(None, min_length=1, description="a Lark grammar (start rule: start)")
         gbnf: str | None = Field(None, min_length=1, description="a llama.cpp GBNF grammar (start rule: root)")
@@ -247,6 +277,12 @@ class Choice(Constraint):
 
     name = "choice"
 
+
+    @classmethod
+    def contract_examples(cls) -> list[dict[str, Any]]:
+        """Parameters for the real-model corpus (tests/real_model); the constrained steps' own
+        contract is tests/test_structured.py (the generic one has no tokenizer to give them)."""
+        return [{"options": ["Paris", "Rome", "London"]}]
     class Params(ConstraintParams):
         kind: ClassVar[str] = "choice"
         options: list[str] = Field(default_factory=list, description="the allowed outputs; [] disables")

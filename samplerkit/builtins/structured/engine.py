@@ -53,15 +53,16 @@ def build_grammar(kind: str, source: Any, options: dict[str, Any] | None = None)
     of choices; a ``ValueError`` with the engine's reason when it is invalid. Validation (the
     costly part) is cached by the grammar's content hash."""
     llg = llguidance()
-    if kind == "json_schema":
-        grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source, sort_keys=True), overrides=options or None)
-    elif kind == "choice":
-        grammar = llg.grammar_from("choice", list(source))
-    else:
-        try:
+    try:
+        if kind == "json_schema":
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source, sort_keys=True),
+                                                             overrides=options or None)
+        elif kind == "choice":
+            grammar = llg.grammar_from("choice", list(source))
+        else:
             grammar = llg.grammar_from(kind, source)
-        except ValueError as exc:          # GBNF that does not convert to Lark
-            raise ValueError(str(exc)) from None
+    except Exception as exc:     # GBNF that does not convert to Lark, a schema that is not an object
+        raise ValueError(str(exc) or type(exc).__name__) from None
     key = grammar_hash(grammar)
     with _lock:
         error = _validated.get(key)
