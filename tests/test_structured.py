@@ -257,3 +257,37 @@ def test_constraint_contract(entry, backend):
     processed = pipe.bind(4).process(caller, _ctx(4, backend))
     assert torch.equal(caller, logits)
     assert torch.equal(processed, cls([examples[0]] * 4).apply(logits.clone(), _ctx(4, backend)))
+
+
+def _cli(args, capsys):
+    from samplerkit.cli import main
+
+    bigram = ["--set", "backend.name=bigram", "--set", f"backend.text={json.dumps(TEXT)}"]
+    code = main(["generate", *bigram, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_json_schema_and_regex_shortcuts(tmp_path, capsys):
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["a"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    code, out, _ = _cli(["--json", "--json-schema", str(path), "--seed", "3", "The "], capsys)
+    assert code == 0
+    completion = json.loads(out)
+    jsonschema.validate(json.loads(completion["text"]), schema)
+    assert completion["finish_reason"] == "stop"
+    code, out, _ = _cli(["--json", "--regex", "(cat|dog)s?", "The "], capsys)
+    assert code == 0 and re.fullmatch("(cat|dog)s?", json.loads(out)["text"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--regex", "a["], ["pipeline[0] regex", "unclosed character class"]),
+    (["--json-schema", "/nonexistent/s.json"], ["pipeline[0] json_schema", "cannot read the schema file"]),
+])
+def test_cli_bad_constraint_exits_2_without_traceback(args, words, capsys):
+    code, _, err = _cli([*args, "The "], capsys)
+    assert code == 2 and "Traceback" not in err
+    for word in words:
+        assert word in err, err
