@@ -291,3 +291,26 @@ def test_cli_bad_constraint_exits_2_without_traceback(args, words, capsys):
     assert code == 2 and "Traceback" not in err
     for word in words:
         assert word in err, err
+
+
+def test_batch_lines_carry_their_own_constraints(tmp_path):
+    from samplerkit.batch import run_batch
+    from samplerkit.generate import load_config
+
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2}
+    lines = [{"id": "json", "prompt": "a", "seed": 1, "params": {"json_schema": {"schema": schema}}},
+             {"id": "regex", "prompt": "b", "seed": 2, "params": {"regex": {"pattern": "(cat|dog)"}},
+              "generation": {"n": 2}},
+             {"id": "free", "prompt": "c", "seed": 3},
+             {"id": "bad", "prompt": "d", "params": {"regex": {"pattern": "(("}}}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_config, _ = load_config(config([{"json_schema": {}}, {"regex": {}}], max_new_tokens=24))
+    summary = run_batch(run_config, src, tmp_path / "out.jsonl", batch_size=8, progress=False)
+    rows = {(r["id"], r["sample"]): r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    jsonschema.validate(json.loads(rows["json", 0]["text"]), schema)
+    assert {rows["regex", 0]["text"], rows["regex", 1]["text"]} <= {"cat", "dog"}
+    assert ("free", 0) in rows and ("bad", 0) not in rows
+    errors = (tmp_path / "out.jsonl.errors.jsonl").read_text()
+    assert "params regex" in errors and "invalid regex" in errors
+    assert summary is not None
