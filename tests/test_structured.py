@@ -314,3 +314,39 @@ def test_batch_lines_carry_their_own_constraints(tmp_path):
     errors = (tmp_path / "out.jsonl.errors.jsonl").read_text()
     assert "params regex" in errors and "invalid regex" in errors
     assert summary is not None
+
+
+def _export(pipeline, sampler="categorical"):
+    from samplerkit.export import export_llamacpp
+    from samplerkit.generate import load_config
+
+    return export_llamacpp(load_config({"backend": {"name": "bigram"}, "pipeline": pipeline, "sampler": sampler})[0])
+
+
+def test_export_llamacpp_emits_json_schema_and_grammar(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    out = _export([{"json_schema": {"schema": schema}}, {"temperature": 0.7}])
+    assert out.args[out.args.index("--json-schema") + 1] == json.dumps(schema, separators=(",", ":"))
+    assert any("json-schema-to-grammar" in note for note in out.notes)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(schema))
+    out = _export([{"json_schema": {"file": str(path)}}], "greedy")
+    assert json.loads(out.args[out.args.index("--json-schema") + 1]) == schema
+    out = _export([{"grammar": {"gbnf": 'root ::= "x" | "y"'}}, {"repetition_penalty": {"repetition_penalty": 1.1, "last_n": 64}}])
+    assert out.args[out.args.index("--grammar") + 1] == 'root ::= "x" | "y"'
+    out = _export([{"choice": {"options": ["a", 'say "hi"']}}])
+    assert out.args[out.args.index("--grammar") + 1] == 'root ::= "a" | "say \\"hi\\""'
+
+
+@pytest.mark.parametrize("pipeline, words", [
+    ([{"regex": {"pattern": "a+"}}], ["pipeline[0] regex", "no exact GBNF form"]),
+    ([{"grammar": {"lark": 'start: "a"'}}], ["pipeline[0] grammar", "Lark"]),
+    ([{"top_k": 5}, {"json_schema": {"schema": {"type": "object"}}}], ["pipeline[1] json_schema", "first step"]),
+    ([{"json_schema": {"schema": {"type": "object"}}}, {"top_p": 0.9}], ["after its sampler chain", "top_p"]),
+    ([{"choice": {"options": ["a"]}}, {"regex": {"pattern": "a"}}], ["one grammar"]),
+])
+def test_export_refuses_what_llamacpp_runs_differently(pipeline, words):
+    with pytest.raises(ConfigError) as info:
+        _export(pipeline)
+    for word in words:
+        assert word in str(info.value), str(info.value)
