@@ -53,7 +53,8 @@ class TokenVocabulary:
     the engine reads directly (it knows byte-level and metaspace vocabularies). ``eos_token_ids``:
     the ids that end a row, allowed where the constraint is complete. ``special_token_ids``: ids
     that are never text (BOS, chat markers): a constraint never allows them.
-    ``encode``: text bytes to ids (used by the engine to tokenize forced text), optional.
+    ``encode``: text bytes to ids (the engine tokenizes text the grammar forces); required with
+    ``tokens``.
     """
 
     vocab_size: int

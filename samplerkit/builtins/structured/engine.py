@@ -88,6 +88,9 @@ def engine_tokenizer(vocab) -> Any:
         raise GenerationError("the backend's token vocabulary names no EOS token; constrained steps need one to end "
                               "a row whose constraint is complete")
     eos = list(vocab.eos_token_ids)
+    if vocab.hf_tokenizer_json is None and vocab.encode is None:
+        raise GenerationError("the backend's token vocabulary has neither hf_tokenizer_json nor encode; constrained "
+                              "steps need one of them (the engine tokenizes text the grammar forces)")
     if vocab.hf_tokenizer_json is not None:
         tok = llg.LLTokenizer(vocab.hf_tokenizer_json, n_vocab=vocab.vocab_size, eos_token=eos)
     else:
@@ -108,8 +111,6 @@ class _Wrapped:
         self._encode = vocab.encode
 
     def __call__(self, data: bytes) -> list[int]:
-        if self._encode is None:
-            raise NotImplementedError("this vocabulary has no encoder")
         return self._encode(data)
 
 
