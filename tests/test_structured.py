@@ -350,3 +350,10 @@ def test_export_refuses_what_llamacpp_runs_differently(pipeline, words):
         _export(pipeline)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_properties_come_in_schema_order(backend):
+    schema = {"type": "object", "properties": {"b": {"enum": ["x"]}, "a": {"enum": ["yy"]}}, "required": ["b", "a"],
+              "additionalProperties": False}
+    (c,) = gen(backend, ["a"], config([{"json_schema": {"schema": schema, "whitespace_flexible": False}}]))
+    assert c.text == '{"b":"x","a":"yy"}'

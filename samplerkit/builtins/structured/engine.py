@@ -55,7 +55,7 @@ def build_grammar(kind: str, source: Any, options: dict[str, Any] | None = None)
     llg = llguidance()
     try:
         if kind == "json_schema":
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source, sort_keys=True),
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(source),
                                                              overrides=options or None)
         elif kind == "choice":
             grammar = llg.grammar_from("choice", list(source))
