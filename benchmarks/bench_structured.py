@@ -137,7 +137,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per mask cell (median)")
     ap.add_argument("--rounds", type=int, default=5, help="alternated generate calls per decoding variant")
     ap.add_argument("--skip-model", action="store_true", help="skip the decoding comparison")
+    ap.add_argument("--threads", type=int, help="torch threads (1 gives steadier numbers on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from samplerkit.builtins.backends.llama import LlamaBackend
 
     backend = LlamaBackend()

@@ -357,3 +357,13 @@ def test_properties_come_in_schema_order(backend):
               "additionalProperties": False}
     (c,) = gen(backend, ["a"], config([{"json_schema": {"schema": schema, "whitespace_flexible": False}}]))
     assert c.text == '{"b":"x","a":"yy"}'
+
+
+def test_a_backend_without_a_vocabulary_is_named():
+    from samplerkit.backend import Backend
+
+    class NoVocabulary(BigramBackend):
+        token_vocabulary = Backend.token_vocabulary         # the base class's: not described
+
+    with pytest.raises(samplerkit.SamplerkitError, match="does not describe its tokenizer"):
+        gen(NoVocabulary(BigramBackend.Params(text=TEXT)), ["a"], config([{"regex": {"pattern": "a"}}]))
