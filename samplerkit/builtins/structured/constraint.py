@@ -92,6 +92,7 @@ class Constraint(Processor):
         self._all_rows = len(constrained) == len(self.rows)
         self._row_index = torch.as_tensor(constrained, dtype=torch.int64, device=self.device)
         self._bitmask: torch.Tensor | None = None
+        self._work: dict = {}               # the [R, V] additive mask, reused from step to step
 
     def follow_rows(self, previous: Constraint, keep) -> None:
         """Take over the matchers of ``previous`` for the rows ``keep`` (old row indices in new
@@ -150,8 +151,8 @@ class Constraint(Processor):
             self._bitmask = torch.zeros(rows, words, dtype=torch.int32)
         engine.fill_masks([(self._matchers[i], i) for i in self._constrained], self._bitmask)
         if self._all_rows:
-            return engine.apply_bitmask(logits, self._bitmask)
-        return engine.apply_bitmask(logits, self._bitmask, self._row_index)
+            return engine.apply_bitmask(logits, self._bitmask, work=self._work)
+        return engine.apply_bitmask(logits, self._bitmask, self._row_index.to(logits.device), work=self._work)
 
 
 # -- the steps ------------------------------------------------------------------------------
