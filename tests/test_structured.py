@@ -367,3 +367,10 @@ def test_a_backend_without_a_vocabulary_is_named():
 
     with pytest.raises(samplerkit.SamplerkitError, match="does not describe its tokenizer"):
         gen(NoVocabulary(BigramBackend.Params(text=TEXT)), ["a"], config([{"regex": {"pattern": "a"}}]))
+
+
+def test_ignore_eos_after_a_complete_constraint_keeps_emitting_eos(backend):
+    """With ignore_eos the row goes on after its text is complete: only EOS is allowed, so the
+    text stays the complete one and the row ends at max_new_tokens."""
+    (c,) = gen(backend, ["x"], config([{"regex": {"pattern": "The"}}], max_new_tokens=6, ignore_eos=True))
+    assert c.text == "The" and c.token_ids == [*b"The", EOS_ID, EOS_ID, EOS_ID] and c.finish_reason == "length"

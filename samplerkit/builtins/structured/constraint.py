@@ -92,6 +92,7 @@ class Constraint(Processor):
         self._all_rows = len(constrained) == len(self.rows)
         self._row_index = torch.as_tensor(constrained, dtype=torch.int64, device=self.device)
         self._bitmask: torch.Tensor | None = None
+        self._eos: set[int] = set()
         self._work: dict = {}               # the [R, V] additive mask, reused from step to step
 
     def follow_rows(self, previous: Constraint, keep) -> None:
@@ -107,6 +108,7 @@ class Constraint(Processor):
             seen.add(i)
         self._matchers = matchers
         self._consumed = [previous._consumed[int(k)] for k in keep]
+        self._eos = previous._eos
 
     def _start(self, ctx: StepContext, vocab_width: int) -> None:
         if ctx.token_vocabulary is None:
@@ -117,6 +119,7 @@ class Constraint(Processor):
         if vocab.vocab_size != vocab_width:
             raise GenerationError(f"{self.name}: the tokenizer describes {vocab.vocab_size} tokens but the logits have "
                                   f"{vocab_width}")
+        self._eos = set(vocab.eos_token_ids)
         tokenizer = engine.engine_tokenizer(vocab)
         self._matchers = [None if g is None else engine.new_matcher(tokenizer, g) for g in self._grammars]
         # The matchers start at the first generated token: whatever ctx says was generated
@@ -133,6 +136,10 @@ class Constraint(Processor):
                 continue
             m = self._matchers[i]
             new = generated[i, done:n].tolist()
+            if m.is_stopped() and not m.is_error() and set(new) <= self._eos:
+                # Complete, and the row went on past EOS (ignore_eos): only EOS stays allowed.
+                self._consumed[i] = n
+                continue
             if not m.consume_tokens(new):
                 raise GenerationError(f"{self.name}: row {i} accepted token(s) {new} that the constraint does not "
                                       f"allow ({m.get_error()}); a step after {self.name} or the sampler chose a "
