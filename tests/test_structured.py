@@ -374,3 +374,13 @@ def test_ignore_eos_after_a_complete_constraint_keeps_emitting_eos(backend):
     text stays the complete one and the row ends at max_new_tokens."""
     (c,) = gen(backend, ["x"], config([{"regex": {"pattern": "The"}}], max_new_tokens=6, ignore_eos=True))
     assert c.text == "The" and c.token_ids == [*b"The", EOS_ID, EOS_ID, EOS_ID] and c.finish_reason == "length"
+
+
+def test_a_token_the_mask_removed_is_named(backend):
+    step = Regex([Regex.Params(pattern="ab")])
+    ctx = _ctx(1, backend)
+    step.apply(torch.zeros(1, 258), ctx)
+    ctx.append(torch.tensor([ord("z")]))         # as if a later step had picked a removed token
+    with pytest.raises(samplerkit.SamplerkitError, match=r"row 0 accepted token\(s\) \[122\]") as info:
+        step.apply(torch.zeros(1, 258), ctx)
+    assert "<state>" not in str(info.value)

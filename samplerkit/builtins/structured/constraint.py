@@ -141,8 +141,9 @@ class Constraint(Processor):
                 self._consumed[i] = n
                 continue
             if not m.consume_tokens(new):
+                reason = m.get_error().split("\n", 1)[0]       # the engine appends a state dump
                 raise GenerationError(f"{self.name}: row {i} accepted token(s) {new} that the constraint does not "
-                                      f"allow ({m.get_error()}); a step after {self.name} or the sampler chose a "
+                                      f"allow ({reason}); a step after {self.name} or the sampler chose a "
                                       f"token {self.name} had removed")
             self._consumed[i] = n
 
