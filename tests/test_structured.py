@@ -384,3 +384,36 @@ def test_a_token_the_mask_removed_is_named(backend):
     with pytest.raises(samplerkit.SamplerkitError, match=r"row 0 accepted token\(s\) \[122\]") as info:
         step.apply(torch.zeros(1, 258), ctx)
     assert "<state>" not in str(info.value)
+
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize("kind", ["extreme", "inference", "strided", "grad"])
+def test_constraints_on_extreme_logits_and_tensor_kinds(kind, backend):
+    """Extreme finite logits and unusual tensors (inference mode, strided views, a graph leaf):
+    the kept logits come out as they went in, everything else is -inf, no NaN."""
+    base = torch.randn(3, 258, generator=torch.Generator().manual_seed(1)) * 5
+    if kind == "extreme":
+        base[0] = F32_MAX
+        base[1, ::2] = -F32_MAX
+        base[2, :100] = float("-inf")
+    logits = {"extreme": base, "inference": None, "strided": torch.randn(258, 6)[:, ::2].t(),
+              "grad": base.clone().requires_grad_(True)}[kind]
+    pipe = samplerkit.load_pipeline({"pipeline": [{"regex": {"pattern": "[a-z]{2}"}}], "sampler": "greedy"},
+                                    registry=REGISTRY)
+    if kind == "inference":
+        with torch.inference_mode():
+            logits = base.clone()
+            out = pipe.bind(3).sample(logits, _ctx(3, backend))
+            processed = pipe.bind(3).process(logits, _ctx(3, backend))
+    else:
+        out = pipe.bind(3).sample(logits, _ctx(3, backend))
+        processed = pipe.bind(3).process(logits.detach(), _ctx(3, backend))
+    source = logits.detach()
+    allowed = torch.zeros(258, dtype=torch.bool)
+    allowed[ord("a"):ord("z") + 1] = True
+    assert not processed.isnan().any()
+    assert torch.equal(processed[:, allowed], source[:, allowed])
+    assert bool((processed[:, ~allowed] == float("-inf")).all())
+    assert all(ord("a") <= t <= ord("z") for t in out.tolist())
