@@ -66,13 +66,13 @@ def bench_masks(backend, reps: int) -> None:
     vocab = backend.token_vocabulary()
     small = engine.engine_tokenizer(vocab)
     t = time.perf_counter()
-    big = engine.engine_tokenizer(big_vocabulary(vocab, small))
+    big = engine.engine_tokenizer(big_vocabulary(vocab, small.llg))
     print(f"(128k vocabulary built in {time.perf_counter() - t:.1f} s)")
     grammar = engine.build_grammar("json_schema", SCHEMA)
     print("| vocabulary | batch | allowed per row | compute (ms) | apply (ms) | total per step (ms) |")
     print("|---|---|---|---|---|---|")
     for name, tok, width in (("SmolLM2 (49152)", small, 49152), ("128k (128256)", big, 128256)):
-        prefix = tok.tokenize_str(PREFIX)
+        prefix = tok.llg.tokenize_str(PREFIX)
         for batch in (1, 8, 64):
             matchers = []
             for _ in range(batch):
@@ -85,7 +85,7 @@ def bench_masks(backend, reps: int) -> None:
             work = logits.clone()
             # A fresh state each time (the engine may reuse a mask computed for the same state):
             # every row takes the next token of a long string value, then the mask is timed.
-            text = iter(tok.tokenize_str(STRING_VALUE))
+            text = iter(tok.llg.tokenize_str(STRING_VALUE))
             times = []
             for _ in range(reps):
                 token = next(text)

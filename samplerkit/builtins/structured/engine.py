@@ -10,6 +10,7 @@ hash), so a schema seen before costs one ``deep_copy`` of its matcher.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import weakref
@@ -28,7 +29,8 @@ MATCHER_CACHE_SIZE = 256
 _lock = threading.Lock()
 _validated: OrderedDict[str, str] = OrderedDict()             # grammar hash -> "" or the engine's error
 _tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # TokenVocabulary -> LLTokenizer
-_matchers: OrderedDict[tuple[int, str], Any] = OrderedDict()    # (id(LLTokenizer), grammar hash) -> LLMatcher
+_matchers: OrderedDict[tuple[int, str], Any] = OrderedDict()    # (EngineTokenizer.key, grammar hash) -> LLMatcher
+_serial = itertools.count()
 _executor: Any = None
 
 
@@ -77,8 +79,19 @@ def build_grammar(kind: str, source: Any, options: dict[str, Any] | None = None)
     return grammar
 
 
-def engine_tokenizer(vocab) -> Any:
-    """The ``LLTokenizer`` of a :class:`~samplerkit.backend.TokenVocabulary` (built once per object)."""
+class EngineTokenizer:
+    """An llguidance ``LLTokenizer`` (``.llg``) with a key no later tokenizer reuses (``id()`` can be:
+    compiled matchers are cached under it)."""
+
+    __slots__ = ("key", "llg")
+
+    def __init__(self, llg_tokenizer: Any):
+        self.llg = llg_tokenizer
+        self.key = next(_serial)
+
+
+def engine_tokenizer(vocab) -> EngineTokenizer:
+    """The engine's tokenizer for a :class:`~samplerkit.backend.TokenVocabulary` (built once per object)."""
     with _lock:
         tok = _tokenizers.get(vocab)
     if tok is not None:
@@ -92,9 +105,10 @@ def engine_tokenizer(vocab) -> Any:
         raise GenerationError("the backend's token vocabulary has neither hf_tokenizer_json nor encode; constrained "
                               "steps need one of them (the engine tokenizes text the grammar forces)")
     if vocab.hf_tokenizer_json is not None:
-        tok = llg.LLTokenizer(vocab.hf_tokenizer_json, n_vocab=vocab.vocab_size, eos_token=eos)
+        built = llg.LLTokenizer(vocab.hf_tokenizer_json, n_vocab=vocab.vocab_size, eos_token=eos)
     else:
-        tok = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped(vocab)), n_vocab=vocab.vocab_size, eos_token=eos)
+        built = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped(vocab)), n_vocab=vocab.vocab_size, eos_token=eos)
+    tok = EngineTokenizer(built)
     with _lock:
         _tokenizers[vocab] = tok
     return tok
@@ -114,17 +128,17 @@ class _Wrapped:
         return self._encode(data)
 
 
-def new_matcher(tokenizer, grammar: str) -> Any:
+def new_matcher(tokenizer: EngineTokenizer, grammar: str) -> Any:
     """A fresh matcher for ``grammar`` at its start state: compiled once per (tokenizer, grammar),
     then copied."""
     llg = llguidance()
-    key = (id(tokenizer), grammar_hash(grammar))
+    key = (tokenizer.key, grammar_hash(grammar))
     with _lock:
         template = _matchers.get(key)
         if template is not None:
             _matchers.move_to_end(key)
     if template is None:
-        template = llg.LLMatcher(tokenizer, grammar, log_level=0)
+        template = llg.LLMatcher(tokenizer.llg, grammar, log_level=0)
         if template.is_error():
             raise GenerationError(f"the constraint could not be compiled for this tokenizer: {template.get_error()}")
         with _lock:
