@@ -140,10 +140,13 @@ def test_state_follows_rows_through_select_rows(backend):
     bound.process(torch.zeros(2, 258), ctx)
     ctx.append(torch.tensor([ord("b"), ord("y")]))
     # Drop row 0 and duplicate row 1: the copies keep row 1's matcher and then diverge.
+    before = bound.steps[0][1]._matchers[1]
     keep = [1, 1]
     bound = bound.select_rows(keep)
     ctx.select_rows(keep)
     step = bound.steps[0][1]
+    # Handed over (follow_rows), not rebuilt and replayed: the first keeps the object, the repeat a copy.
+    assert step._matchers[0] is before and step._matchers[1] is not before
     assert _allowed(step, ctx) == [{ord("z"), ord("w")}] * 2
     ctx.append(torch.tensor([ord("z"), ord("w")]))
     assert _allowed(step, ctx) == [{EOS_ID}, {EOS_ID}]
