@@ -19,7 +19,7 @@ old row ``keep[j]``. ``select_rows`` may repeat an index, which duplicates that 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +38,32 @@ def resolve_device(device: str, backend_name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SamplerkitError(f"{backend_name} backend: device {device!r} requested but CUDA is not available")
     return dev
+
+
+@dataclass(frozen=True, eq=False)
+class TokenVocabulary:
+    """What a constraint engine needs to know about a backend's tokenizer: the bytes of every
+    token. The structured-output steps (:mod:`samplerkit.builtins.structured`) build their
+    token masks from it; backends describe their tokenizer here and import no engine.
+
+    ``vocab_size``: the logits' width (ids from ``len(tokens)`` up to it are never allowed).
+    ``tokens``: the UTF-8 bytes each id stands for (byte-level BPE and sentencepiece pieces
+    decoded to bytes; ``b""`` for ids that are no text), unless ``hf_tokenizer_json`` is given.
+    ``hf_tokenizer_json``: a serialised HF ``tokenizers`` tokenizer (``Tokenizer.to_str()``), which
+    the engine reads directly (it knows byte-level and metaspace vocabularies). ``eos_token_ids``:
+    the ids that end a row, allowed where the constraint is complete. ``special_token_ids``: ids
+    that are never text (BOS, chat markers): a constraint never allows them.
+    ``encode``: text bytes to ids (the engine tokenizes text the grammar forces); required with
+    ``tokens``.
+    """
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokens: Sequence[bytes] = ()
+    special_token_ids: tuple[int, ...] = ()
+    hf_tokenizer_json: str | None = None
+    encode: Callable[[bytes], list[int]] | None = None
+    bos_token_id: int | None = None
 
 
 @dataclass
@@ -99,6 +125,13 @@ class Backend(ABC):
         raise GenerationError(f"backend {self.name!r} has no chat template; run without chat (--chat) or use a "
                               "model that ships one")
 
+    def token_vocabulary(self) -> TokenVocabulary:
+        """The tokenizer as bytes per token (:class:`TokenVocabulary`), for constrained decoding
+        (``json_schema``, ``regex``, ``grammar``, ``choice``). Optional: the default raises
+        :class:`~samplerkit.errors.GenerationError`; backends that can describe their tokenizer
+        override it (and should return the same object on every call: engines cache by it)."""
+        raise GenerationError(_no_vocabulary(f"backend {self.name!r}"))
+
     # -- compute ----------------------------------------------------------------------
     @abstractmethod
     def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
@@ -112,6 +145,12 @@ class Backend(ABC):
     @abstractmethod
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep only these rows of the batch, in this order (repeats duplicate a row)."""
+
+
+def _no_vocabulary(who: str) -> str:
+    return (f"{who} does not describe its tokenizer (Backend.token_vocabulary), which the constrained steps "
+            "(json_schema, json_object, regex, grammar, choice) need; use the llama, transformers or llamacpp "
+            "backend, or implement token_vocabulary() in this backend")
 
 
 def backend_label(cls: type, plugin: str | None = None) -> str:
@@ -218,6 +257,15 @@ class CheckedBackend:
     def apply_chat_template(self, messages) -> str:
         return self._call("apply_chat_template", messages)
 
+    def token_vocabulary(self) -> TokenVocabulary:
+        method = getattr(self.inner, "token_vocabulary", None)
+        if method is None:             # a duck-typed backend that does not derive from Backend
+            raise GenerationError(_no_vocabulary(self.label))
+        vocab = self._call("token_vocabulary")
+        if not isinstance(vocab, TokenVocabulary):
+            self._fail(f"token_vocabulary() returned {type(vocab).__name__}; it must return a samplerkit.backend.TokenVocabulary")
+        return vocab
+
     def _check_logits(self, logits: Any, rows: int, method: str) -> torch.Tensor:
         if not isinstance(logits, torch.Tensor):
             self._fail(f"{method}() returned {type(logits).__name__}; expected a [B, V] float tensor")
@@ -255,4 +303,4 @@ class CheckedBackend:
         self._rows = len(keep)
 
 
-__all__ = ["Backend", "CheckedBackend", "PrefillOutput", "backend_label", "resolve_device"]
+__all__ = ["Backend", "CheckedBackend", "PrefillOutput", "TokenVocabulary", "backend_label", "resolve_device"]

@@ -33,6 +33,10 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="sampler seed (sets sampler.seed)")
     g.add_argument("--max-new-tokens", type=int, help="sets generation.max_new_tokens")
     g.add_argument("-n", type=int, help="samples per prompt (sets generation.n)")
+    g.add_argument("--json-schema", metavar="FILE.json", help="constrain the output to JSON valid under this "
+                   "JSON Schema (puts a json_schema step first in the pipeline; docs/structured.md)")
+    g.add_argument("--regex", metavar="PATTERN", help="constrain the output to match this regular expression "
+                   "(puts a regex step first in the pipeline)")
     g.add_argument("--json", action="store_true", help="print one JSON object per completion instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print each completion when it is finished")
 
@@ -173,6 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompts:
         raise SamplerkitError("give at least one PROMPT (or --messages FILE.json)")
     data, source = _build_config_data(args.config, overrides, args.preset)
+    data = _with_constraints(data, args)
     config, registry = _resolve(data, source)
     generator = Generator(config, registry=registry)
     n_rows = len(args.prompts) * config.generation.n
@@ -197,6 +202,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{header} (finish: {completion.finish_reason})")
         print((completion.prompt if echo_prompt else "") + completion.text)
     return 0
+
+
+def _with_constraints(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``--json-schema`` / ``--regex``: the constraint steps first in the pipeline (a constraint
+    goes before temperature and truncation: a truncation first could leave no allowed token)."""
+    from samplerkit.config import DEFAULT_PIPELINE
+
+    steps = []
+    if args.json_schema:
+        steps.append({"json_schema": {"file": args.json_schema}})
+    if args.regex:
+        steps.append({"regex": {"pattern": args.regex}})
+    if not steps:
+        return data
+    pipeline = data.get("pipeline", [dict(s) for s in DEFAULT_PIPELINE])
+    if not isinstance(pipeline, list):     # resolve() reports the malformed pipeline
+        return data
+    return {**data, "pipeline": [*steps, *pipeline]}
 
 
 def _read_messages(path: str) -> list[Any]:
@@ -356,7 +379,8 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 # Arguments that name files: passed to open() as they are (a file name need not be UTF-8).
-_PATH_ARGUMENTS = {"config", "config_file", "config_a", "config_b", "input", "output", "errors", "model", "plot"}
+_PATH_ARGUMENTS = {"config", "config_file", "config_a", "config_b", "input", "output", "errors", "model", "plot",
+                   "json_schema"}
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ here, including plugin state in :attr:`StepContext.state`, follows its row.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,16 +39,21 @@ class StepContext:
         tokenize: text to token ids without special tokens (the backend's tokenizer), set by
             the decode loop; ``None`` outside it. Steps that take strings (``bad_words.words``)
             tokenize through it once per batch.
+        token_vocabulary: a zero-argument callable returning the backend's
+            :class:`~samplerkit.backend.TokenVocabulary` (the bytes of every token), set by the
+            decode loop; ``None`` outside it. Constrained steps (``json_schema``, ``regex``...)
+            call it once per batch to build their token masks; nobody else pays for it.
     """
 
     def __init__(self, batch_size: int, vocab_size: int | None = None, *,
                  prompt_ids: Sequence[Sequence[int]] | None = None,
                  uses: frozenset[str] = frozenset(), max_new_tokens: int = 0,
                  eos_token_ids: Sequence[int] = (), tokenize: Callable[[str], list[int]] | None = None,
-                 device: torch.device | str = "cpu"):
+                 token_vocabulary: Callable[[], Any] | None = None, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(set(eos_token_ids)))
         self.tokenize = tokenize
+        self.token_vocabulary = token_vocabulary
         self.vocab_size = vocab_size
         self.prompt_ids: list[list[int]] = [list(p) for p in prompt_ids] if prompt_ids else [[] for _ in range(batch_size)]
         self.num_generated = torch.zeros(batch_size, dtype=torch.int64, device=self.device)

@@ -31,6 +31,7 @@ sampler named twice in ``--samplers`` runs twice with the same flag values.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -117,6 +118,7 @@ class _Builder:
         self.chain_steps: list[StepSpec] = []                # the step behind each b.chain entry
         self.penalty_groups: list[dict[str, StepSpec]] = []  # adjacent penalty steps, one `penalties` each
         self.check = True                                    # refuse what tests/conformance shows differs
+        self.constraint: StepSpec | None = None              # the step exported as --json-schema / --grammar
 
     def issue(self, spec: StepSpec | str, message: str) -> None:
         where = spec if isinstance(spec, str) else spec.location or spec.name
@@ -155,6 +157,8 @@ def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExp
             else:
                 left_out = b.inexpressible(spec, "llama.cpp applies logit_bias before every other sampler: "
                                                  "make it the first step")
+        elif getattr(spec.cls, "constrains", False):
+            left_out = _constraint(b, spec, index)
         elif chain_name is None:
             left_out = b.inexpressible(spec, _NO_SAMPLER.get(name, f"llama.cpp has no {name!r} sampler"))
         elif native is not None and native.replaces_chain and name != "temperature":
@@ -174,6 +178,8 @@ def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExp
             b.owner_flags[chain_name] = {k: v for k, v in b.flags.items() if before.get(k) != v}
         if not left_out:                         # a neutral step left out does not break adjacency
             previous = name
+    if b.constraint is not None:
+        _constraint_chain(b)
     if b.penalty_groups:
         _penalty_flags(b)
     if check_conformance:
@@ -188,6 +194,61 @@ def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExp
     for bias in b.bias:
         args += ["--logit-bias", bias]
     return LlamaCppExport(args, b.notes)
+
+
+#: llama.cpp samplers that change each logit on its own (no token removed): with only these (and
+#: a plain temperature) in its chain, llama.cpp's sample-then-check grammar draws exactly from the
+#: constraint applied first (see _constraint_chain).
+_ELEMENTWISE_CHAIN = {"penalties", "dry"}
+
+
+def _constraint(b: _Builder, spec: StepSpec, index: int) -> bool:
+    """A constrained step as llama.cpp's ``--json-schema`` or ``--grammar`` (GBNF); True when left out."""
+    if spec.params.is_neutral():
+        return b.inexpressible(spec, "no rows are constrained, so llama.cpp needs no grammar")
+    if b.constraint is not None:
+        b.issue(spec, f"llama.cpp takes one grammar; {b.constraint.location or b.constraint.name} is exported already")
+        return False
+    before = [s for s in b.config.processors[:index] if s.name != "logit_bias" and not s.params.is_neutral()
+              and CHAIN_NAMES.get(s.name) not in _ELEMENTWISE_CHAIN and s.name != "temperature"]
+    if before:
+        b.issue(spec, f"llama.cpp applies its grammar to the model's logits, before {before[0].name}: make "
+                      f"{spec.name} the first step (after logit_bias)")
+        return False
+    params = spec.params
+    if spec.name in ("json_schema", "json_object"):
+        b.flags["--json-schema"] = json.dumps(params.source(), separators=(",", ":"))
+        b.notes.append(f"{spec.location or spec.name}: llama.cpp converts the schema with its own json-schema-to-grammar: "
+                       "the same JSON values, but its whitespace rules and unsupported keywords may differ from llguidance's")
+    elif spec.name == "grammar" and params.gbnf is not None:
+        b.flags["--grammar"] = params.gbnf
+    elif spec.name == "choice":
+        b.flags["--grammar"] = "root ::= " + " | ".join(json.dumps(o) for o in params.options)
+    else:
+        what = "a Lark grammar" if spec.name == "grammar" else f"a {spec.name} constraint"
+        b.issue(spec, f"llama.cpp reads GBNF grammars and JSON schemas; {what} has no exact GBNF form here "
+                      "(use grammar: {gbnf: ...} or json_schema)")
+        return False
+    b.constraint = spec
+    return False
+
+
+def _constraint_chain(b: _Builder) -> None:
+    """llama.cpp samples from its chain, then checks the token against the grammar and only when it
+    breaks it resamples with the grammar applied first: ``P(t) = q_t + q(invalid) q'_t`` for ``t``
+    valid. When the chain changes each logit on its own (penalties, dry, temperature), ``q'`` is
+    ``q`` renormalised over the valid tokens ``A`` and ``P(t) = q_t / q(A)``, exactly the constraint
+    applied first; a step that removes tokens (top_k, top_p, ...) decides its cut without the
+    grammar, and the two distributions differ."""
+    for spec in b.chain_steps:
+        chain_name = CHAIN_NAMES.get(spec.name)
+        if chain_name in _ELEMENTWISE_CHAIN or spec.name == "temperature":
+            continue
+        b.issue(b.constraint, f"llama.cpp applies the grammar after its sampler chain (resampling only when the "
+                              f"drawn token breaks it), so with {spec.location or spec.name} in the chain its "
+                              f"distribution differs from {b.constraint.name} applied first; export without "
+                              f"{spec.name}, or run the constraint in samplerkit")
+        return
 
 
 def _position(issue: ConfigIssue) -> tuple[int, int]:

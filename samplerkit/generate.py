@@ -414,7 +414,8 @@ class _Run:
         ctx = StepContext(len(self.rows), logits.shape[-1], prompt_ids=[self.prompt_ids[i] for i in fan_out],
                           uses=self.pipeline.uses, max_new_tokens=max(b for b, _ in budget),
                           eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
-                          tokenize=lambda text: backend.tokenize(text, add_special=False), device=logits.device)
+                          tokenize=lambda text: backend.tokenize(text, add_special=False),
+                          token_vocabulary=backend.token_vocabulary, device=logits.device)
         stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
         stop_ids |= set(gen.stop_token_ids)
         running = list(range(len(self.rows)))           # backend row -> self.rows index

@@ -26,7 +26,6 @@ from samplerkit.ops.candidates import NEG_INF, densify
 from samplerkit.ops.histogram import scratch
 from samplerkit.ops.sync import sync_free, sync_free_scope
 from samplerkit.ops.truncation import Cut, cut_below
-from samplerkit.seeded import Seeded
 from samplerkit.steps import Processor, Sampler
 from samplerkit.trace import Trace, trace_steps
 
@@ -206,13 +205,14 @@ class BoundPipeline:
     def select_rows(self, keep: Sequence[int]) -> BoundPipeline:
         """The same per-row parameters for a subset (or fan-out) of the rows."""
         bound = BoundPipeline(self.pipeline, [self._row_processors[i] for i in keep], [self._row_samplers[i] for i in keep])
-        # Random streams follow their rows: a row without a seed keeps the one drawn for it
-        # when the batch was formed (samplerkit.seeded).
+        # Per-row state follows its rows: a row without a seed keeps the random stream drawn for
+        # it when the batch was formed (samplerkit.seeded), a constrained row its matcher. Any
+        # step with follow_rows(previous, keep) takes over its predecessor's state this way.
         index = torch.as_tensor(list(keep), dtype=torch.int64)
         before = {id(spec): step for spec, step in self.steps}
         pairs = [(before.get(id(spec)), step) for spec, step in bound.steps] + [(self.sampler, bound.sampler)]
         for old, new in pairs:
-            if isinstance(old, Seeded) and isinstance(new, Seeded):
+            if old is not None and type(old) is type(new) and callable(getattr(new, "follow_rows", None)):
                 new.follow_rows(old, index)
         return bound
 

@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "samplerkit.builtins.truncation",
     "samplerkit.builtins.shaping",
     "samplerkit.builtins.penalties",
+    "samplerkit.builtins.structured",
     "samplerkit.builtins.samplers",
     "samplerkit.builtins.backends",
 )

@@ -146,6 +146,32 @@ class LlamaCppBackend(Backend):
             size = -n
         raise SamplerkitError("llamacpp backend: detokenization failed")
 
+    @cached_property
+    def _token_vocabulary(self):
+        from samplerkit.backend import TokenVocabulary
+
+        lib, vocab = self._lib, self._vocab
+        tokens: list[bytes] = []
+        special: list[int] = []
+        buf = ctypes.create_string_buffer(256)
+        for i in range(self._n_vocab):
+            if lib.llama_vocab_is_control(vocab, i) or lib.llama_vocab_is_eog(vocab, i):
+                tokens.append(b"")          # no text: never allowed inside a constraint
+                special.append(i)
+                continue
+            n = lib.llama_token_to_piece(vocab, i, buf, len(buf), 0, False)
+            if n < 0:
+                raise SamplerkitError(f"llamacpp backend: token {i} has a piece longer than {len(buf)} bytes")
+            tokens.append(buf.raw[:n])
+        bos = int(lib.llama_vocab_bos(vocab))
+        return TokenVocabulary(vocab_size=self._n_vocab, eos_token_ids=tuple(sorted(self.eos_token_ids)), tokens=tokens,
+                               special_token_ids=tuple(special), bos_token_id=bos if bos >= 0 else None,
+                               encode=lambda data: self.tokenize(data.decode("utf-8", errors="replace"), add_special=False))
+
+    def token_vocabulary(self):
+        """Each token's bytes as llama.cpp renders them (``llama_token_to_piece``), for constrained steps."""
+        return self._token_vocabulary
+
     def apply_chat_template(self, user_message: str) -> str:
         """The GGUF's Jinja chat template, rendered as the ``llama`` backend does."""
         template = self._lib.llama_model_chat_template(self._model, None)

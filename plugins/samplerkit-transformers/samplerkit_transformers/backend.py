@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from samplerkit.backend import Backend, PrefillOutput, resolve_device
-from samplerkit.errors import ModelNotFoundError, SamplerkitError
+from samplerkit.errors import GenerationError, ModelNotFoundError, SamplerkitError
 from samplerkit.params import StepParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,6 +108,24 @@ class TransformersBackend(Backend):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_vocabulary(self):
+        """The fast tokenizer's JSON (what llguidance reads), for constrained steps."""
+        if getattr(self, "_vocabulary", None) is None:
+            import copy
+
+            from samplerkit.backend import TokenVocabulary
+
+            fast = getattr(self.tokenizer, "backend_tokenizer", None)
+            if fast is None:
+                raise GenerationError(f"transformers backend: {type(self.tokenizer).__name__} is a slow (Python) "
+                                      "tokenizer; constrained steps need a fast one (tokenizer.json)")
+            fast = copy.copy(fast)          # padding and truncation off, on a copy
+            fast.no_padding()
+            fast.no_truncation()
+            self._vocabulary = TokenVocabulary(vocab_size=self.vocab_size, eos_token_ids=tuple(sorted(self._eos)),
+                                               hf_tokenizer_json=fast.to_str(), bos_token_id=self._bos_id)
+        return self._vocabulary
 
     def apply_chat_template(self, messages) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

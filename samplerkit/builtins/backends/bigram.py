@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from samplerkit.backend import Backend, PrefillOutput, resolve_device
+from samplerkit.backend import Backend, PrefillOutput, TokenVocabulary, resolve_device
 from samplerkit.params import StepParams
 from samplerkit.strict import TorchDevice
 
@@ -59,6 +59,7 @@ class BigramBackend(Backend):
         counts[EOS_ID] = counts[BOS_ID]  # after EOS, as after BOS (only reached with ignore_eos)
         self.table = (counts / counts.sum(-1, keepdim=True)).log().to(torch.float32).to(resolve_device(p.device, "bigram"))
         self._last = torch.zeros(0, dtype=torch.int64, device=self.table.device)
+        self._vocabulary: TokenVocabulary | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -77,6 +78,14 @@ class BigramBackend(Backend):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_vocabulary(self) -> TokenVocabulary:
+        """One byte per id below 256; BOS and EOS are no text."""
+        if self._vocabulary is None:
+            self._vocabulary = TokenVocabulary(
+                vocab_size=VOCAB_SIZE, eos_token_ids=(EOS_ID,), tokens=[bytes([i]) for i in range(256)] + [b"", b""],
+                special_token_ids=(BOS_ID, EOS_ID), bos_token_id=BOS_ID, encode=lambda data: list(data))
+        return self._vocabulary
 
     def apply_chat_template(self, messages) -> str:
         """A toy template: ``S: system``, ``Q: user``, ``A: assistant`` lines, then ``A:`` for the reply."""

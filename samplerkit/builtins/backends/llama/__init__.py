@@ -152,6 +152,12 @@ class LlamaBackend(Backend):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def token_vocabulary(self):
+        vocab = getattr(self, "_vocabulary", None)
+        if vocab is None:       # the same object every call: engines cache their tokenizer by it
+            vocab = self._vocabulary = self.tokenizer.token_vocabulary(self.vocab_size)
+        return vocab
+
     def apply_chat_template(self, user_message: str) -> str:
         if not self.tokenizer.chat_template:
             return super().apply_chat_template(user_message)

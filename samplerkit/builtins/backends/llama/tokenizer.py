@@ -58,6 +58,11 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
+    def token_vocabulary(self, vocab_size: int):
+        """The :class:`~samplerkit.backend.TokenVocabulary` of this tokenizer for a model with
+        ``vocab_size`` logits (constrained decoding reads it)."""
+        raise NotImplementedError
+
     def apply_chat_template(self, messages: str | Sequence[Mapping[str, Any]]) -> str:
         """Render the model's own chat template for a conversation (a list of ``{"role",
         "content"}`` messages; a string is one user turn), ready for the assistant's reply.
@@ -99,6 +104,14 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_vocabulary(self, vocab_size: int):
+        from samplerkit.backend import TokenVocabulary
+
+        # The engine reads the tokenizer's own JSON: byte-level, metaspace and added tokens
+        # come out exactly as the tokenizer defines them.
+        return TokenVocabulary(vocab_size=vocab_size, eos_token_ids=tuple(sorted(self.eos_ids)),
+                               hf_tokenizer_json=self.tok.to_str(), bos_token_id=self.bos_id)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A ``sentencepiece.SentencePieceProcessor``; control-token text in the input (``</s>``,
@@ -126,6 +139,27 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # sentencepiece drops control ids (BOS/EOS) when decoding.
         return self.sp.decode([int(i) for i in ids])
+
+    def token_vocabulary(self, vocab_size: int):
+        """Each piece as bytes: ``▁`` is a space, ``<0xAB>`` byte pieces are that byte, control and
+        unknown pieces are no text (special)."""
+        from samplerkit.backend import TokenVocabulary
+
+        sp = self.sp
+        tokens: list[bytes] = []
+        special: list[int] = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                tokens.append(b"")
+                special.append(i)
+            elif sp.is_byte(i):
+                tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                tokens.append(piece.replace("▁", " ").encode("utf-8"))
+        return TokenVocabulary(vocab_size=vocab_size, eos_token_ids=tuple(sorted(self.eos_ids)), tokens=tokens,
+                               special_token_ids=tuple(special), bos_token_id=self.bos_id,
+                               encode=lambda data: self._encode(data.decode("utf-8", errors="replace")))
 
 
 def load_sentencepiece_file(path: str, *, eos_ids: Sequence[int] | None = None,
