@@ -157,7 +157,7 @@ def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExp
             else:
                 left_out = b.inexpressible(spec, "llama.cpp applies logit_bias before every other sampler: "
                                                  "make it the first step")
-        elif getattr(spec.cls, "constrains", False):
+        elif getattr(spec.cls, "needs_vocabulary", False):
             left_out = _constraint(b, spec, index)
         elif chain_name is None:
             left_out = b.inexpressible(spec, _NO_SAMPLER.get(name, f"llama.cpp has no {name!r} sampler"))

@@ -100,6 +100,9 @@ class Processor(Step):
     #: True when the step removes tokens by identity (a list, a grammar, the history) whatever
     #: their probability: after a truncation it may remove every token the truncation kept.
     constrains: ClassVar[bool] = False
+    #: True when the step reads the backend's token strings (``ctx.token_vocabulary``), as a
+    #: grammar does: it runs only where the backend provides them (see ``Backend.token_vocabulary``).
+    needs_vocabulary: ClassVar[bool] = False
     #: Whether the step draws at random (xtc's coin).
     stochastic: ClassVar[bool] = False
 

@@ -28,9 +28,9 @@ from samplerkit.testing import (
 REGISTRY = default_registry()
 
 
-# Steps that declare `constrains` need the backend's tokenizer, which the generic contract does
+# Steps that declare `needs_vocabulary` need the backend's tokenizer, which the generic contract does
 # not have: tests/test_structured.py checks the same properties for them.
-@pytest.mark.parametrize("cls", [c for c in registered_classes("processor", REGISTRY) if not getattr(c, "constrains", False)],
+@pytest.mark.parametrize("cls", [c for c in registered_classes("processor", REGISTRY) if not getattr(c, "needs_vocabulary", False)],
                          ids=lambda c: c.name)
 def test_processor_contract(cls):
     check_processor(cls)

@@ -30,9 +30,9 @@ from samplerkit.spec import field_bounds
 from samplerkit.testing import examples_for, registered_classes
 
 REGISTRY = default_registry()
-# Steps that declare `constrains` need a tokenizer and a history their language accepts, which
+# Steps that declare `needs_vocabulary` need a tokenizer and a history their language accepts, which
 # random histories are not: tests/test_structured.py covers their extremes and tensor kinds.
-PROCESSORS = [c for c in registered_classes("processor", REGISTRY) if not getattr(c, "constrains", False)]
+PROCESSORS = [c for c in registered_classes("processor", REGISTRY) if not getattr(c, "needs_vocabulary", False)]
 VOCAB = 40
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -200,7 +200,7 @@ def test_schema_file(tmp_path, backend):
 def test_steps_declare_constrains():
     for name in ("json_schema", "json_object", "regex", "grammar", "choice"):
         cls = REGISTRY.get("processor", name)
-        assert cls.constrains is True and issubclass(cls, Constraint)
+        assert cls.constrains is True and cls.needs_vocabulary is True and issubclass(cls, Constraint)
     assert JsonSchema.Params().is_neutral() and Regex.Params().is_neutral()
 
 
@@ -228,7 +228,7 @@ def test_constrained_distribution_is_exact(backend):
     assert math.isclose(float(p.sum()), 1.0)
 
 
-CONSTRAINTS = [c for c in REGISTRY.entries("processor") if getattr(c.cls, "constrains", False)]
+CONSTRAINTS = [c for c in REGISTRY.entries("processor") if getattr(c.cls, "needs_vocabulary", False)]
 
 
 @pytest.mark.parametrize("entry", CONSTRAINTS, ids=lambda e: e.name)

@@ -62,7 +62,7 @@ def _kinds(base: torch.Tensor):
 
 def _cases():
     for cls in registered_classes("processor", REGISTRY):
-        if getattr(cls, "constrains", False):      # need a tokenizer: tests/test_structured.py
+        if getattr(cls, "needs_vocabulary", False):      # need a tokenizer: tests/test_structured.py
             continue
         for example in examples_for(cls) or [{}]:
             yield pytest.param(cls, example, id=f"{cls.name}-{example}")
