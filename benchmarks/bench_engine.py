@@ -1,14 +1,15 @@
 """Aggregate tokens/s of the continuous-batching Engine with C concurrent clients against the
 same requests run one after another through ``Generator.generate``.
 
-Each of C clients submits R requests back to back (each waits for its previous one), so rows
-join and leave the running batch all the time; requests differ in prompt and length
-(``max_new_tokens`` cycles through --lengths, ``ignore_eos`` so every request produces exactly
-that many tokens) and half of them use another pipeline (the ``min_p`` preset). Sequential
+Each of C clients submits one request per --lengths entry back to back (each waits for its
+previous one), so rows join and leave the running batch all the time; requests differ in
+prompt and length (client ``c``'s ``r``-th request asks for ``lengths[(c + r) % len]`` tokens,
+``ignore_eos`` so it produces exactly that many; every client asks for the same total) and half
+of them use another pipeline (the ``min_p`` preset). Sequential
 throughput is the rate of running the first --sequential-sample of those same requests one by
 one (it does not depend on how many there are), so the 64-client run does not take 64x longer.
 
-    python benchmarks/bench_engine.py --clients 1 4 16 64
+    python benchmarks/bench_engine.py --threads 1 --clients 1 4 16 64
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village by 
            "My favourite recipe starts with", "Write a haiku about rain:"]
 
 
-def requests(clients: int, per_client: int, lengths: list[int]) -> list[list[dict]]:
+def requests(clients: int, lengths: list[int]) -> list[list[dict]]:
+    """Client ``c`` sends ``len(lengths)`` requests, its ``r``-th with ``lengths[(c + r) % len]``
+    new tokens: every client asks for the same total, so all stay busy until about the end."""
     out = []
     for c in range(clients):
         mine = []
-        for r in range(per_client):
-            k = c * per_client + r
-            mine.append({"prompt": PROMPTS[k % len(PROMPTS)], "seed": k, "max_new_tokens": lengths[k % len(lengths)],
+        for r in range(len(lengths)):
+            k = c * len(lengths) + r
+            mine.append({"prompt": PROMPTS[k % len(PROMPTS)], "seed": k,
+                         "max_new_tokens": lengths[(c + r) % len(lengths)],
                          "pipeline": None if k % 2 == 0 else "min_p"})
         out.append(mine)
     return out
@@ -59,30 +63,54 @@ def run_engine(gen: Generator, plan: list[list[dict]]) -> tuple[int, float]:
 
 
 def run_sequential(gen: Generator, reqs: list[dict]) -> tuple[int, float]:
-    tokens = 0
-    start = time.perf_counter()
-    for req in reqs:
-        out = gen.generate([req["prompt"]], seeds=[req["seed"]], pipelines=[req["pipeline"]],
-                           max_new_tokens=req["max_new_tokens"], ignore_eos=True)
-        tokens += len(out[0].token_ids)
-    return tokens, time.perf_counter() - start
+    """The requests one after another, in a worker thread like the engine's loop (on a busy
+    machine torch's main thread and other threads schedule differently)."""
+    result = {}
+
+    def work() -> None:
+        tokens = 0
+        start = time.perf_counter()
+        for req in reqs:
+            out = gen.generate([req["prompt"]], seeds=[req["seed"]], pipelines=[req["pipeline"]],
+                               max_new_tokens=req["max_new_tokens"], ignore_eos=True)
+            tokens += len(out[0].token_ids)
+        result["out"] = tokens, time.perf_counter() - start
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return result["out"]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends one after another")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 24, 32], help="max_new_tokens, cycled")
-    ap.add_argument("--sequential-sample", type=int, default=8, help="requests timed one after another")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 24],
+                    help="max_new_tokens of each client's requests (one request per length, rotated)")
+    ap.add_argument("--sequential-sample", type=int, default=6, help="requests timed one after another")
     ap.add_argument("--batch-invariant", choices=["true", "false"], default="true",
                     help="the llama backend's batch_invariant (false: one fused attention call per layer)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's; 1 on a machine shared with other jobs)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gen = Generator({"backend": {"name": "llama", "batch_invariant": args.batch_invariant == "true"}})
     gen.generate(["warm up"], max_new_tokens=2)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}")
-    plan = requests(max(args.clients), args.per_client, args.lengths)
+    plan = requests(max(args.clients), args.lengths)
     flat = [r for mine in plan for r in mine]
     seq_tokens, seq_wall = run_sequential(gen, flat[:args.sequential_sample])
     seq_rate = seq_tokens / seq_wall
@@ -93,7 +121,7 @@ def main() -> None:
     for c in args.clients:
         tokens, wall = run_engine(gen, plan[:c])
         rate = tokens / wall
-        print(f"| {c} | {c * args.per_client} | {tokens} | {wall:.1f} | {rate:.1f} | {seq_rate:.1f} | "
+        print(f"| {c} | {c * len(args.lengths)} | {tokens} | {wall:.1f} | {rate:.1f} | {seq_rate:.1f} | "
               f"{rate / seq_rate:.2f}x |", flush=True)
 
 

@@ -316,3 +316,17 @@ def test_stream_events_carry_every_token_and_its_logprobs():
     assert [lp for e in events for lp in e.logprobs] == done.logprobs
     streamed = list(gen.stream(["le café crème "], seeds=[3], logprobs=1, max_new_tokens=30))
     assert [t for e in streamed for t in e.token_ids] == [t for e in events for t in e.token_ids]
+
+
+def test_a_shared_generator_waits_while_the_engine_has_running_rows():
+    gen = generator()
+    engine = Engine(gen)
+    engine.submit("the cat ", seed=1, max_new_tokens=5, ignore_eos=True)
+    engine.step()                                        # rows running: the engine holds the Generator
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (gen.generate(["x"], max_new_tokens=2), done.set()))
+    worker.start()
+    assert not done.wait(0.5)
+    engine.run_until_idle()                              # idle: the Generator is free again
+    worker.join(30)
+    assert done.is_set()
