@@ -208,6 +208,7 @@ class Engine:
         self._groups: list[_Group] = []        # in backend row order
         self._logits: torch.Tensor | None = None
         self._holding = False                  # the Generator's lock (while rows run)
+        self._admitting: list[Request] = []    # requests being admitted (failed with the batch)
 
     # -- public API -------------------------------------------------------------------------
     def submit(self, prompt: Prompt, *, pipeline: PipelineEntry = None, seed: int | None = None,
@@ -347,10 +348,11 @@ class Engine:
     def _turn(self) -> bool:
         """Cancel, admit, sample, step. Any failure outside one request's pipeline (the
         backend) fails every running request and empties the batch; the engine goes on."""
+        self._admitting: list[Request] = []
         try:
             return self._turn_inner()
         except BaseException as exc:        # noqa: BLE001 - handed to every request it hit
-            self._fail_running(exc)
+            self._fail_running(exc, self._admitting)
             if not isinstance(exc, Exception):
                 raise
             return bool(self._waiting)
@@ -368,7 +370,9 @@ class Engine:
         if cancelled:
             self._drop(cancelled, lambda r: self._finish_cancelled(r))
         if admitted:
+            self._admitting = admitted
             self._admit(admitted)
+            self._admitting = []
         if not self._groups:
             self._release()
             with self._cond:
@@ -524,8 +528,8 @@ class Engine:
                 events.append(row.event(row.stops.finish(), CANCELLED))
         request._push(events, completions=run.completions(), error=error, done=True)
 
-    def _fail_running(self, exc: BaseException) -> None:
-        requests = {g.run.request for g in self._groups}
+    def _fail_running(self, exc: BaseException, admitting: Sequence[Request] = ()) -> None:
+        requests = {g.run.request for g in self._groups} | set(admitting)
         self._groups = []
         self._logits = None
         try:

@@ -330,3 +330,32 @@ def test_a_shared_generator_waits_while_the_engine_has_running_rows():
     engine.run_until_idle()                              # idle: the Generator is free again
     worker.join(30)
     assert done.is_set()
+
+
+class FailingPrefill(BigramBackend):
+    """A backend whose prefill fails for prompts containing '!'."""
+
+    def prefill(self, prompts, *, keep_all_logits=False):
+        if any(33 in p for p in prompts):
+            raise RuntimeError("prefill broke")
+        return super().prefill(prompts, keep_all_logits=keep_all_logits)
+
+    def join(self, prompts, *, keep_all_logits=False):
+        if any(33 in p for p in prompts):
+            raise RuntimeError("join broke")
+        return super().join(prompts, keep_all_logits=keep_all_logits)
+
+
+def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_goes_on():
+    gen = generator(FailingPrefill())
+    engine = Engine(gen)
+    running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
+    engine.step()
+    joining = engine.submit("bang!", seed=2)
+    engine.step()
+    for req in (running, joining):
+        with pytest.raises(PluginError, match="join broke"):
+            req.result(timeout=5)
+    later = engine.submit("the dog ", seed=3)
+    engine.run_until_idle()
+    assert later.result()[0].token_ids == alone(gen, "the dog ", 3)[0].token_ids
