@@ -228,14 +228,39 @@ def test_backends_without_join_fall_back_to_prefilling_again():
 # -- the llama backend's join ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def tiny_dir(tmp_path_factory):
     pytest.importorskip("transformers")
-    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
     from samplerkit.testing.tiny_models import save_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny") / "llama"
     save_tiny_llama(path)
-    return LlamaBackend(LlamaParams(model=str(path)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_dir):
+    from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
+
+    return LlamaBackend(LlamaParams(model=str(tiny_dir)))
+
+
+def test_a_plugin_backend_without_join_serves_the_engine(tiny_dir):
+    """samplerkit-transformers has no join(): the engine re-prefills the running rows."""
+    pytest.importorskip("samplerkit_transformers")
+    config = {"backend": {"name": "transformers", "model": str(tiny_dir)}, "pipeline": [], "sampler": "greedy",
+              "generation": {"max_new_tokens": 6}}
+    gen = Generator(config, registry=REGISTRY)
+    assert not gen.backend.can_join
+    prompts = ["The quick brown", "Pack my box", "Sphinx of black quartz, judge"]
+    ref = [gen.generate([p])[0].token_ids for p in prompts]
+    engine = Engine(gen)
+    reqs = [engine.submit(prompts[0])]
+    engine.step()
+    reqs.append(engine.submit(prompts[1]))
+    engine.step()
+    reqs.append(engine.submit(prompts[2]))
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in reqs] == ref
 
 
 def test_llama_join_appends_rows_that_continue_as_if_alone(tiny_llama):
