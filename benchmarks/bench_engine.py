@@ -7,7 +7,8 @@ prompt and length (client ``c``'s ``r``-th request asks for ``lengths[(c + r) % 
 ``ignore_eos`` so it produces exactly that many; every client asks for the same total) and half
 of them use another pipeline (the ``min_p`` preset). Sequential
 throughput is the rate of running the first --sequential-sample of those same requests one by
-one (it does not depend on how many there are), so the 64-client run does not take 64x longer.
+one (it does not depend on how many there are), so the 64-client run does not take 64x longer;
+it is measured right before each engine run, since the load of a shared machine moves.
 
     python benchmarks/bench_engine.py --threads 1 --clients 1 4 16 64
 """
@@ -112,27 +113,17 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}")
     plan = requests(max(args.clients), args.lengths)
     flat = [r for mine in plan for r in mine]
-    seq_tokens, seq_wall = run_sequential(gen, flat[:args.sequential_sample])
-    seq_rate = seq_tokens / seq_wall
-    print(f"sequential: {seq_tokens} tokens in {seq_wall:.1f} s = {seq_rate:.1f} tok/s "
-          f"({args.sequential_sample} requests one after another)")
-    rows = []
-    for c in args.clients:
-        tokens, wall = run_engine(gen, plan[:c])
-        rows.append((c, tokens, wall))
-        print(f"  {c} clients: {tokens} tokens in {wall:.1f} s", flush=True)
-    # The sequential rate again after the engine runs: on a shared machine the load moves, so
-    # the speed-ups use the mean of the two measurements (both are printed).
-    seq2_tokens, seq2_wall = run_sequential(gen, flat[:args.sequential_sample])
-    seq2_rate = seq2_tokens / seq2_wall
-    print(f"sequential again: {seq2_tokens} tokens in {seq2_wall:.1f} s = {seq2_rate:.1f} tok/s")
-    seq_mean = (seq_rate + seq2_rate) / 2
-    print("| concurrent clients | requests | tokens | wall (s) | engine tok/s | sequential tok/s | speed-up |")
+    # On a shared machine the load moves by 2x within minutes: each engine run is paired with a
+    # sequential run of --sequential-sample requests right before it, and compared with that.
+    print("| concurrent clients | requests | tokens | wall (s) | engine tok/s | sequential tok/s (just before) | speed-up |")
     print("|---|---|---|---|---|---|---|")
-    for c, tokens, wall in rows:
+    for c in args.clients:
+        seq_tokens, seq_wall = run_sequential(gen, flat[:args.sequential_sample])
+        seq_rate = seq_tokens / seq_wall
+        tokens, wall = run_engine(gen, plan[:c])
         rate = tokens / wall
-        print(f"| {c} | {c * len(args.lengths)} | {tokens} | {wall:.1f} | {rate:.1f} | {seq_mean:.1f} | "
-              f"{rate / seq_mean:.2f}x |", flush=True)
+        print(f"| {c} | {c * len(args.lengths)} | {tokens} | {wall:.1f} | {rate:.1f} | {seq_rate:.1f} | "
+              f"{rate / seq_rate:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
