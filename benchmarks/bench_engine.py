@@ -93,6 +93,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernel_rows(gen: Generator, rows=(1, 4, 16, 64), reps: int = 20) -> None:
+    """Time one packed product (layer 0's fused gate/up matrix) at several row counts: what a
+    decode step over that many rows costs, since such products are most of a step."""
+    lin = gen.backend.inner.model.layers[0].w_gate_up
+    width = gen.backend.inner.model.config.hidden_size
+    for m in rows:
+        x = torch.randn(m, 1, width)
+        for _ in range(3):
+            lin(x, False)
+        start = time.perf_counter()
+        for _ in range(reps):
+            lin(x, False)
+        print(f"  {type(lin).__name__} [{m} rows]: {(time.perf_counter() - start) / reps * 1000:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -103,6 +118,7 @@ def main() -> None:
                     help="the llama backend's batch_invariant (false: one fused attention call per layer)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 on a machine shared with other jobs)")
+    ap.add_argument("--kernel", action="store_true", help="only time one packed product at 1, 4, 16, 64 rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +127,11 @@ def main() -> None:
     gen.generate(["warm up"], max_new_tokens=2)
     print(f"CPU: {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}")
+    if args.kernel:
+        kernel_rows(gen)
+        return
     plan = requests(max(args.clients), args.lengths)
+    print("prompt tokens:", sorted({len(gen.backend.tokenize(p)) for p in PROMPTS}))
     flat = [r for mine in plan for r in mine]
     # On a shared machine the load moves by 2x within minutes: each engine run is paired with a
     # sequential run of --sequential-sample requests right before it, and compared with that.
