@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--sequential-sample", type=int, default=6, help="requests timed one after another")
     ap.add_argument("--batch-invariant", choices=["true", "false"], default="true",
                     help="the llama backend's batch_invariant (false: one fused attention call per layer)")
+    ap.add_argument("--weights", choices=["auto", "packed", "dequantize"], default="auto",
+                    help="the llama backend's weights (dequantize: float32 GEMMs, not batch-invariant)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 on a machine shared with other jobs)")
     ap.add_argument("--kernel", action="store_true", help="only time one packed product at 1, 4, 16, 64 rows")
@@ -123,10 +125,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    gen = Generator({"backend": {"name": "llama", "batch_invariant": args.batch_invariant == "true"}})
+    gen = Generator({"backend": {"name": "llama", "batch_invariant": args.batch_invariant == "true",
+                                 "weights": args.weights}})
     gen.generate(["warm up"], max_new_tokens=2)
     print(f"CPU: {cpu_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}")
+          f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}, weights={args.weights}")
     if args.kernel:
         kernel_rows(gen)
         return
