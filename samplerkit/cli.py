@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from samplerkit.errors import SamplerkitError
+from samplerkit.serve import command as serve_command
 
 EXIT_USER_ERROR = 2
 
@@ -342,6 +343,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "print the equivalent flags of another engine (llama.cpp)", cmd_export, _export_args,
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
+    Command("serve", "serve an OpenAI-compatible HTTP API; each request may bring its own pipeline", serve_command.run,
+            serve_command.add_arguments),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
 )
 

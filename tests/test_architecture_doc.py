@@ -27,7 +27,7 @@ LAYERS = {
     "config": 5, "presets": 5, "schema": 5,
     "pipeline": 6,
     "generate": 7, "batch": 7, "export": 7,
-    "__init__": 8, "batch_ray": 8, "testing": 8,
+    "__init__": 8, "batch_ray": 8, "testing": 8, "serve": 8,
     "cli": 9,
 }
 
