@@ -57,6 +57,7 @@ class _State:
     rows: int = 0
     requests: int = 0
     served: int = 0
+    cancelled: int = 0
 
 
 def _lp(value: float) -> float:
@@ -85,6 +86,7 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
     app = FastAPI(title="samplerkit", description="OpenAI-compatible server; every request may bring its own "
                                                  "sampling pipeline.", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.samplerkit = state
+    app.state.samplerkit_runner = runner
 
     def error(exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -182,6 +184,7 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
             state.rows -= job.rows
             state.requests -= 1
             state.served += 1
+            state.cancelled += isinstance(outcome, Cancelled)
             queue.put_nowait(outcome)
 
         workers.submit(work)
@@ -190,7 +193,7 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "rows_in_flight": state.rows, "requests_in_flight": state.requests,
-                "max_rows": limits.max_rows}
+                "max_rows": limits.max_rows, "requests_done": state.served, "requests_cancelled": state.cancelled}
 
     @app.get("/v1/models")
     async def models(request: Request):

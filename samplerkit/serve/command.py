@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,14 @@ def server_config(config_file: str | None, overrides: Sequence[str], preset: str
     return resolve(data, registry, config_file), registry
 
 
-def model_name(config: Any) -> str:
-    model = getattr(config.backend.params, "model", None)
-    return Path(str(model)).name if model else config.backend.name
+def model_name(config: Any, backend: Any = None) -> str:
+    """The id clients send as ``model``: the loaded model file's name without ``.gguf``
+    (``SmolLM2-135M-Instruct.Q4_1``), else the configured ``backend.model``, else the backend's name."""
+    model = getattr(backend, "model_path", None) or getattr(config.backend.params, "model", None)
+    if not model:
+        return config.backend.name
+    path = Path(str(model))
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def build(config: Any, registry: Any, limits: Limits, *, api_key: str | None = None,
@@ -81,7 +89,7 @@ def build(config: Any, registry: Any, limits: Limits, *, api_key: str | None = N
     raw = backend if backend is not None else load_backend(config)
     runner = GeneratorRunner(raw)
     server = ServerSide(config, registry, int(raw.vocab_size), limits)
-    return create_app(runner, server, model_name=served_model_name or model_name(config), api_key=api_key)
+    return create_app(runner, server, model_name=served_model_name or model_name(config, raw), api_key=api_key)
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -109,3 +117,27 @@ def run(args: argparse.Namespace) -> int:
     app = build(config, registry, limits, api_key=api_key, served_model_name=args.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+@contextlib.contextmanager
+def running(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a background thread for the duration of the ``with`` block;
+    yields the base URL (``http://127.0.0.1:PORT``; port 0 picks a free one). For tests,
+    notebooks and benchmarks: the server is always shut down on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="samplerkit-serve-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise SamplerkitError(f"the server did not start on {host}:{port} (port in use?)")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

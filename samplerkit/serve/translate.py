@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from samplerkit.config import RunConfig, resolve, validate_generation
+from samplerkit.config import DEFAULT_PIPELINE, DEFAULT_SAMPLER, RunConfig, resolve, validate_generation
 from samplerkit.errors import ConfigError, SamplerkitError, short_repr
 from samplerkit.presets import load_preset, merge_under
 from samplerkit.registry import Registry
@@ -134,9 +134,9 @@ def _pipeline(request: CompletionRequest | ChatRequest, server: ServerSide) -> t
         spec = {"pipeline": constrained + pipeline, "sampler": "categorical"}
     else:
         raw = server.config.raw
-        pipeline = list(raw.get("pipeline", []))
+        pipeline = list(raw.get("pipeline", DEFAULT_PIPELINE))
         where = {i + len(constrained): f"the server's pipeline[{i}]" for i in range(len(pipeline))}
-        spec = {"pipeline": constrained + pipeline, "sampler": raw.get("sampler", "categorical")}
+        spec = {"pipeline": constrained + pipeline, "sampler": raw.get("sampler", DEFAULT_SAMPLER)}
     for i in range(len(constrained)):
         where[i] = "response_format"
     return spec, where
