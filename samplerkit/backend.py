@@ -113,6 +113,17 @@ class Backend(ABC):
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep only these rows of the batch, in this order (repeats duplicate a row)."""
 
+    #: Whether :meth:`join` is implemented. Without it, an :class:`~samplerkit.engine.Engine`
+    #: adds rows to a running batch by prefilling every row's whole sequence again.
+    can_join: ClassVar[bool] = False
+
+    def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        """Prefill ``prompts`` and append them as new rows after the current ones (continuous
+        batching): the running rows keep their cache, and the next :meth:`step` takes one token
+        for every row, old and new. Returns the new rows' logits as :meth:`prefill` does. On an
+        empty batch it is :meth:`prefill`. Backends that implement it set ``can_join = True``."""
+        raise NotImplementedError(f"backend {self.name!r} cannot add rows to a running batch (no join())")
+
 
 def backend_label(cls: type, plugin: str | None = None) -> str:
     """``backend 'name' (module.Class, distribution dist)`` for messages that blame a backend.
@@ -253,6 +264,24 @@ class CheckedBackend:
     def select_rows(self, keep: Sequence[int]) -> None:
         self._call("select_rows", keep)
         self._rows = len(keep)
+
+    @property
+    def can_join(self) -> bool:
+        return getattr(self.inner, "can_join", False) is True
+
+    def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        out = self._call("join", prompts, keep_all_logits=keep_all_logits)
+        if not isinstance(out, PrefillOutput):
+            self._fail(f"join() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
+        self._check_logits(out.last, len(prompts), "join")
+        if keep_all_logits:
+            if not isinstance(out.all, Sequence) or len(out.all) != len(prompts):
+                self._fail(f"join(keep_all_logits=True) returned PrefillOutput.all={type(out.all).__name__}; "
+                           f"expected a list of {len(prompts)} [L_i, V] tensors")
+            for p, t in zip(prompts, out.all):
+                self._check_logits(t, len(p), "join (all positions)")
+        self._rows += len(prompts)
+        return out
 
 
 __all__ = ["Backend", "CheckedBackend", "PrefillOutput", "backend_label", "resolve_device"]

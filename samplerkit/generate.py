@@ -9,7 +9,9 @@ cache rows and the pipeline re-packs its parameters), so they cost no further wo
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,9 @@ from samplerkit.chat_template import check_messages
 from samplerkit.config import RunConfig, read_yaml, resolve, validate_generation
 from samplerkit.context import StepContext
 from samplerkit.detokenize import IncrementalDetokenizer, StopMatcher, lone_surrogate
-from samplerkit.errors import GenerationError, PluginError, SamplerkitError
+from samplerkit.errors import ConfigError, ConfigIssue, GenerationError, PluginError, SamplerkitError, short_repr
 from samplerkit.pipeline import Pipeline, RowOverrides
+from samplerkit.presets import list_presets, load_preset, unknown_preset_message
 from samplerkit.registry import Registry, default_registry
 
 
@@ -156,6 +159,16 @@ def row_seeds(pipeline: Pipeline, prompts: int, n: int, seeds: Sequence[int | No
 #: A prompt: text, or (with ``chat``) a conversation, a list of ``{"role", "content"}`` messages.
 Prompt = str | Sequence[Mapping[str, Any]]
 
+#: A row's pipeline: None (the Generator's), a preset name, a :class:`Pipeline`, or a mapping in
+#: YAML form (``{"pipeline": [...], "sampler": ..., "preset": ..., "on_invalid": ...}``).
+PipelineEntry = None | str | Pipeline | Mapping[str, Any]
+
+#: The keys a per-row pipeline mapping may have (the rest of a config is the Generator's).
+PIPELINE_KEYS = ("pipeline", "sampler", "preset", "on_invalid")
+
+#: Resolved per-row pipelines a Generator keeps (least recently used dropped first).
+PIPELINE_CACHE_SIZE = 256
+
 
 class Generator:
     """A loaded backend plus a pipeline: call :meth:`generate` or :meth:`stream` many times.
@@ -179,8 +192,63 @@ class Generator:
         self.pipeline = Pipeline.from_config(self.config, device=device)
         # NaN from the model is the backend's fault unless the config tolerates invalid rows.
         self.backend.check_nan = self.pipeline.on_invalid == "raise"
+        self._device = device
         self._lock = threading.Lock()
         self._owner: int | None = None
+        # Per-row pipelines resolved from mappings or preset names, keyed by their canonical JSON
+        # (the "config hash"): a server that sees the same pipeline again resolves it once.
+        self._pipelines: OrderedDict[str, Pipeline] = OrderedDict()
+        self._pipelines_lock = threading.Lock()
+
+    def pipeline_for(self, entry: PipelineEntry, where: str = "pipeline") -> Pipeline:
+        """The :class:`Pipeline` a row runs: ``entry`` is ``None`` (this Generator's pipeline), a
+        preset name, a :class:`Pipeline`, or a mapping in YAML form with any of the keys
+        ``pipeline`` (the processors, in order), ``sampler``, ``preset`` and ``on_invalid``,
+        validated exactly as a config file with only those keys (omitted keys take the YAML
+        defaults, not this Generator's). Errors are a :class:`ConfigError` whose locations start
+        with ``where`` (e.g. ``pipelines[3] pipeline[1] top_p: must be in (0, 1]``). Resolved
+        pipelines are cached by the mapping's canonical JSON (:data:`PIPELINE_CACHE_SIZE` of them).
+        """
+        if entry is None:
+            return self.pipeline
+        if isinstance(entry, Pipeline):
+            return entry
+        if isinstance(entry, str):
+            if entry not in list_presets():
+                raise ConfigError(ConfigIssue(where, unknown_preset_message(entry)))
+            data: Mapping[str, Any] = {"preset": entry}
+        elif isinstance(entry, Mapping):
+            data = entry
+            bad = [k for k in data if k not in PIPELINE_KEYS]
+            if bad:
+                raise ConfigError(ConfigIssue(where, f"{', '.join(short_repr(k) for k in bad)} cannot be set per row; "
+                                                     f"a row's pipeline takes only {', '.join(PIPELINE_KEYS)} "
+                                                     "(backend, generation and plugins are the Generator's)"))
+        else:
+            raise ConfigError(ConfigIssue(where, f"must be None, a preset name, a Pipeline or a mapping like "
+                                                 f"{{'pipeline': [{{'top_k': {{'top_k': 40}}}}], 'sampler': 'categorical'}}, "
+                                                 f"got {type(entry).__name__} {short_repr(entry)}"))
+        try:
+            key = json.dumps(data, sort_keys=True, allow_nan=True, default=repr)
+        except (TypeError, ValueError) as e:              # keys that are not strings, cycles
+            raise ConfigError(ConfigIssue(where, f"is not a plain YAML/JSON mapping ({e})")) from None
+        with self._pipelines_lock:
+            cached = self._pipelines.get(key)
+            if cached is not None:
+                self._pipelines.move_to_end(key)
+                return cached
+        if "preset" in data and isinstance(data["preset"], str) and data["preset"] in list_presets():
+            load_preset(data["preset"])                   # a preset that cannot be read fails here, named
+        try:
+            config = resolve(data, self.registry)
+        except ConfigError as e:
+            raise ConfigError([ConfigIssue(f"{where} {i.location}".strip(), i.message) for i in e.issues]) from None
+        pipeline = Pipeline.from_config(config, device=self._device)
+        with self._pipelines_lock:
+            self._pipelines[key] = pipeline
+            while len(self._pipelines) > PIPELINE_CACHE_SIZE:
+                self._pipelines.popitem(last=False)
+        return pipeline
 
     def _acquire(self) -> None:
         if self._owner == threading.get_ident():
@@ -194,14 +262,21 @@ class Generator:
         self._lock.release()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, seeds: Sequence[int | None] | None = None,
-                 rows: Sequence[RowOverrides | None] | None = None, **generation: Any) -> list[Completion]:
+                 rows: Sequence[RowOverrides | None] | None = None,
+                 pipelines: Sequence[PipelineEntry] | None = None, **generation: Any) -> list[Completion]:
         """Generate for every prompt; returns ``len(prompts) * n`` completions, prompt-major.
 
         A prompt is a string or, with ``chat=True``, a list of messages (``{"role": "system" |
         "user" | "assistant", "content": str}``) rendered through the model's chat template; a
         single conversation may be passed as ``prompts`` itself.
+
+        ``pipelines`` gives each prompt its own pipeline (see :meth:`pipeline_for`; ``None``
+        entries run this Generator's). All rows share each forward pass; the rows of each
+        distinct pipeline are sampled together by that pipeline, so a seeded row gets the same
+        tokens whatever the other rows and their pipelines are. ``rows`` overrides then apply to
+        the row's own pipeline.
         """
-        run = _Run(self, prompts, seeds, rows, generation)       # validates before taking the lock
+        run = _Run(self, prompts, seeds, rows, generation, pipelines)       # validates before taking the lock
         self._acquire()
         try:
             for _ in run.events():
@@ -211,9 +286,10 @@ class Generator:
         return run.completions()
 
     def stream(self, prompts: Prompt | Sequence[Prompt], *, seeds: Sequence[int | None] | None = None,
-               rows: Sequence[RowOverrides | None] | None = None, **generation: Any) -> Iterator[Delta]:
+               rows: Sequence[RowOverrides | None] | None = None,
+               pipelines: Sequence[PipelineEntry] | None = None, **generation: Any) -> Iterator[Delta]:
         """Yield text deltas as tokens are generated (one :class:`Delta` per row and step)."""
-        run = _Run(self, prompts, seeds, rows, generation)
+        run = _Run(self, prompts, seeds, rows, generation, pipelines)
         return self._stream(run)
 
     def _stream(self, run: _Run) -> Iterator[Delta]:
@@ -226,9 +302,10 @@ class Generator:
 
 def generate(prompts: Prompt | Sequence[Prompt], config: str | Path | Mapping[str, Any] | RunConfig | None = None, *,
              seeds: Sequence[int | None] | None = None, rows: Sequence[RowOverrides | None] | None = None,
+             pipelines: Sequence[PipelineEntry] | None = None,
              backend: Backend | None = None, **generation: Any) -> list[Completion]:
     """Run prompts through the configured backend and pipeline; see :class:`Generator`."""
-    return Generator(config, backend=backend).generate(prompts, seeds=seeds, rows=rows, **generation)
+    return Generator(config, backend=backend).generate(prompts, seeds=seeds, rows=rows, pipelines=pipelines, **generation)
 
 
 def _prompt_list(prompts: Any) -> list[Prompt]:
@@ -282,8 +359,104 @@ class _Row:
         self.finish_reason: str | None = None
 
 
+def decode_step(groups: Sequence[_Group], logits: torch.Tensor) -> tuple[torch.Tensor, list[Delta], list[int]]:
+    """One sampling step over a batch made of ``groups`` (their rows in this order in
+    ``logits`` and the backend): each group's pipeline samples its slice of ``logits``.
+
+    Returns the ``[B]`` ids, the events of this step (per group, in order), and the backend
+    rows that keep running (the groups have already dropped their finished rows; the caller
+    calls ``backend.select_rows(keep)`` when it is shorter than ``B``)."""
+    all_ids: list[torch.Tensor] = []
+    events: list[Delta] = []
+    keep: list[int] = []
+    start = 0
+    for g in groups:
+        size = len(g.members)
+        part = logits if size == logits.shape[0] else logits[start:start + size]
+        ids, evs, kept = g.step(part)
+        all_ids.append(ids)
+        events.extend(evs)
+        keep.extend(start + k for k in kept)
+        if len(kept) < size:
+            g.select(kept)
+        start += size
+    return (all_ids[0] if len(all_ids) == 1 else torch.cat(all_ids)), events, keep
+
+
+class _Group:
+    """The rows of one run that share a pipeline, in backend order: that pipeline bound for
+    them (one bind, so per-row parameters are packed once) and their :class:`StepContext`."""
+
+    def __init__(self, run: _Run, pipeline: Pipeline, members: list[int], vocab: int, device: torch.device):
+        self.run, self.pipeline = run, pipeline
+        self.members = list(members)                 # indices into run.rows, in backend order
+        rows = [run.rows[r] for r in self.members]
+        prompts = [row.prompt_index for row in rows]
+        overrides = None if run.row_overrides is None else [run.row_overrides[p] for p in prompts]
+        seeds = run._row_seed_list(pipeline)
+        seeds = None if seeds is None else [seeds[r] for r in self.members]
+        self.bound = pipeline.bind(overrides if overrides is not None else len(rows), seeds=seeds)
+        self.budget = [run._budget(run.prompt_ids[p]) for p in prompts]
+        gen, backend = run.gen, run.backend
+        # The history buffers grow with the text generated and never past the longest budget
+        # (max_new_tokens, or the context left after the prompt): nothing is sized by a huge
+        # max_new_tokens up front.
+        self.ctx = StepContext(len(rows), vocab, prompt_ids=[run.prompt_ids[p] for p in prompts],
+                               uses=pipeline.uses, max_new_tokens=max(b for b, _ in self.budget),
+                               eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
+                               tokenize=lambda text: backend.tokenize(text, add_special=False), device=device)
+        self.want_logprobs = gen.logprobs is not None
+        self.ctx.want_distribution = self.want_logprobs
+        stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
+        self.stop_ids = stop_ids | set(gen.stop_token_ids)
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Delta], list[int]]:
+        """Sample one token per row from ``logits`` (this group's rows); returns the ids, the
+        events, and the positions (in this group) of the rows that keep running."""
+        run, bound, ctx = self.run, self.bound, self.ctx
+        want_logprobs = self.want_logprobs
+        processed = bound.process(logits, ctx) if want_logprobs else None
+        ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
+        drawn = ctx.take_distribution() if want_logprobs else None
+        ctx.append(ids)
+        id_list = ids.tolist()
+        invalid = set() if self.pipeline.on_invalid != "mark_invalid" else {
+            slot for slot, ok in enumerate(valid.tolist()) if not ok}
+        if want_logprobs:
+            lp = run._step_logprobs(logits, processed if drawn is None else drawn, ids)
+        events: list[Delta] = []
+        keep: list[int] = []
+        for slot, (r, token) in enumerate(zip(self.members, id_list)):
+            row = run.rows[r]
+            if slot in invalid:            # on_invalid: mark_invalid ends the row here
+                row.finish_reason = "invalid"
+                events.append(Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], "invalid"))
+                continue
+            delta, finished = run._advance(row, token, self.stop_ids, self.budget[slot])
+            if want_logprobs and token not in self.stop_ids:
+                row.logprobs.append(lp(slot, token))
+            if finished:
+                events.append(Delta(row.prompt_index, row.sample_index, delta, [token], row.finish_reason))
+            else:
+                keep.append(slot)
+                if delta:
+                    events.append(Delta(row.prompt_index, row.sample_index, delta, [token]))
+        return ids, events, keep
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep these rows of the group (positions in it, in order); none left empties it."""
+        self.members = [self.members[k] for k in keep]
+        self.budget = [self.budget[k] for k in keep]
+        if keep:
+            self.bound = self.bound.select_rows(keep)
+            self.ctx.select_rows(keep)
+
+
 class _Run:
-    def __init__(self, owner: Generator, prompts, seeds, rows, overrides: Mapping[str, Any]):
+    """One call's prompts, validated; :meth:`events` runs them (the engine drives the same
+    pieces itself: :meth:`tokenize`, :meth:`start_rows`, :meth:`make_groups`)."""
+
+    def __init__(self, owner: Generator, prompts, seeds, rows, overrides: Mapping[str, Any], pipelines=None):
         self.backend = owner.backend
         self.pipeline = owner.pipeline
         gen = owner.config.generation
@@ -297,7 +470,7 @@ class _Run:
             raise GenerationError(f"prompt {i} is a list of chat messages; set chat=True (CLI: --chat) to render it "
                                   "through the model's chat template")
         self.prompts: list[str] = [p if m is None else "" for p, m in zip(self.inputs, self.messages)]
-        for name, given in (("seeds", seeds), ("rows", rows)):
+        for name, given in (("seeds", seeds), ("rows", rows), ("pipelines", pipelines)):
             if given is not None and (isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Sequence)):
                 raise GenerationError(f"{name} must be a list with one entry per prompt, got {type(given).__name__}")
             if given is not None and len(given) != len(self.inputs):
@@ -317,7 +490,23 @@ class _Run:
                     if not isinstance(params, Mapping):
                         raise GenerationError(f"rows[{i}] {step!s:.40}: parameters must be a mapping (e.g. "
                                               f"{{'{step!s:.40}': {{...}}}}), got {type(params).__name__} {params!r:.60}")
-                owner.pipeline._row_specs(r, i)     # unknown steps, bad values: named by prompt index
+        # Each prompt's pipeline (resolved and cached by the Generator); then the rows
+        # overrides and seeds are checked against the prompt's own pipeline.
+        self.row_pipelines: list[Pipeline] = (
+            [owner.pipeline] * len(self.inputs) if pipelines is None
+            else [owner.pipeline_for(p, f"pipelines[{i}]") for i, p in enumerate(pipelines)])
+        if rows is not None:
+            for i, r in enumerate(rows):
+                if r is not None:
+                    self.row_pipelines[i]._row_specs(r, i)     # unknown steps, bad values: named by prompt index
+        if seeds is not None:
+            for i, s in enumerate(seeds):
+                if s is not None and not self.row_pipelines[i].takes_seed:
+                    p = self.row_pipelines[i]
+                    names = ", ".join(sp.name for sp in (*p.processors, p.sampler))
+                    where = f"seeds[{i}]" if pipelines is None else f"seeds[{i}] (pipelines[{i}])"
+                    raise ConfigError(ConfigIssue(where, f"no step of this pipeline takes a seed ({names}); pass None "
+                                                         "for this prompt or add a random step (e.g. sampler: categorical)"))
         self.seeds = seeds
         self.row_overrides = rows
         self.rows: list[_Row] = []
@@ -357,15 +546,34 @@ class _Run:
         _check_text(text, f"prompt {i} (rendered through the chat template)")
         return text
 
-    def _row_seed_list(self) -> list[int | None] | None:
-        return row_seeds(self.pipeline, len(self.prompts), self.gen.n, self.seeds, self.row_overrides)
+    def _row_seed_list(self, pipeline: Pipeline) -> list[int | None] | None:
+        """Every output row's seed as ``pipeline`` would draw it (see :func:`row_seeds`)."""
+        return row_seeds(pipeline, len(self.prompts), self.gen.n, self.seeds, self.row_overrides)
 
     # -- the loop -----------------------------------------------------------------------
+    def tokenize(self) -> None:
+        """Render and tokenize the prompts (errors name the prompt); idempotent."""
+        if not self.prompt_ids:
+            self.prompt_ids = self._tokenize_prompts()
+
+    def start_rows(self) -> None:
+        """Create the output rows, prompt-major (``n`` per prompt)."""
+        n = self.gen.n
+        self.rows = [_Row(i, j, self.gen, self.backend.detokenize) for i in range(len(self.prompts)) for j in range(n)]
+
+    def make_groups(self, vocab: int, device: torch.device) -> list[_Group]:
+        """The rows grouped by pipeline, each group's rows in row order; the backend's rows
+        must be in the order of the groups' ``members`` concatenated."""
+        by_pipeline: dict[int, list[int]] = {}
+        for r, row in enumerate(self.rows):
+            by_pipeline.setdefault(id(self.row_pipelines[row.prompt_index]), []).append(r)
+        return [_Group(self, self.row_pipelines[self.rows[members[0]].prompt_index], members, vocab, device)
+                for members in by_pipeline.values()]
+
     def events(self) -> Iterator[Delta]:
         gen, backend = self.gen, self.backend
-        self.prompt_ids = self._tokenize_prompts()
-        n = gen.n
-        self.rows = [_Row(i, j, gen, backend.detokenize) for i in range(len(self.prompts)) for j in range(n)]
+        self.tokenize()
+        self.start_rows()
         if gen.max_new_tokens == 0 and not gen.echo:      # nothing to compute at all
             yield from self._finish_all("length")
             return
@@ -376,62 +584,24 @@ class _Run:
         if gen.max_new_tokens == 0:                        # echo only
             yield from self._finish_all("length")
             return
+        groups = self.make_groups(out.last.shape[-1], out.last.device)
+        # Backend row b runs self.rows[order[b]]: the groups' rows, one group after another
+        # (a single pipeline: prompt-major, as before).
+        order = [r for g in groups for r in g.members]
+        fan_out = [self.rows[r].prompt_index for r in order]
         logits = out.last
-        fan_out = [i for i in range(len(self.prompts)) for _ in range(n)]
-        if n > 1:
+        if fan_out != list(range(len(self.prompts))):
             backend.select_rows(fan_out)
             logits = logits.index_select(0, torch.as_tensor(fan_out, device=logits.device))
-
-        overrides = None if self.row_overrides is None else [self.row_overrides[i] for i in fan_out]
-        bound = self.pipeline.bind(overrides if overrides is not None else len(self.rows), seeds=self._row_seed_list())
-        budget = [self._budget(self.prompt_ids[i]) for i in fan_out]
-        # The history buffers grow with the text generated and never past the longest budget
-        # (max_new_tokens, or the context left after the prompt): nothing is sized by a huge
-        # max_new_tokens up front.
-        ctx = StepContext(len(self.rows), logits.shape[-1], prompt_ids=[self.prompt_ids[i] for i in fan_out],
-                          uses=self.pipeline.uses, max_new_tokens=max(b for b, _ in budget),
-                          eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
-                          tokenize=lambda text: backend.tokenize(text, add_special=False), device=logits.device)
-        stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
-        stop_ids |= set(gen.stop_token_ids)
-        running = list(range(len(self.rows)))           # backend row -> self.rows index
-        want_logprobs = gen.logprobs is not None
-        ctx.want_distribution = want_logprobs
-
-        while running:
-            processed = bound.process(logits, ctx) if want_logprobs else None
-            ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
-            drawn = ctx.take_distribution() if want_logprobs else None
-            ctx.append(ids)
-            id_list = ids.tolist()
-            invalid = set() if self.pipeline.on_invalid != "mark_invalid" else {
-                slot for slot, ok in enumerate(valid.tolist()) if not ok}
-            if want_logprobs:
-                lp = self._step_logprobs(logits, processed if drawn is None else drawn, ids)
-            keep: list[int] = []
-            for slot, (r, token) in enumerate(zip(running, id_list)):
-                row = self.rows[r]
-                if slot in invalid:            # on_invalid: mark_invalid ends the row here
-                    row.finish_reason = "invalid"
-                    yield Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], "invalid")
-                    continue
-                delta, finished = self._advance(row, token, stop_ids, budget[r])
-                if want_logprobs and token not in stop_ids:
-                    row.logprobs.append(lp(slot, token))
-                if finished:
-                    yield Delta(row.prompt_index, row.sample_index, delta, [token], row.finish_reason)
-                else:
-                    keep.append(slot)
-                    if delta:
-                        yield Delta(row.prompt_index, row.sample_index, delta, [token])
+        while groups:
+            ids, events, keep = decode_step(groups, logits)
+            yield from events
             if not keep:
                 break
-            if len(keep) < len(running):
+            if len(keep) < ids.shape[0]:
                 backend.select_rows(keep)
-                bound = bound.select_rows(keep)
-                ctx.select_rows(keep)
                 ids = ids.index_select(0, torch.as_tensor(keep, device=ids.device))
-                running = [running[k] for k in keep]
+            groups = [g for g in groups if g.members]
             logits = backend.step(ids)
 
     def _finish_all(self, reason: str) -> Iterator[Delta]:

@@ -26,7 +26,7 @@ LAYERS = {
     "plugins": 4, "registry": 4,
     "config": 5, "presets": 5, "schema": 5,
     "pipeline": 6,
-    "generate": 7, "batch": 7, "export": 7,
+    "generate": 7, "engine": 7, "batch": 7, "export": 7,
     "__init__": 8, "batch_ray": 8, "testing": 8, "serve": 8,
     "cli": 9,
 }

@@ -94,6 +94,15 @@ class BigramBackend(Backend):
             everything = [self.table[torch.as_tensor(list(p), device=self.table.device)] for p in prompts]
         return PrefillOutput(self.table[self._last], everything)
 
+    can_join = True
+
+    def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        """New rows after the current ones: a bigram's only state per row is its last token."""
+        old = self._last
+        out = self.prefill(prompts, keep_all_logits=keep_all_logits)
+        self._last = torch.cat([old, self._last])
+        return out
+
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         self._last = next_ids.to(self.table.device, torch.int64)
         return self.table[self._last]

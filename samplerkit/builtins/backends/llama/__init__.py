@@ -162,6 +162,12 @@ class LlamaBackend(Backend):
         last, every = self.model.prefill(prompts, keep_all_logits=keep_all_logits)
         return PrefillOutput(last=last, all=every)
 
+    can_join = True
+
+    def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
+        last, every = self.model.join(prompts, keep_all_logits=keep_all_logits)
+        return PrefillOutput(last=last, all=every)
+
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         return self.model.step(next_ids)
 

@@ -310,18 +310,68 @@ class LlamaModel:
         """Row ``j`` becomes old row ``keep[j]`` (repeats duplicate a row's cache).
 
         Only the filled columns are copied: compaction costs what the rows hold, not the capacity.
+        Columns that are padding in every kept row (left of the smallest pad, e.g. after the
+        longest row left) are dropped, so a batch that rows keep joining and leaving
+        (:meth:`join`) holds only as many columns as its longest row. Positions are unchanged:
+        a row's position is ``column - pad`` and both shift alike.
         """
         idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
             raise IndexError(f"select_rows: index out of range for batch of {self.batch_size}")
+        if not idx.numel():
+            self._reset_cache(0, 0)
+            return
+        pad = self._pad.index_select(0, idx)
+        m = int(pad.min())
         n = self._len
         k = self._k.new_zeros(self._k.shape[0], idx.numel(), *self._k.shape[2:])
         v = torch.zeros_like(k)
-        k[:, :, :, :n] = self._k[:, :, :, :n].index_select(1, idx)
-        v[:, :, :, :n] = self._v[:, :, :, :n].index_select(1, idx)
+        k[:, :, :, :n - m] = self._k[:, :, :, m:n].index_select(1, idx)
+        v[:, :, :, :n - m] = self._v[:, :, :, m:n].index_select(1, idx)
         self._k, self._v = k, v
-        self._set_pad(self._pad.index_select(0, idx))
+        self._len = n - m
+        self._set_pad(pad - m)
         self._layer_views()
+
+    @torch.inference_mode()
+    def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False
+             ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Prefill ``prompts`` as new rows after the current ones (continuous batching).
+
+        The cache stays left-padded with one shared length ``T = max(t, L_i)`` (``t`` the current
+        length): when a new prompt is longer than ``t`` the old rows get ``T - t`` more columns
+        of left padding (their positions ``column - pad`` do not change). Each new prompt is
+        prefilled on its own exactly as :meth:`prefill` does, so a joined row's cache and
+        logits are the bits it gets alone. Returns the new rows' logits as :meth:`prefill` does.
+        """
+        if self.batch_size == 0:
+            return self.prefill(prompts, keep_all_logits=keep_all_logits)
+        lengths = self._check_prompts(prompts)
+        old, t = self.batch_size, self._len
+        L = max(t, *lengths)
+        shift = L - t
+        cap = min(self.max_context, max(self._k.shape[3] + shift, L + _CACHE_CHUNK))
+        shape = (self._k.shape[0], old + len(lengths), self._k.shape[2], cap, self._k.shape[4])
+        k = self._k.new_zeros(shape)
+        v = torch.zeros_like(k)
+        k[:, :old, :, shift:L] = self._k[:, :, :, :t]
+        v[:, :old, :, shift:L] = self._v[:, :, :, :t]
+        self._k, self._v = k, v
+        self._layer_views()
+        new_pad = torch.tensor([L - n for n in lengths], dtype=torch.long, device=self.device)
+        self._set_pad(torch.cat([self._pad + shift, new_pad]))
+        self._len = L
+        return self._fill(prompts, lengths, old, L, keep_all_logits)
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        lengths = [len(p) for p in prompts]
+        if not lengths:
+            raise GenerationError("prefill needs at least one prompt")
+        if min(lengths) == 0:
+            raise GenerationError("every prompt needs at least one token")
+        if max(lengths) > self.max_context:
+            raise GenerationError(f"prompt of {max(lengths)} tokens exceeds the context of {self.max_context}")
+        return lengths
 
     # -- compute ----------------------------------------------------------------------
     def _rotate(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,18 +397,18 @@ class LlamaModel:
         they are hot in cache (layer-outer, row-inner loop), and a packed matrix's transient
         bfloat16 copy is made once per layer for all the rows that use it.
         """
-        lengths = [len(p) for p in prompts]
-        if not lengths:
-            raise GenerationError("prefill needs at least one prompt")
-        if min(lengths) == 0:
-            raise GenerationError("every prompt needs at least one token")
+        lengths = self._check_prompts(prompts)
         B, L = len(prompts), max(lengths)
-        if L > self.max_context:
-            raise GenerationError(f"prompt of {L} tokens exceeds the context of {self.max_context}")
         self._reset_cache(B, min(self.max_context, L + _CACHE_CHUNK))
-        dev = self.device
-        self._set_pad(torch.tensor([L - n for n in lengths], dtype=torch.long, device=dev))
+        self._set_pad(torch.tensor([L - n for n in lengths], dtype=torch.long, device=self.device))
+        self._len = L
+        return self._fill(prompts, lengths, 0, L, keep_all_logits)
 
+    def _fill(self, prompts: Sequence[Sequence[int]], lengths: list[int], row0: int, L: int,
+              keep_all_logits: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run each prompt on its own and write its keys/values right-aligned at columns
+        ``[L - n, L)`` of cache rows ``row0, row0 + 1, ...``; the logits as :meth:`prefill` returns."""
+        dev = self.device
         c = self.config
         hs = [self.embed(torch.as_tensor(list(p), dtype=torch.long, device=dev).view(1, -1), self.dtype)
               for p in prompts]                                             # [1, L_i, d] each
@@ -373,12 +423,11 @@ class LlamaModel:
                     q, k = self._rotate(qkv, ropes[b])
                     v = qkv[..., self._n_qk:].view(1, n, c.num_kv_heads, c.head_dim)
                     k, v = k.transpose(1, 2), v.transpose(1, 2)             # [1, KVH, n, D]
-                    self._k_layers[i][b:b + 1, :, L - n:L] = k
-                    self._v_layers[i][b:b + 1, :, L - n:L] = v
+                    self._k_layers[i][row0 + b:row0 + b + 1, :, L - n:L] = k
+                    self._v_layers[i][row0 + b:row0 + b + 1, :, L - n:L] = v
                     a = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
                     h = h + layer.wo(a.transpose(1, 2).reshape(1, n, self._n_q), dense[b])
                     hs[b] = h + self._mlp(layer, h, dense[b])
-        self._len = L
 
         with dense_copies([self.lm_head], keep_all_logits and any(dense)):
             hs = [F.rms_norm(h[0], (c.hidden_size,), self.norm, c.rms_norm_eps) for h in hs]

@@ -1,0 +1,546 @@
+"""Continuous batching: one running batch that requests join and leave between decode steps.
+
+An :class:`Engine` owns a :class:`~samplerkit.generate.Generator` (its backend and KV cache).
+Each :meth:`Engine.submit` makes a :class:`Request`, a handle whose events (:class:`Delta`)
+arrive while it runs. Between two decode steps the engine
+
+1. frees the rows of cancelled requests (``backend.select_rows``),
+2. admits waiting requests while their rows fit in ``max_rows`` (first come, first served):
+   their prompts are prefilled and appended to the running batch with ``backend.join``
+   (backends without it: every running row's sequence is prefilled again together with the
+   new prompts, see :attr:`samplerkit.backend.Backend.can_join`), fanned out to ``n`` rows,
+3. samples one token for every row, each request's rows through its own pipeline, and
+4. drops finished rows, then runs one forward pass (``backend.step``) for all rows left.
+
+A request's rows are sampled exactly as :meth:`Generator.generate` samples them (the same
+per-row seeds, the same step context), and with a batch-invariant backend (the ``llama``
+backend's default) a row's logits do not depend on the other rows: a seeded request gives the
+tokens ``samplerkit generate`` gives with that seed, whatever else runs beside it.
+
+Threading: :meth:`Engine.start` runs the loop in a background thread (``close`` stops it; the
+engine is a context manager); without it, :meth:`Engine.run_until_idle` or :meth:`Engine.step`
+run it in the caller's thread. ``submit``, ``Request.cancel`` and reading events are safe from
+any thread; :meth:`Request.events_async` waits without blocking an asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samplerkit.config import RunConfig
+from samplerkit.errors import GenerationError, SamplerkitError
+from samplerkit.generate import Completion, Delta, Generator, PipelineEntry, Prompt, _Group, _Run
+from samplerkit.pipeline import RowOverrides
+
+#: ``Completion.finish_reason`` / ``Delta.finish_reason`` of a row ended by :meth:`Request.cancel`.
+CANCELLED = "cancelled"
+
+
+class EngineClosedError(GenerationError):
+    """The engine was closed: no new requests; requests it did not finish end with this."""
+
+
+class Request:
+    """A submitted request: iterate it for :class:`~samplerkit.generate.Delta` events (every
+    iterator sees every event from the first one), or wait for :meth:`result`.
+
+    Events are those of :meth:`Generator.stream` for one prompt (``prompt_index`` 0,
+    ``sample_index`` ``0..n-1``); each row's last event has its ``finish_reason`` (``"stop"``,
+    ``"length"``, ``"invalid"`` or ``"cancelled"``). When the request fails (a plugin error in
+    its pipeline, a backend failure, the engine closed), iteration and :meth:`result` raise
+    that error after the events that came before it.
+    """
+
+    def __init__(self, engine: Engine, run: _Run, request_id: int):
+        self.id = request_id
+        self.engine = engine
+        self._run = run
+        self.n = run.gen.n
+        self._cond = threading.Condition()
+        self._events: list[Delta] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._completions: list[Completion] | None = None
+        self._cancel = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else ("cancelling" if self._cancel else "pending")
+        return f"<Request {self.id} n={self.n} {state}>"
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as the model sees it (a chat prompt rendered through the template)."""
+        return self._run.prompts[0]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self._run.prompt_ids[0])
+
+    @property
+    def done(self) -> bool:
+        """Whether every row has finished (or the request failed or was cancelled)."""
+        return self._done
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel
+
+    def cancel(self) -> None:
+        """Stop this request. A waiting request ends at once; a running one's rows are freed
+        before the engine's next decode step (so at most one more token is computed for them).
+        Each unfinished row ends with finish reason ``"cancelled"``. No effect once done."""
+        self.engine._cancel(self)
+
+    # -- events ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Delta]:
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events) and not self._done:
+                    self._cond.wait()
+                batch = self._events[i:]
+                done = self._done
+            yield from batch
+            i += len(batch)
+            if done and i >= len(self._events):
+                if self._error is not None:
+                    raise self._error
+                return
+
+    async def events_async(self) -> AsyncIterator[Delta]:
+        """The events as an async iterator: waits on the running event loop, never blocking it
+        (the engine thread wakes it with ``loop.call_soon_threadsafe``)."""
+        loop = asyncio.get_running_loop()
+        i = 0
+        while True:
+            wake = asyncio.Event()
+            with self._cond:
+                batch = self._events[i:]
+                done = self._done
+                if not batch and not done:
+                    self._waiters.append((loop, wake))
+            for event in batch:
+                yield event
+            i += len(batch)
+            if batch:
+                continue
+            if done:
+                if self._error is not None:
+                    raise self._error
+                return
+            await wake.wait()
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        """The completions (``n`` of them, by ``sample_index``), waiting until done; raises the
+        request's error, or :class:`TimeoutError` after ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"request {self.id} not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return list(self._completions or [])
+
+    async def result_async(self) -> list[Completion]:
+        """:meth:`result` for asyncio code."""
+        async for _ in self.events_async():
+            pass
+        return self.result()
+
+    # -- engine side ------------------------------------------------------------------------
+    def _push(self, events: Sequence[Delta], *, completions: list[Completion] | None = None,
+              error: BaseException | None = None, done: bool = False) -> None:
+        with self._cond:
+            if self._done:
+                return
+            self._events.extend(events)
+            if done:
+                self._done = True
+                self._completions = completions
+                self._error = error
+            waiters, self._waiters = self._waiters, []
+            self._cond.notify_all()
+        for loop, wake in waiters:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:          # that event loop is closed: nobody is waiting there
+                pass
+
+
+class Engine:
+    """Continuous batching over one backend; see the module docstring.
+
+    ``generator`` is a :class:`Generator` (shared: while the engine has running rows, the
+    Generator's own ``generate``/``stream`` calls wait) or what :class:`Generator` takes (a
+    YAML path, a mapping, a :class:`RunConfig` or ``None`` for the defaults). At most
+    ``max_rows`` rows run at once (a request takes ``n`` rows); more requests wait, first come,
+    first served, and ``max_waiting`` (``None``: unbounded) bounds that queue.
+    """
+
+    def __init__(self, generator: Generator | str | Path | Mapping[str, Any] | RunConfig | None = None, *,
+                 max_rows: int = 64, max_waiting: int | None = None, backend=None, registry=None):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise GenerationError(f"max_rows must be an int >= 1, got {max_rows!r:.60}")
+        if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
+                                        or max_waiting < 0):
+            raise GenerationError(f"max_waiting must be an int >= 0 or None, got {max_waiting!r:.60}")
+        self.generator = generator if isinstance(generator, Generator) else Generator(
+            generator, backend=backend, registry=registry)
+        self.backend = self.generator.backend
+        self.max_rows = max_rows
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()     # guards _waiting, _cancelled, _closed; wakes the loop
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[Request] = set()
+        self._closed = False
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._driver: int | None = None        # the thread running the loop now
+        # Loop state, touched only by the thread running the loop:
+        self._groups: list[_Group] = []        # in backend row order
+        self._logits: torch.Tensor | None = None
+        self._holding = False                  # the Generator's lock (while rows run)
+
+    # -- public API -------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, *, pipeline: PipelineEntry = None, seed: int | None = None,
+               overrides: RowOverrides | None = None, **generation: Any) -> Request:
+        """Queue one prompt (text, or with ``chat=True`` a list of messages); returns its
+        :class:`Request`. ``pipeline``: ``None`` (the Generator's), a preset name, a
+        :class:`~samplerkit.Pipeline` or a mapping in YAML form (see
+        :meth:`Generator.pipeline_for`); ``seed`` seeds the request's rows as
+        ``Generator.generate(seeds=[seed])`` does; ``overrides`` are per-step parameter
+        overrides (``{"top_p": {"top_p": 0.5}}``); ``generation`` are options of the
+        ``generation:`` section (``max_new_tokens``, ``n``, ``stop``, ``logprobs``, ``echo``,
+        ``chat``, ...). Everything is validated here: errors (:class:`SamplerkitError`, located
+        like YAML errors) raise in the caller, before anything is queued.
+        """
+        if not isinstance(prompt, str) and not (
+                isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))
+                and all(isinstance(m, Mapping) for m in prompt)):
+            raise GenerationError(f"submit takes one prompt (a string, or a list of chat messages), got "
+                                  f"{type(prompt).__name__}; submit each prompt of a list separately")
+        run = _Run(self.generator, [prompt], None if seed is None else [seed],
+                   None if overrides is None else [overrides], generation, [pipeline])
+        if run.gen.n > self.max_rows:
+            raise GenerationError(f"n={run.gen.n} needs {run.gen.n} rows but this engine runs at most "
+                                  f"max_rows={self.max_rows}; lower n or raise max_rows")
+        run.tokenize()                     # prompt errors (too long, bad chat) raise here
+        request = Request(self, run, next(self._ids))
+        run.request = request
+        if run.gen.max_new_tokens == 0 and not run.gen.echo:     # nothing to compute
+            run.start_rows()
+            request._push(list(run._finish_all("length")), completions=run.completions(), done=True)
+            return request
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("this engine is closed; create a new Engine")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise GenerationError(f"too many waiting requests ({len(self._waiting)}, max_waiting="
+                                      f"{self.max_waiting}); retry later")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def start(self) -> Engine:
+        """Run the loop in a background (daemon) thread until :meth:`close`."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("this engine is closed; create a new Engine")
+            if self._thread is not None:
+                return self
+            self._thread = threading.Thread(target=self._background, name="samplerkit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, *, cancel: bool = True, timeout: float | None = None) -> None:
+        """Stop the engine. ``cancel=True`` cancels every unfinished request (finish reason
+        ``"cancelled"``); ``cancel=False`` first lets them finish. No new requests after."""
+        if not cancel:
+            self._drain(timeout)
+        with self._cond:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for request in waiting:
+            self._finish_cancelled(request)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        elif thread is None:
+            self._with_driver(self._stop_running)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run_until_idle(self) -> None:
+        """Run the loop in this thread until no request is waiting or running (without a
+        background thread: :meth:`start` not called)."""
+        if self._thread is not None:
+            raise GenerationError("this engine runs in its background thread (start() was called); wait for "
+                                  "requests with request.result() instead of run_until_idle()")
+        self._with_driver(self._until_idle)
+
+    def step(self) -> bool:
+        """One turn of the loop in this thread (admit, sample, step); False when idle."""
+        if self._thread is not None:
+            raise GenerationError("this engine runs in its background thread (start() was called)")
+        return self._with_driver(self._turn)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch (approximate when read from another thread)."""
+        return sum(len(g.members) for g in self._groups)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for rows."""
+        with self._cond:
+            return len(self._waiting)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _with_driver(self, fn):
+        with self._cond:
+            if self._driver is not None and self._driver != threading.get_ident():
+                raise GenerationError("another thread is running this engine's loop")
+            self._driver = threading.get_ident()
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._driver = None
+
+    def _until_idle(self) -> None:
+        while self._turn():
+            pass
+
+    def _drain(self, timeout: float | None) -> None:
+        if self._thread is None:
+            self.run_until_idle()
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._waiting and not self._groups and not self._cancelled, timeout)
+
+    def _background(self) -> None:
+        self._driver = threading.get_ident()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._waiting or self._groups or self._cancelled)
+                if self._closed:
+                    break
+            self._turn()
+            with self._cond:
+                self._cond.notify_all()         # wakes _drain
+        self._stop_running()
+
+    def _turn(self) -> bool:
+        """Cancel, admit, sample, step. Any failure outside one request's pipeline (the
+        backend) fails every running request and empties the batch; the engine goes on."""
+        try:
+            return self._turn_inner()
+        except BaseException as exc:        # noqa: BLE001 - handed to every request it hit
+            self._fail_running(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return bool(self._waiting)
+
+    def _turn_inner(self) -> bool:
+        with self._cond:
+            cancelled = [r for r in self._cancelled]
+            self._cancelled.clear()
+            admitted: list[Request] = []
+            free = self.max_rows - self.running_rows
+            while self._waiting and self._waiting[0].n <= free and not self._closed:
+                request = self._waiting.popleft()
+                admitted.append(request)
+                free -= request.n
+        if cancelled:
+            self._drop(cancelled, lambda r: self._finish_cancelled(r))
+        if admitted:
+            self._admit(admitted)
+        if not self._groups:
+            self._release()
+            with self._cond:
+                return bool(self._waiting)
+        self._sample_and_step()
+        return True
+
+    def _acquire(self) -> None:
+        if not self._holding:
+            self.generator._acquire()
+            self._holding = True
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.generator._release()
+
+    def _admit(self, requests: list[Request]) -> None:
+        backend = self.backend
+        self._acquire()
+        prompts = [r._run.prompt_ids[0] for r in requests]
+        echo = any(r._run.gen.echo for r in requests)
+        old = self.running_rows
+        if old == 0:
+            out = backend.prefill(prompts, keep_all_logits=echo)
+        elif backend.can_join:
+            out = backend.join(prompts, keep_all_logits=echo)
+        else:
+            # No join(): rebuild the cache from every running row's sequence plus the new
+            # prompts. The running rows keep the logits their last step gave (the same
+            # distribution; recomputing it could differ in the last bits).
+            sequences = [g.run.prompt_ids[0] + g.run.rows[r].tokens for g in self._groups for r in g.members]
+            full = backend.prefill(sequences + prompts, keep_all_logits=echo)
+            out = type(full)(full.last[old:], None if full.all is None else full.all[old:])
+        fan = [k for k, r in enumerate(requests) for _ in range(r.n)]
+        if len(fan) != len(requests):
+            backend.select_rows(list(range(old)) + [old + k for k in fan])
+        new_logits = out.last if len(fan) == len(requests) else out.last.index_select(
+            0, torch.as_tensor(fan, device=out.last.device))
+        self._logits = new_logits if old == 0 else torch.cat([self._logits, new_logits])
+        finished_now = []
+        for k, request in enumerate(requests):
+            run = request._run
+            run.start_rows()
+            if run.gen.echo:
+                run.prompt_logprobs = [run._prompt_logprobs(run.prompt_ids[0], out.all[k])]
+            groups = run.make_groups(new_logits.shape[-1], new_logits.device)
+            self._groups.extend(groups)
+            if run.gen.max_new_tokens == 0:       # echo only: the prompt's logprobs are all it wanted
+                finished_now.append(request)
+        if finished_now:
+            self._drop(finished_now, self._finish_echo_only)
+
+    def _finish_echo_only(self, request: Request) -> None:
+        run = request._run
+        request._push(list(run._finish_all("length")), completions=run.completions(), done=True)
+
+    def _drop(self, requests: list[Request], finish) -> None:
+        """Free the rows of ``requests`` now (one ``select_rows``), then ``finish(request)``."""
+        gone = set(requests)
+        keep: list[int] = []
+        start = 0
+        groups = []
+        for g in self._groups:
+            size = len(g.members)
+            if g.run.request not in gone:
+                keep.extend(range(start, start + size))
+                groups.append(g)
+            start += size
+        if len(keep) < start:
+            self.backend.select_rows(keep)
+            if self._logits is not None:
+                self._logits = self._logits.index_select(0, torch.as_tensor(keep, device=self._logits.device))
+        self._groups = groups
+        for request in requests:
+            finish(request)
+        if not groups:
+            self._logits = None
+            self._release()
+
+    def _sample_and_step(self) -> None:
+        logits = self._logits
+        ids_parts: list[torch.Tensor] = []
+        keep: list[int] = []
+        groups: list[_Group] = []
+        start = 0
+        touched: dict[Request, list[Delta]] = {}
+        failed: dict[Request, BaseException] = {}
+        for g in self._groups:
+            size = len(g.members)
+            request = g.run.request
+            part = logits if size == logits.shape[0] else logits[start:start + size]
+            try:
+                ids, events, kept = g.step(part)
+            except SamplerkitError as exc:     # this request's pipeline failed: only it ends
+                failed[request] = exc
+                ids_parts.append(torch.zeros(size, dtype=torch.int64, device=logits.device))
+                start += size
+                continue
+            touched.setdefault(request, []).extend(events)
+            ids_parts.append(ids)
+            keep.extend(start + k for k in kept)
+            if len(kept) < size:
+                g.select(kept)
+            if g.members:
+                groups.append(g)
+            start += size
+        self._groups = groups                 # a failed group's rows are not in keep either
+        alive = {g.run.request for g in self._groups}
+        for request, events in touched.items():
+            if request in failed:
+                continue
+            if request in alive:
+                request._push(events)
+            else:
+                request._push(events, completions=request._run.completions(), done=True)
+        for request, exc in failed.items():
+            request._push(touched.get(request, []), error=exc, done=True)
+        if not self._groups:
+            self._logits = None               # the next admission prefills a fresh batch
+            self._release()
+            return
+        ids = ids_parts[0] if len(ids_parts) == 1 else torch.cat(ids_parts)
+        if len(keep) < ids.shape[0]:
+            self.backend.select_rows(keep)
+            ids = ids.index_select(0, torch.as_tensor(keep, device=ids.device))
+        self._logits = self.backend.step(ids)
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            if request._done or request._cancel:
+                return
+            request._cancel = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                waiting = True
+            else:
+                waiting = False
+                self._cancelled.add(request)
+                self._cond.notify_all()
+        if waiting:
+            self._finish_cancelled(request)
+
+    def _finish_cancelled(self, request: Request, error: BaseException | None = None) -> None:
+        run = request._run
+        if not run.rows:
+            run.start_rows()
+        events = []
+        for row in run.rows:
+            if row.finish_reason is None:
+                row.finish_reason = CANCELLED
+                events.append(Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], CANCELLED))
+        request._push(events, completions=run.completions(), error=error, done=True)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        requests = {g.run.request for g in self._groups}
+        self._groups = []
+        self._logits = None
+        try:
+            self.backend.select_rows([])
+        except Exception:                   # noqa: BLE001 - the backend is already broken
+            pass
+        self._release()
+        for request in requests:
+            request._push([], error=exc, done=True)
+
+    def _stop_running(self) -> None:
+        """On close: cancel what still runs and give the Generator back."""
+        requests = list(dict.fromkeys(g.run.request for g in self._groups))
+        if requests:
+            self._drop(requests, self._finish_cancelled)
+        self._release()
+
+
+__all__ = ["CANCELLED", "Engine", "EngineClosedError", "Request"]
