@@ -438,10 +438,11 @@ class Engine:
                 keep.extend(range(start, start + size))
                 groups.append(g)
             start += size
-        if len(keep) < start:
+        if keep and len(keep) < start:          # none left: the next admission prefills afresh
             self.backend.select_rows(keep)
             if self._logits is not None:
-                self._logits = self._logits.index_select(0, torch.as_tensor(keep, device=self._logits.device))
+                self._logits = self._logits.index_select(
+                    0, torch.as_tensor(keep, dtype=torch.long, device=self._logits.device))
         self._groups = groups
         for request in requests:
             finish(request)
@@ -494,7 +495,7 @@ class Engine:
         ids = ids_parts[0] if len(ids_parts) == 1 else torch.cat(ids_parts)
         if len(keep) < ids.shape[0]:
             self.backend.select_rows(keep)
-            ids = ids.index_select(0, torch.as_tensor(keep, device=ids.device))
+            ids = ids.index_select(0, torch.as_tensor(keep, dtype=torch.long, device=ids.device))
         self._logits = self.backend.step(ids)
 
     def _cancel(self, request: Request) -> None:
