@@ -271,8 +271,9 @@ def test_body_size_limit():
 
 
 def _held(app):
-    """The runner's lock: holding it keeps every job waiting (jobs in flight, deterministically)."""
-    return app.state.samplerkit_runner._lock
+    """The lock the engine takes to run rows: holding it keeps every job waiting in the engine
+    (jobs in flight, deterministically)."""
+    return app.state.samplerkit_runner.engine.generator._lock
 
 
 def _wait_for(condition, seconds=10.0):
@@ -283,7 +284,7 @@ def _wait_for(condition, seconds=10.0):
 
 
 def test_rows_in_flight_limit_is_a_429_then_clears():
-    app = make_app(limits=Limits(max_rows=4, max_tokens=64))
+    app = make_app(limits=Limits(max_rows=4, max_waiting_rows=0, max_tokens=64))
     with running(app) as base:
         lock = _held(app)
         lock.acquire()
@@ -314,19 +315,41 @@ def test_timeout_is_a_504_and_cancels_the_rows():
         assert raw(base, "GET", "/health")[1]["rows_in_flight"] == 0
 
 
-def test_client_disconnect_cancels_its_rows():
+def test_client_disconnect_cancels_its_rows(monkeypatch):
     app = make_app()
+    runner = app.state.samplerkit_runner
+    submitted = []
+    submit = runner.submit
+    monkeypatch.setattr(runner, "submit", lambda job: submitted.append(submit(job)) or submitted[-1])
+    # min_tokens keeps EOS away: left alone, each row would run all 60 tokens.
+    body = {"model": "bigram", "prompt": "a", "max_tokens": 60,
+            "samplerkit": {"pipeline": [{"min_tokens": 60}], "sampler": "categorical"}}
     with running(app) as base:
         parts = urlparse(base)
         with _held(app):                       # both requests wait; their clients leave meanwhile
             for count, stream in enumerate((False, True), start=1):
                 conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-                conn.request("POST", "/v1/completions", body=json.dumps(
-                    {"model": "bigram", "prompt": "a", "max_tokens": 60, "stream": stream}),
-                    headers={"Content-Type": "application/json"})
+                conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": stream}),
+                             headers={"Content-Type": "application/json"})
                 _wait_for(lambda n=count: raw(base, "GET", "/health")[1]["requests_in_flight"] == n)
                 conn.close()
-            time.sleep(1.5)                    # the server polls for disconnects every 0.25 s
-        _wait_for(lambda: raw(base, "GET", "/health")[1]["requests_in_flight"] == 0)
+            _wait_for(lambda: raw(base, "GET", "/health")[1]["requests_cancelled"] == 2)
         health = raw(base, "GET", "/health")[1]
-        assert health["requests_cancelled"] == 2 and health["rows_in_flight"] == 0
+        assert health["rows_in_flight"] == 0 and health["requests_in_flight"] == 0
+        for job in submitted:
+            [completion] = job.requests[0].result(timeout=10)
+            assert completion.finish_reason == "cancelled" and len(completion.token_ids) < 60
+
+
+def test_streamed_logprobs_are_the_whole_requests(client):
+    whole = client.completions.create(model="bigram", prompt="The ", max_tokens=12, seed=5, logprobs=1)
+    chunks = list(client.completions.create(model="bigram", prompt="The ", max_tokens=12, seed=5, logprobs=1,
+                                            stream=True))
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == whole.choices[0].logprobs.tokens
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model="bigram", messages=messages, max_tokens=8, seed=2, logprobs=True)
+    chunks = list(client.chat.completions.create(model="bigram", messages=messages, max_tokens=8, seed=2,
+                                                 logprobs=True, stream=True))
+    streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == [t.token for t in whole.choices[0].logprobs.content]

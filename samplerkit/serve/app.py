@@ -17,11 +17,9 @@ import hmac
 import json
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ from pydantic import ValidationError
 from samplerkit.errors import SamplerkitError
 from samplerkit.generate import Completion, TokenLogprob
 from samplerkit.serve.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
-from samplerkit.serve.runner import Cancelled, Done, GeneratorRunner
+from samplerkit.serve.runner import Done, EngineRunner, Submitted
 from samplerkit.serve.translate import Job, ServerSide, to_job
 
 log = logging.getLogger("samplerkit.serve")
@@ -64,7 +62,7 @@ def _lp(value: float) -> float:
     return value if math.isfinite(value) else NEG_INF_LOGPROB
 
 
-def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, api_key: str | None = None):
+def create_app(runner: EngineRunner, server: ServerSide, *, model_name: str, api_key: str | None = None):
     """The ASGI app serving ``runner`` under the name ``model_name``."""
     require_fastapi()
     from fastapi import FastAPI, Request
@@ -75,13 +73,14 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
     limits = server.limits
     state = _State()
     created = int(time.time())
-    # One thread per job in flight: each waits for the runner (which runs one job at a time).
-    workers = ThreadPoolExecutor(max_workers=max(1, limits.max_rows), thread_name_prefix="samplerkit-serve")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield
-        workers.shutdown(wait=False, cancel_futures=True)
+        runner.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(runner.close)
 
     app = FastAPI(title="samplerkit", description="OpenAI-compatible server; every request may bring its own "
                                                  "sampling pipeline.", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -149,46 +148,49 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
             raise ApiError(404, f"model {parsed.model[:100]!r} is not served here; this server serves "
                                 f"{model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
         job = await asyncio.to_thread(to_job, parsed, server)
-        if state.rows + job.rows > limits.max_rows:
-            raise ApiError(429, f"the server is busy: {state.rows} rows are in flight and this request needs "
-                                f"{job.rows} (at most {limits.max_rows} at once); retry shortly",
+        capacity = limits.max_rows + limits.max_waiting_rows
+        if state.rows + job.rows > capacity:
+            raise ApiError(429, f"the server is busy: {state.rows} rows are running or waiting and this request "
+                                f"needs {job.rows} (at most {capacity} at once); retry shortly",
                            type="rate_limit_error", code="too_many_rows")
-        state.rows += job.rows
+        state.rows += job.rows             # before the await: concurrent requests see it
         try:
-            prepared = await asyncio.to_thread(runner.prepare, job)
+            submitted = await asyncio.to_thread(runner.submit, job)
         except SamplerkitError as exc:
             state.rows -= job.rows
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(400, str(exc), param=_param_of(exc)) from None
         except BaseException:
             state.rows -= job.rows
             raise
-        return parsed, job, prepared
+        return parsed, job, submitted
 
-    def start(job: Job, prepared: Any) -> tuple[asyncio.Queue, threading.Event]:
-        """Run the job on a worker thread; its events arrive on the returned queue, then ``None``
-        (or the exception that ended it)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-        state.requests += 1
+    class Run:
+        """A submitted job's events on the event loop; its rows count until it has ended."""
 
-        def work():
-            outcome: Any = None
-            try:
-                runner.run(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), cancelled)
-            except BaseException as exc:   # delivered to the request; the server goes on
-                outcome = exc
-            loop.call_soon_threadsafe(finish, outcome)
+        def __init__(self, job: Job, submitted: Submitted):
+            self.job, self.submitted = job, submitted
+            self.events = runner.events(submitted)
+            self.finished = False          # its Done event was seen
+            self.ended = False
+            state.requests += 1
 
-        def finish(outcome: Any) -> None:
-            state.rows -= job.rows
+        def cancel(self) -> None:
+            runner.cancel(self.submitted)
+
+        async def close(self) -> None:
+            """The job is over for the client: an unfinished one is cancelled (the engine frees
+            its rows before its next decode step) and its rows leave the count."""
+            if self.ended:
+                return
+            self.ended = True
+            if not self.finished:
+                self.cancel()
+                state.cancelled += 1
+            state.rows -= self.job.rows
             state.requests -= 1
             state.served += 1
-            state.cancelled += isinstance(outcome, Cancelled)
-            queue.put_nowait(outcome)
-
-        workers.submit(work)
-        return queue, cancelled
+            with contextlib.suppress(Exception):
+                await self.events.aclose()
 
     @app.get("/health")
     async def health():
@@ -206,54 +208,62 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
 
     async def handle(request: Request, cls: type):
         try:
-            parsed, job, prepared = await admit(request, cls)
+            parsed, job, submitted = await admit(request, cls)
         except ApiError as exc:
             return error(exc)
         chat = cls is ChatRequest
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         deadline = time.monotonic() + limits.request_timeout_s
-        queue, cancelled = start(job, prepared)
+        run = Run(job, submitted)
         if parsed.stream:
-            return StreamingResponse(stream(request, parsed, job, rid, queue, cancelled, deadline),
+            return StreamingResponse(stream(request, parsed, run, rid, deadline),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while True:
-                event = await next_event(request, queue, cancelled, deadline)
+                event = await next_event(request, run, deadline)
                 if isinstance(event, Done):
                     return JSONResponse(full_response(parsed, job, rid, event.completions, chat))
         except ApiError as exc:
             return error(exc)
         except ClientGone:
             return JSONResponse({}, status_code=499)
+        finally:
+            await run.close()
 
-    async def next_event(request: Request, queue: asyncio.Queue, cancelled: threading.Event, deadline: float) -> Any:
+    async def next_event(request: Request, run: "Run", deadline: float) -> Any:
         """The next event of a job; raises for its end by error, timeout or a gone client."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                cancelled.set()
-                raise ApiError(504, f"the request took longer than {limits.request_timeout_s:g} s (the server's "
-                                    "request timeout) and was cancelled; ask for fewer tokens", type="timeout")
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=min(remaining, 0.25))
-            except TimeoutError:
+        pending = asyncio.ensure_future(anext(run.events))
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ApiError(504, f"the request took longer than {limits.request_timeout_s:g} s (the server's "
+                                        "request timeout) and was cancelled; ask for fewer tokens", type="timeout")
+                done, _ = await asyncio.wait({pending}, timeout=min(remaining, 0.25))
+                if done:
+                    break
                 if await request.is_disconnected():
-                    cancelled.set()
-                    raise ClientGone() from None
-                continue
-            if isinstance(event, Cancelled):
-                raise ClientGone()
-            if isinstance(event, SamplerkitError):
-                raise ApiError(400, str(event))
-            if isinstance(event, BaseException):
-                log.error("generation failed", exc_info=event)
-                raise ApiError(500, f"internal error during generation: {type(event).__name__}; the server keeps "
-                                    "running", type="server_error")
-            if event is None:
-                raise ApiError(500, "the generation ended without a result", type="server_error")
+                    raise ClientGone()
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+        try:
+            event = pending.result()
+            run.finished = isinstance(event, Done)
             return event
+        except StopAsyncIteration:
+            raise ApiError(500, "the generation ended without a result", type="server_error") from None
+        except SamplerkitError as exc:
+            raise ApiError(400, str(exc)) from None
+        except Exception as exc:
+            log.error("generation failed", exc_info=exc)
+            raise ApiError(500, f"internal error during generation: {type(exc).__name__}; the server keeps "
+                                "running", type="server_error") from None
 
-    async def stream(request, parsed, job: Job, rid: str, queue, cancelled, deadline) -> AsyncIterator[bytes]:
+    async def stream(request, parsed, run: "Run", rid: str, deadline) -> AsyncIterator[bytes]:
+        job = run.job
         chat = isinstance(parsed, ChatRequest)
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = job.generation["n"]
@@ -272,7 +282,7 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
                               "finish_reason": None} for j in range(n)])
             while True:
                 try:
-                    event = await next_event(request, queue, cancelled, deadline)
+                    event = await next_event(request, run, deadline)
                 except ApiError as exc:
                     yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
                     break
@@ -297,7 +307,7 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
         except ClientGone:
             pass
         finally:
-            cancelled.set()            # a client that left (or a finished stream): free the rows
+            await run.close()          # a client that left (or a finished stream): free the rows
 
     def usage(completions: list[Completion]) -> dict[str, int]:
         prompts = {c.prompt_index: len(c.prompt_token_ids) for c in completions}
@@ -365,6 +375,12 @@ def create_app(runner: GeneratorRunner, server: ServerSide, *, model_name: str, 
 
 class ClientGone(Exception):
     """The client disconnected (or its job was cancelled): nothing more is sent."""
+
+
+def _param_of(exc: SamplerkitError) -> str | None:
+    """The request field a located error is about (``seed`` for ``seed: ...``)."""
+    issues = getattr(exc, "issues", None)
+    return issues[0].location.split(" ")[0] or None if issues else None
 
 
 def _no_constant(name: str) -> Any:

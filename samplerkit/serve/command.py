@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "file's name, else the backend's name)")
     parser.add_argument("--max-rows", type=int, default=Limits.max_rows, metavar="N",
                         help=f"rows (prompts x n) in flight at once over all requests; more get 429 (default {Limits.max_rows})")
+    parser.add_argument("--max-waiting-rows", type=int, default=Limits.max_waiting_rows, metavar="N",
+                        help="rows that may wait for a place in the running batch; a request beyond running + "
+                             f"waiting gets 429 (default {Limits.max_waiting_rows})")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens, metavar="N",
                         help=f"largest max_tokens a request may ask for (default {Limits.max_tokens})")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, metavar="N",
@@ -79,28 +82,32 @@ def model_name(config: Any, backend: Any = None) -> str:
 
 def build(config: Any, registry: Any, limits: Limits, *, api_key: str | None = None,
           served_model_name: str | None = None, backend: Any = None):
-    """The ASGI app for ``config`` (loads the model unless ``backend`` is given)."""
-    from samplerkit.generate import load_backend
+    """The ASGI app for ``config`` (loads the model unless ``backend`` is given). Its engine
+    runs until the app shuts down (uvicorn's lifespan)."""
+    from samplerkit.engine import Engine
+    from samplerkit.generate import Generator, load_backend
     from samplerkit.serve.app import create_app, require_fastapi
-    from samplerkit.serve.runner import GeneratorRunner
+    from samplerkit.serve.runner import EngineRunner
     from samplerkit.serve.translate import ServerSide
 
     require_fastapi()
     raw = backend if backend is not None else load_backend(config)
-    runner = GeneratorRunner(raw)
+    runner = EngineRunner(Engine(Generator(config, backend=raw, registry=registry), max_rows=limits.max_rows))
     server = ServerSide(config, registry, int(raw.vocab_size), limits)
     return create_app(runner, server, model_name=served_model_name or model_name(config, raw), api_key=api_key)
 
 
 def _limits(args: argparse.Namespace) -> Limits:
-    for name in ("max_rows", "max_tokens", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise SamplerkitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_rows", "max_tokens", "max_body_bytes", "max_waiting_rows"):
+        least = 0 if name == "max_waiting_rows" else 1
+        if getattr(args, name) < least:
+            raise SamplerkitError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if not args.timeout > 0:
         raise SamplerkitError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if not 0 <= args.port <= 65535:
         raise SamplerkitError(f"--port must be in [0, 65535], got {args.port}")
-    return Limits(args.max_rows, args.max_tokens, args.max_body_bytes, args.timeout)
+    return Limits(max_rows=args.max_rows, max_waiting_rows=args.max_waiting_rows, max_tokens=args.max_tokens,
+                  max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,7 +35,9 @@ MAX_MESSAGES = 1024
 class Limits:
     """What one server accepts; beyond these a request gets a clear 4xx.
 
-    ``max_rows``: rows (prompts x ``n``) in flight at once over all requests (429 beyond);
+    ``max_rows``: rows (prompts x ``n``) in the running batch (the engine's ``max_rows``);
+    ``max_waiting_rows``: rows that may wait for a place in it; a request that would take the
+    rows in flight (running and waiting) past ``max_rows + max_waiting_rows`` gets a 429;
     ``max_tokens``: the largest ``max_tokens`` a request may ask for (400 beyond);
     ``max_body_bytes``: the largest request body (413 beyond);
     ``request_timeout_s``: wall-clock seconds a request may take, queueing included (504 beyond,
@@ -43,6 +45,7 @@ class Limits:
     """
 
     max_rows: int = 64
+    max_waiting_rows: int = 256
     max_tokens: int = 4096
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 600.0

@@ -1,30 +1,30 @@
-"""The server's one seam to the decode loop: run a :class:`~samplerkit.serve.translate.Job`,
-reporting its progress as events, cancellable between steps.
+"""The server's one seam to the decode loop: a continuous-batching :class:`~samplerkit.engine.Engine`.
 
-:class:`GeneratorRunner` runs jobs one after another on one loaded backend, each through a
-:class:`~samplerkit.generate.Generator` built for its pipeline (cached by the pipeline's key;
-they all share the backend, so the model is loaded once). The HTTP layer sees only
-:meth:`prepare` (validate and tokenize, before any response is sent) and :meth:`run`.
+Every request's rows join the engine's running batch between two decode steps and leave it
+when they finish; requests with different pipelines share each forward pass. The HTTP layer
+sees :meth:`EngineRunner.submit` (validate, tokenize and queue, before any response is sent),
+:meth:`EngineRunner.events` (an async iterator of :class:`TokenEvent`, then one :class:`Done`)
+and :meth:`EngineRunner.cancel`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-from samplerkit.backend import Backend
-from samplerkit.generate import Completion, Delta, Generator, TokenLogprob, _Run
+from samplerkit.engine import Engine, Request
+from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError
+from samplerkit.generate import Completion, Delta, TokenLogprob
 from samplerkit.serve.translate import Job
-
-#: Generators kept for recently used pipelines (each holds a bound pipeline; the backend is shared).
-MAX_CACHED_PIPELINES = 64
 
 
 @dataclass
 class TokenEvent:
-    """New text of one choice, with the log-probabilities of the tokens it adds (when asked)."""
+    """New text of one choice (``delta.prompt_index`` is the prompt's index in the request),
+    with the log-probabilities of the tokens it covers when logprobs were asked for."""
 
     delta: Delta
     logprobs: list[TokenLogprob]
@@ -35,66 +35,109 @@ class Done:
     """Every choice finished: the completions, prompt-major, ``n`` per prompt."""
 
     completions: list[Completion]
+    cancelled: bool = False
 
 
-Event = TokenEvent | Done
+@dataclass
+class Submitted:
+    """A job's engine requests, one per prompt."""
+
+    job: Job
+    requests: list[Request]
 
 
-class Cancelled(Exception):
-    """The job was cancelled (client gone, timeout) before it finished."""
+class EngineRunner:
+    """Jobs on one :class:`Engine`: :meth:`start` runs its loop thread, :meth:`close` ends it."""
 
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.backend = engine.backend
 
-class GeneratorRunner:
-    """Jobs run one at a time on one backend (a lock), each job's rows batched together."""
+    def start(self) -> None:
+        self.engine.start()
 
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self._lock = threading.Lock()
-        self._generators: OrderedDict[str, Generator] = OrderedDict()
-        self._cache_lock = threading.Lock()
+    def close(self) -> None:
+        self.engine.close(cancel=True, timeout=30)
 
-    def _generator(self, job: Job) -> Generator:
-        with self._cache_lock:
-            gen = self._generators.get(job.key)
-            if gen is None:
-                gen = Generator(job.config, backend=self.backend)
-                self._generators[job.key] = gen
-                while len(self._generators) > MAX_CACHED_PIPELINES:
-                    self._generators.popitem(last=False)
-            else:
-                self._generators.move_to_end(job.key)
-            return gen
+    def submit(self, job: Job) -> Submitted:
+        """Queue every prompt of ``job``; :class:`SamplerkitError` (nothing stays queued) when
+        the engine refuses one (prompt too long for the context, a chat template error, ...)."""
+        requests: list[Request] = []
+        entry: Any = None if job.uses_server_pipeline else job.pipeline_spec
+        try:
+            for prompt in job.prompts:
+                requests.append(self.engine.submit(prompt, pipeline=entry, seed=job.seed, **job.generation))
+        except BaseException as exc:
+            for request in requests:
+                request.cancel()
+            if isinstance(exc, ConfigError):
+                raise ConfigError([ConfigIssue(_seed_location(i.location), i.message) for i in exc.issues]) from None
+            if isinstance(exc, SamplerkitError) and len(job.prompts) > 1:
+                raise type(exc)(f"prompt {len(requests)}: {exc}") from None
+            raise
+        return Submitted(job, requests)
 
-    def prepare(self, job: Job) -> _Run:
-        """Validate the job against the model (chat template, prompt length): raises
-        :class:`~samplerkit.errors.SamplerkitError` before anything runs."""
-        seeds = None if job.seed is None else [job.seed] * len(job.prompts)
-        run = _Run(self._generator(job), job.prompts, seeds, None, job.generation)
-        run._tokenize_prompts()
-        return run
+    def cancel(self, submitted: Submitted) -> None:
+        """Free the job's rows before the engine's next decode step."""
+        for request in submitted.requests:
+            request.cancel()
 
-    def run(self, prepared: _Run, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
-        """Run to the end, calling ``emit`` for each event; stop at the next step once
-        ``cancelled`` is set (raises :class:`Cancelled`)."""
-        with self._lock:
-            if cancelled.is_set():
-                raise Cancelled()
-            events = prepared.events()
-            seen: dict[tuple[int, int], int] = {}
-            n = prepared.gen.n
+    async def events(self, submitted: Submitted) -> AsyncIterator[TokenEvent | Done]:
+        """The job's events as they come, its prompts' rows interleaved, then :class:`Done`.
+        Raises the error that ended a request (after cancelling the others)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        want_logprobs = submitted.job.generation.get("logprobs") is not None
+        end = object()
+
+        async def pump(index: int, request: Request) -> None:
+            # Log-probabilities are per row, appended by the engine as it samples; a chunk takes
+            # those of the tokens its deltas have covered so far (a delta whose text is held
+            # back, e.g. half of a UTF-8 character, passes its token on to the next one).
+            # (The engine's Delta carries no log-probabilities; the row's list is read from the
+            # request's run, which the engine creates its rows in when it admits the request.)
+            run = getattr(request, "_run", None)
+            sent: dict[int, int] = {}
+            covered: dict[int, int] = {}
             try:
-                for delta in events:
-                    row = prepared.rows[delta.prompt_index * n + delta.sample_index]
-                    key = (delta.prompt_index, delta.sample_index)
+                async for delta in request.events_async():
                     new: list[TokenLogprob] = []
-                    if row.logprobs is not None:
-                        start = seen.get(key, 0)
-                        new = row.logprobs[start:]
-                        seen[key] = len(row.logprobs)
-                    emit(TokenEvent(delta, new))
-                    if cancelled.is_set():
-                        raise Cancelled()
-            finally:
-                events.close()
-            emit(Done(prepared.completions()))
+                    rows = getattr(run, "rows", None)
+                    if want_logprobs and rows:
+                        j = delta.sample_index
+                        covered[j] = covered.get(j, 0) + len(delta.token_ids)
+                        have = rows[j].logprobs or []
+                        stop = len(have) if delta.finish_reason is not None else min(covered[j], len(have))
+                        new = list(have[sent.get(j, 0):stop])
+                        sent[j] = max(sent.get(j, 0), stop)
+                    queue.put_nowait(TokenEvent(dataclasses.replace(delta, prompt_index=index), new))
+                queue.put_nowait(end)
+            except BaseException as exc:          # handed to the consumer below
+                queue.put_nowait(exc)
 
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(submitted.requests)]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is end:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    self.cancel(submitted)
+                    raise item
+                else:
+                    yield item
+            completions = []
+            for i, request in enumerate(submitted.requests):
+                completions.extend(dataclasses.replace(c, prompt_index=i) for c in request.result(timeout=0))
+            yield Done(completions, cancelled=any(r.cancelled for r in submitted.requests))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def rows_running(self) -> int:
+        return self.engine.running_rows
+
+
+def _seed_location(location: str) -> str:
+    """The engine names a request's seed ``seeds[0]``; the request calls it ``seed``."""
+    return "seed" + location[len("seeds[0]"):] if location.startswith("seeds[0]") else location

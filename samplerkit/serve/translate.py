@@ -49,6 +49,7 @@ class Job:
     rows: int                            # prompts x n
     chat: bool = False
     pipeline_spec: dict[str, Any] = field(default_factory=dict)   # {"pipeline": [...], "sampler": {...}}
+    uses_server_pipeline: bool = False   # the request named no pipeline: the server's own runs
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,11 @@ def to_job(request: CompletionRequest | ChatRequest, server: ServerSide) -> Job:
         prompts: list[Any] = [[m.as_template_message() for m in request.messages]]
     else:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
-    spec, where = _pipeline(request, server)
+    spec, where, own = _pipeline(request, server)
     data = {k: v for k, v in server.config.raw.items() if k not in ("pipeline", "sampler", "preset")}
     data.update(spec)
+    if server.config.on_invalid != "raise":
+        spec = {**spec, "on_invalid": server.config.on_invalid}
     try:
         config = resolve(data, server.registry)
     except ConfigError as exc:
@@ -81,21 +84,25 @@ def to_job(request: CompletionRequest | ChatRequest, server: ServerSide) -> Job:
     _refuse_paths(config, where)
     generation = _generation(request, server, chat)
     rows = len(prompts) * generation["n"]
-    if rows > server.limits.max_rows:
+    if generation["n"] > server.limits.max_rows:
+        raise ApiError(400, f"n is {generation['n']}; this server runs at most {server.limits.max_rows} rows at once "
+                            "(each sample is a row): lower n", param="n")
+    if rows > server.limits.max_rows + server.limits.max_waiting_rows:
         raise ApiError(400, f"this request asks for {rows} rows ({len(prompts)} prompts x n={generation['n']}); "
-                            f"this server runs at most {server.limits.max_rows} rows at once: lower n or send fewer "
-                            "prompts per request", param="n")
+                            f"this server holds at most {server.limits.max_rows + server.limits.max_waiting_rows} "
+                            "rows (running and waiting): send fewer prompts per request", param="prompt")
     try:
         validate_generation(config.generation, generation)
     except ConfigError as exc:
         raise ApiError(400, str(exc)) from None
     key = hashlib.blake2b(json.dumps(spec, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-    return Job(prompts, config, key, generation, request.seed, rows, chat, spec)
+    return Job(prompts, config, key, generation, request.seed, rows, chat, spec, uses_server_pipeline=not own)
 
 
-def _pipeline(request: CompletionRequest | ChatRequest, server: ServerSide) -> tuple[dict[str, Any], dict[int, str]]:
-    """The ``{"pipeline", "sampler"}`` mapping of the request and, for error messages, the
-    request field each pipeline index came from."""
+def _pipeline(request: CompletionRequest | ChatRequest,
+              server: ServerSide) -> tuple[dict[str, Any], dict[int, str], bool]:
+    """The ``{"pipeline", "sampler"}`` mapping of the request, for error messages the request
+    field each pipeline index came from, and whether the request chose it (else the server's)."""
     given = [name for name in _OPENAI_SAMPLING if getattr(request, name) is not None]
     constrained = _constraint(request, server)
     if request.samplerkit is not None:
@@ -139,7 +146,7 @@ def _pipeline(request: CompletionRequest | ChatRequest, server: ServerSide) -> t
         spec = {"pipeline": constrained + pipeline, "sampler": raw.get("sampler", DEFAULT_SAMPLER)}
     for i in range(len(constrained)):
         where[i] = "response_format"
-    return spec, where
+    return spec, where, bool(request.samplerkit is not None or given or constrained)
 
 
 def _constraint(request: CompletionRequest | ChatRequest, server: ServerSide) -> list[dict[str, Any]]:
