@@ -17,7 +17,7 @@ import pytest
 
 from samplerkit.generate import Generator
 from samplerkit.serve.command import build, running, server_config
-from samplerkit.serve.protocol import Limits
+from samplerkit.serve.protocol import ApiError, Limits
 
 BASE = ["backend=bigram", "generation.max_new_tokens=12"]
 
@@ -88,6 +88,8 @@ def test_n_samples_and_several_prompts_in_order(client):
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [e.text for e in expected]
     assert r.choices[0].text != r.choices[1].text          # the n samples of a prompt differ
+    assert r.usage.prompt_tokens == len(expected[0].prompt_token_ids) + len(expected[2].prompt_token_ids)
+    assert r.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
 
 
 def test_openai_sampling_fields_build_the_pipeline_in_openai_order(client):
@@ -186,6 +188,9 @@ BAD = [
     ('{"model": "bigram", "prompt": "a", "logit_bias": {"999": 1}}', 400, "logit_bias", "[0, 258)"),
     ('{"model": "bigram", "prompt": "a", "stop": [""]}', 400, "stop", "must not be empty"),
     ('{"model": "bigram", "prompt": "a", "best_of": 3}', 400, "best_of", "not supported"),
+    ('{"model": "bigram", "prompt": "a", "suffix": "b"}', 400, "suffix", "not supported"),
+    ('{"model": "bigram", "prompt": "a", "temperature": Infinity}', 400, None, "Infinity is not a JSON number"),
+    ('{"model": "bigram", "prompt": "a", "stream": true, "echo": true}', 400, "echo", "not supported"),
     ('{"model": "bigram", "prompt": "a", "frobnicate": 1}', 400, "frobnicate", "unknown field"),
     ('{"model": "other", "prompt": "a"}', 404, "model", "serves 'bigram'"),
     ('{"prompt": "a"}', 400, "model", "required"),
@@ -353,3 +358,59 @@ def test_streamed_logprobs_are_the_whole_requests(client):
                                                  logprobs=True, stream=True))
     streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert streamed == [t.token for t in whole.choices[0].logprobs.content]
+
+
+def test_prompt_longer_than_the_context_is_a_400():
+    with running(make_app(overrides=["backend.max_context=16"])) as base:
+        status, data = raw(base, "POST", "/v1/completions", json.dumps({"model": "bigram", "prompt": "x" * 40}))
+        assert status == 400 and "the model's context holds 16" in data["error"]["message"]
+        status, data = raw(base, "POST", "/v1/completions", json.dumps(
+            {"model": "bigram", "prompt": ["short", "x" * 40]}))
+        assert status == 400 and "prompt 1" in data["error"]["message"]
+        assert raw(base, "GET", "/health")[1]["rows_in_flight"] == 0
+
+
+def test_an_error_during_a_stream_is_an_error_event():
+    app = make_app(limits=Limits(max_rows=4, max_tokens=64, request_timeout_s=0.5))
+    with running(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        with _held(app):
+            with pytest.raises(openai.APIError, match="longer than 0.5 s"):
+                for _ in client.chat.completions.create(model="bigram", messages=[{"role": "user", "content": "x"}],
+                                                        stream=True):
+                    pass
+
+
+def test_a_step_parameter_naming_a_file_is_refused():
+    """No built-in step reads files; a plugin step's ``file`` parameter must not be reachable
+    from a request (it would read a file of the client's choosing)."""
+    from pydantic import Field
+
+    from samplerkit.params import StepParams
+    from samplerkit.plugins import PluginInfo
+    from samplerkit.registry import Entry, Registry
+    from samplerkit.serve.protocol import CompletionRequest
+    from samplerkit.serve.translate import ServerSide, to_job
+    from samplerkit.steps import Processor
+
+    class FromFile(Processor):
+        name = "from_file"
+
+        class Params(StepParams):
+            file: str | None = Field(None)
+
+        def apply(self, logits, ctx):
+            return logits
+
+    base = server_config(None, BASE)[1]
+    registry = Registry([*(e for kind in ("processor", "sampler", "backend") for e in base.entries(kind)),
+                         Entry("processor", "from_file", FromFile, PluginInfo("toy"))])
+    config, _ = server_config(None, BASE)
+    server = ServerSide(config, registry, 258, LIMITS)
+    ok = CompletionRequest.model_validate({"model": "bigram", "prompt": "a", "samplerkit": {
+        "pipeline": [{"from_file": {}}]}})
+    assert to_job(ok, server).rows == 1
+    bad = CompletionRequest.model_validate({"model": "bigram", "prompt": "a", "samplerkit": {
+        "pipeline": [{"top_k": 3}, {"from_file": {"file": "/etc/passwd"}}]}})
+    with pytest.raises(ApiError, match=r"samplerkit.pipeline\[1\] from_file: parameter 'file' names a file"):
+        to_job(bad, server)
