@@ -216,8 +216,7 @@ def create_app(runner: EngineRunner, server: ServerSide, *, model_name: str, api
         deadline = time.monotonic() + limits.request_timeout_s
         run = Run(job, submitted)
         if parsed.stream:
-            return StreamingResponse(stream(request, parsed, run, rid, deadline),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return EventStream(run, stream(request, parsed, run, rid, deadline))
         try:
             while True:
                 event = await next_event(request, run, deadline)
@@ -229,6 +228,20 @@ def create_app(runner: EngineRunner, server: ServerSide, *, model_name: str, api
             return JSONResponse({}, status_code=499)
         finally:
             await run.close()
+
+    class EventStream(StreamingResponse):
+        """Server-sent events that always close their run, also when the client is gone before
+        the first event (then the body's own ``finally`` never runs)."""
+
+        def __init__(self, run: "Run", body: AsyncIterator[bytes]):
+            super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.run = run
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.run.close()
 
     async def next_event(request: Request, run: "Run", deadline: float) -> Any:
         """The next event of a job; raises for its end by error, timeout or a gone client."""

@@ -21,8 +21,6 @@ plugins are absent from it), and a step parameter that names a file is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +41,6 @@ class Job:
 
     prompts: list[Any]                   # text, or (chat) a list of messages
     config: RunConfig                    # the server's config with this request's pipeline
-    key: str                             # identifies the pipeline (for caching bound pipelines)
     generation: dict[str, Any]           # GenerationConfig overrides (max_new_tokens, stop, n, ...)
     seed: int | None
     rows: int                            # prompts x n
@@ -95,8 +92,7 @@ def to_job(request: CompletionRequest | ChatRequest, server: ServerSide) -> Job:
         validate_generation(config.generation, generation)
     except ConfigError as exc:
         raise ApiError(400, str(exc)) from None
-    key = hashlib.blake2b(json.dumps(spec, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-    return Job(prompts, config, key, generation, request.seed, rows, chat, spec, uses_server_pipeline=not own)
+    return Job(prompts, config, generation, request.seed, rows, chat, spec, uses_server_pipeline=not own)
 
 
 def _pipeline(request: CompletionRequest | ChatRequest,
