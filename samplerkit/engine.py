@@ -521,7 +521,7 @@ class Engine:
         for row in run.rows:
             if row.finish_reason is None:
                 row.finish_reason = CANCELLED
-                events.append(Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], CANCELLED))
+                events.append(row.event(row.stops.finish(), CANCELLED))
         request._push(events, completions=run.completions(), error=error, done=True)
 
     def _fail_running(self, exc: BaseException) -> None:

@@ -75,13 +75,21 @@ class Completion:
 
 @dataclass
 class Delta:
-    """A streaming event: new text of one row; ``finish_reason`` is set on its last event."""
+    """A streaming event: new text of one row; ``finish_reason`` is set on its last event.
+
+    ``token_ids`` are the tokens sampled since the row's previous event (a step whose token
+    completes no character yields no event; its token comes with the next one), so a row's
+    events' ``token_ids`` concatenated are its sampled tokens (with the EOS or stop token that
+    ended it). With ``logprobs``, ``logprobs`` holds those tokens' :class:`TokenLogprob` entries
+    (not the ending EOS/stop token's, as in :attr:`Completion.logprobs`), else ``None``.
+    """
 
     prompt_index: int
     sample_index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def load_config(config: str | Path | Mapping[str, Any] | RunConfig | None, registry: Registry | None = None) -> tuple[RunConfig, Registry]:
@@ -357,6 +365,17 @@ class _Row:
         self.stops = StopMatcher(gen.stop)
         self.logprobs: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
         self.finish_reason: str | None = None
+        # Tokens (and their logprobs) sampled since this row's last event.
+        self.pending_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
+
+    def event(self, text: str, finish_reason: str | None = None) -> Delta:
+        """The row's next :class:`Delta`, carrying the tokens sampled since its last one."""
+        ids, self.pending_ids = self.pending_ids, []
+        lps = self.pending_logprobs
+        if lps is not None:
+            self.pending_logprobs = []
+        return Delta(self.prompt_index, self.sample_index, text, ids, finish_reason, lps)
 
 
 def decode_step(groups: Sequence[_Group], logits: torch.Tensor) -> tuple[torch.Tensor, list[Delta], list[int]]:
@@ -430,17 +449,20 @@ class _Group:
             row = run.rows[r]
             if slot in invalid:            # on_invalid: mark_invalid ends the row here
                 row.finish_reason = "invalid"
-                events.append(Delta(row.prompt_index, row.sample_index, row.stops.finish(), [], "invalid"))
+                events.append(row.event(row.stops.finish(), "invalid"))
                 continue
             delta, finished = run._advance(row, token, self.stop_ids, self.budget[slot])
+            row.pending_ids.append(token)
             if want_logprobs and token not in self.stop_ids:
-                row.logprobs.append(lp(slot, token))
+                entry = lp(slot, token)
+                row.logprobs.append(entry)
+                row.pending_logprobs.append(entry)
             if finished:
-                events.append(Delta(row.prompt_index, row.sample_index, delta, [token], row.finish_reason))
+                events.append(row.event(delta, row.finish_reason))
             else:
                 keep.append(slot)
                 if delta:
-                    events.append(Delta(row.prompt_index, row.sample_index, delta, [token]))
+                    events.append(row.event(delta))
         return ids, events, keep
 
     def select(self, keep: Sequence[int]) -> None:
@@ -607,7 +629,7 @@ class _Run:
     def _finish_all(self, reason: str) -> Iterator[Delta]:
         for row in self.rows:
             row.finish_reason = reason
-            yield Delta(row.prompt_index, row.sample_index, "", [], reason)
+            yield row.event("", reason)
 
     def _budget(self, prompt: list[int]) -> tuple[int, bool]:
         """Tokens this row may generate; True when the context (not max_new_tokens) limits it."""

@@ -299,3 +299,20 @@ def test_default_model_seeded_requests_equal_generate_with_joins():
     reqs.append(engine.submit(prompts[2], seed=2))
     engine.run_until_idle()
     assert [r.result()[0].token_ids for r in reqs] == ref
+
+
+def test_stream_events_carry_every_token_and_its_logprobs():
+    """A step whose token completes no character has no event: its token (and logprob) come
+    with the row's next event, so the events add up to the completion."""
+    french = ("le café crème est très bon. la crème brûlée est très sucrée. "
+              "le thé vert est léger. où est le café? à côté du thé.")
+    gen = generator(BigramBackend(BigramBackend.Params(text=french)))
+    engine = Engine(gen)
+    req = engine.submit("le café crème ", seed=3, logprobs=1, max_new_tokens=30)   # multi-byte characters
+    engine.run_until_idle()
+    events, done = list(req), req.result()[0]
+    assert len(events) < len(done.token_ids)            # some steps completed no character
+    assert [t for e in events for t in e.token_ids][:len(done.token_ids)] == done.token_ids
+    assert [lp for e in events for lp in e.logprobs] == done.logprobs
+    streamed = list(gen.stream(["le café crème "], seeds=[3], logprobs=1, max_new_tokens=30))
+    assert [t for e in streamed for t in e.token_ids] == [t for e in events for t in e.token_ids]
