@@ -90,25 +90,10 @@ class EngineRunner:
         end = object()
 
         async def pump(index: int, request: Request) -> None:
-            # Log-probabilities are per row, appended by the engine as it samples; a chunk takes
-            # those of the tokens its deltas have covered so far (a delta whose text is held
-            # back, e.g. half of a UTF-8 character, passes its token on to the next one).
-            # (The engine's Delta carries no log-probabilities; the row's list is read from the
-            # request's run, which the engine creates its rows in when it admits the request.)
-            run = getattr(request, "_run", None)
-            sent: dict[int, int] = {}
-            covered: dict[int, int] = {}
             try:
                 async for delta in request.events_async():
-                    new: list[TokenLogprob] = []
-                    rows = getattr(run, "rows", None)
-                    if want_logprobs and rows:
-                        j = delta.sample_index
-                        covered[j] = covered.get(j, 0) + len(delta.token_ids)
-                        have = rows[j].logprobs or []
-                        stop = len(have) if delta.finish_reason is not None else min(covered[j], len(have))
-                        new = list(have[sent.get(j, 0):stop])
-                        sent[j] = max(sent.get(j, 0), stop)
+                    # A delta carries the log-probabilities of exactly the tokens it covers.
+                    new = list(delta.logprobs or []) if want_logprobs else []
                     queue.put_nowait(TokenEvent(dataclasses.replace(delta, prompt_index=index), new))
                 queue.put_nowait(end)
             except BaseException as exc:          # handed to the consumer below
