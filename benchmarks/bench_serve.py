@@ -16,7 +16,7 @@ request cuts the running one short, which would count as fewer tokens, not as a 
 Its streams report no usage, so its tokens are its non-empty chunks (one per token).
 
     python benchmarks/bench_serve.py --concurrency 1,4,16,64 --max-tokens 32
-    python benchmarks/bench_serve.py --no-llamacpp            # samplerkit only
+    python benchmarks/bench_serve.py --servers samplerkit     # samplerkit only
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sequential-max", type=int, default=8, help="most requests in a sequential baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
-    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama-cpp-python's server")
+    parser.add_argument("--servers", default="samplerkit,llamacpp", help="which servers to run: samplerkit, llamacpp")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     from samplerkit.builtins.backends.llama.default_model import find_default_model
@@ -149,11 +149,14 @@ def main() -> None:
 
     print(json.dumps({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gguf": gguf,
                       "max_tokens": args.max_tokens}), flush=True)
+    servers = set(args.servers.split(","))
+    rows = []
     port = free_port()
-    rows = bench("samplerkit", [sys.executable, "-m", "samplerkit.cli", "serve", "--port", str(port),
-                                "--max-rows", str(max(args.concurrency))],
-                 f"http://127.0.0.1:{port}", args, usage=True)
-    if not args.no_llamacpp:
+    if "samplerkit" in servers:
+        rows += bench("samplerkit", [sys.executable, "-m", "samplerkit.cli", "serve", "--port", str(port),
+                                     "--max-rows", str(max(args.concurrency))],
+                      f"http://127.0.0.1:{port}", args, usage=True)
+    if "llamacpp" in servers:
         port = free_port()
         rows += bench("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port",
                                            str(port), "--n_threads", str(args.threads), "--n_ctx", "2048",
