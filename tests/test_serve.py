@@ -419,3 +419,23 @@ def test_a_step_parameter_naming_a_file_is_refused():
         "pipeline": [{"top_k": 3}, {"from_file": {"file": "/etc/passwd"}}]}})
     with pytest.raises(ApiError, match=r"samplerkit.pipeline\[1\] from_file: parameter 'file' names a file"):
         to_job(bad, server)
+
+
+def test_missing_extra_names_it(monkeypatch):
+    import sys
+
+    from samplerkit.errors import SamplerkitError
+    from samplerkit.serve.app import require_fastapi
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)          # as if not installed
+    with pytest.raises(SamplerkitError, match=r"pip install 'samplerkit\[serve\]'"):
+        require_fastapi()
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    from samplerkit import cli
+
+    assert cli.main(["serve", "--set", "backend=bigram", "--max-rows", "0"]) == 2
+    assert "--max-rows must be at least 1, got 0" in capsys.readouterr().err
+    assert cli.main(["serve", "--set", "backend=bigram", "--api-key", " "]) == 2
+    assert "--api-key is empty" in capsys.readouterr().err
