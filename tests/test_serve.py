@@ -314,15 +314,22 @@ def test_rows_in_flight_limit_is_a_429_then_clears():
         _wait_for(lambda: raw(base, "GET", "/health")[1]["rows_in_flight"] == 0)
 
 
-def test_timeout_is_a_504_and_cancels_the_rows():
+def test_timeout_is_a_504_and_cancels_the_rows(monkeypatch):
     app = make_app(limits=Limits(max_rows=4, max_tokens=64, request_timeout_s=0.5))
+    runner = app.state.samplerkit_runner
+    submitted = []
+    submit = runner.submit
+    monkeypatch.setattr(runner, "submit", lambda job: submitted.append(submit(job)) or submitted[-1])
     with running(app) as base:
-        lock = _held(app)
-        with lock:
-            status, data = raw(base, "POST", "/v1/completions", json.dumps({"model": "bigram", "prompt": "a"}))
+        with _held(app):
+            status, data = raw(base, "POST", "/v1/completions", json.dumps(
+                {"model": "bigram", "prompt": "a", "max_tokens": 60,
+                 "samplerkit": {"pipeline": [{"min_tokens": 60}], "sampler": "categorical"}}))
         assert status == 504 and "cancelled" in data["error"]["message"]
         _wait_for(lambda: raw(base, "GET", "/health")[1]["requests_cancelled"] == 1)
         assert raw(base, "GET", "/health")[1]["rows_in_flight"] == 0
+        [completion] = submitted[0].requests[0].result(timeout=10)
+        assert completion.finish_reason == "cancelled" and len(completion.token_ids) < 60
 
 
 def test_client_disconnect_cancels_its_rows(monkeypatch):
