@@ -68,7 +68,7 @@ def one_request(client, rng, results):
     prompt = rng.choice(PROMPTS)
     greedy = PIPELINES[index] is not None and PIPELINES[index].get("sampler") == "greedy"
     seed = rng.randrange(1000)
-    tokens = rng.choice([2, 6, 12])
+    tokens = rng.choice([2, 4, 8])
     chat = rng.random() < 0.3
     stream = rng.random() < 0.4
     extra = {} if PIPELINES[index] is None else {"samplerkit": PIPELINES[index]}
