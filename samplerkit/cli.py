@@ -17,6 +17,7 @@ from typing import Any
 
 from samplerkit import compare, explain, lint, verify
 from samplerkit.errors import SamplerkitError
+from samplerkit.serve import command as serve_command
 
 EXIT_USER_ERROR = 2
 
@@ -369,6 +370,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "print the equivalent flags of another engine (llama.cpp)", cmd_export, _export_args,
             "Print llama.cpp flags (--samplers, values, --seed, -n) equivalent to a config; steps llama.cpp "
             "cannot express are listed in one error (exit 2)."),
+    Command("serve", "serve an OpenAI-compatible HTTP API; each request may bring its own pipeline", serve_command.run,
+            serve_command.add_arguments),
     Command("schema", "print the JSON Schema of the run config (plugins included)", cmd_schema, _schema_args),
     Command("lint", "warn about steps that do nothing, odd orders and other legal surprises", lint.run, lint.add_arguments),
     Command("verify", "test statistically that a pipeline draws the distribution it claims", verify.run, verify.add_arguments),
