@@ -157,8 +157,9 @@ def main() -> None:
                         from samplerkit.context import StepContext
                         from samplerkit.ops import sync
                         sync.EAGER_CUDA = not sync.EAGER_CUDA
-                        try:
-                            t_other = timeit(lambda: bound.sample(x), args.reps, args.device)
+                        try:        # the choice is made when a pipeline is bound: bind anew
+                            other = pipe.bind(batch, seeds=seeds)
+                            t_other = timeit(lambda: other.sample(x), args.reps, args.device)
                         finally:
                             sync.EAGER_CUDA = not sync.EAGER_CUDA
                         captured = bound.capture(x, StepContext(batch, vocab, device=args.device))
