@@ -13,6 +13,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
@@ -126,9 +127,10 @@ class Pipeline:
         return procs, samp
 
     # -- one-shot library calls -------------------------------------------------------
-    # Each call binds afresh (its own seeds, no state carried over from an earlier call) but
-    # reuses the [B, V] workspaces of this thread's previous call at this batch size: allocating
-    # them anew costs about as much as the step itself (page faults), binding under 1 ms.
+    # Each call gives what a fresh bind gives (its own seeds, no state carried over from an
+    # earlier call) at about a bound call's cost: the bound pipeline of this thread's previous
+    # call at this batch size is reused when that is the same, else its [B, V] workspaces
+    # (allocating them anew costs about as much as the step itself: page faults). See _one_shot.
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
         with _one_shot(self, check_logits(logits, "process").shape[0]) as bound:
@@ -446,35 +448,77 @@ def _check_rows(rows: Any) -> list[RowOverrides | None]:
 
 
 
-#: Per thread: pipeline -> {batch size: (owner classes, workspaces)} of its last one-shot calls.
+#: Per thread: pipeline -> {batch size: _Kept} of its last one-shot calls.
 _ONE_SHOT = threading.local()
 #: Batch sizes whose workspaces a pipeline keeps per thread (the least recently used goes).
 ONE_SHOT_BATCH_SIZES = 2
 
 
+@dataclass
+class _Kept:
+    """What a one-shot call leaves for the next one with the same batch size on its thread."""
+
+    #: The classes owning the workspaces, in order, and their ``_work`` dicts.
+    classes: list[type]
+    works: list[dict]
+    #: The bound pipeline itself, when a fresh bind would build the very same one for ``key``.
+    bound: BoundPipeline | None
+    key: tuple
+
+
 @contextmanager
 def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None = None) -> Iterator[BoundPipeline]:
-    """``pipeline.bind(batch, seeds=seeds)`` holding the ``[B, V]`` workspaces (the ``_work``
-    dicts of scratch buffers) of the previous one-shot call with this batch size on this thread.
-    Only scratch space is reused, never parameters, seeds or step state: the draws are a fresh
-    bind's. Threads never share workspaces, and a nested call on the same thread gets its own
-    (the entry is taken out while in use)."""
-    bound = pipeline.bind(batch, seeds=seeds)
+    """What ``pipeline.bind(batch, seeds=seeds)`` gives, at a bound call's cost where possible.
+
+    The previous one-shot call with this batch size on this thread left its bound pipeline
+    (with its ``[B, V]`` workspaces) and the key it was bound for: the seeds and the
+    implementation the device asks for now (:meth:`RunPlan.implementation`). The same key
+    reuses that bound pipeline when a fresh bind would build the same one and nothing carries
+    over from call to call: every step declares ``reusable`` (:mod:`samplerkit.fastpath`) and
+    every seeded step has a seed on every row (a row without one draws a new seed from torch's
+    global generator at each bind, so each call binds afresh). Otherwise the call binds afresh
+    and takes over only the workspaces (the ``_work`` dicts of scratch buffers): the draws are
+    always a fresh bind's. Threads never share these, and a nested call on the same thread gets
+    its own (the entry is taken out while in use)."""
     cache = getattr(_ONE_SHOT, "work", None)
     if cache is None:
         cache = _ONE_SHOT.work = weakref.WeakKeyDictionary()
     sizes = cache.setdefault(pipeline, OrderedDict())
-    owners = [o for o in (bound, *(step for _, step in bound.steps), bound.sampler)
-              if isinstance(getattr(o, "_work", None), dict)]
-    classes = [type(o) for o in owners]
     kept = sizes.pop(batch, None)
-    if kept is not None and kept[0] == classes:
-        for owner, work in zip(owners, kept[1]):
-            owner._work = work
+    # Only plain ints and None make a key: anything else goes to bind, which explains it.
+    plain = seeds is None or (isinstance(seeds, (list, tuple)) and all(s is None or type(s) is int for s in seeds))
+    key = (tuple(seeds) if seeds is not None else None, RunPlan.implementation(pipeline.device)) if plain else None
+    if kept is not None and kept.bound is not None and key is not None and kept.key == key:
+        bound = kept.bound
+    else:
+        bound = pipeline.bind(batch, seeds=seeds)
+        owners = _work_owners(bound)
+        classes = [type(o) for o in owners]
+        if kept is not None and kept.classes == classes:
+            for owner, work in zip(owners, kept.works):
+                owner._work = work
+        kept = _Kept(classes, [o._work for o in owners], bound if key is not None and _reusable(bound) else None, key)
     yield bound
-    sizes[batch] = (classes, [o._work for o in owners])
+    sizes[batch] = kept
     while len(sizes) > ONE_SHOT_BATCH_SIZES:
         sizes.popitem(last=False)
+
+
+def _work_owners(bound: BoundPipeline) -> list:
+    return [o for o in (bound, *(step for _, step in bound.steps), bound.sampler)
+            if isinstance(getattr(o, "_work", None), dict)]
+
+
+def _reusable(bound: BoundPipeline) -> bool:
+    """Whether a fresh bind for the same rows and seeds would build this very pipeline and a
+    call leaves nothing behind but workspaces (see :func:`_one_shot`)."""
+    pipeline = bound.pipeline
+    specs = [*pipeline.processors, pipeline.sampler]
+    if not all(getattr(spec.cls, "reusable", False) for spec in specs):   # inactive steps are built too
+        return False
+    rows = [[*procs, samp] for procs, samp in zip(bound._row_processors, bound._row_samplers)]
+    return all(getattr(row[j].params, "seed", None) is not None
+               for j, spec in enumerate(specs) if _takes_seed(spec) for row in rows)
 
 
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,7 @@ class RunPlan:
 
     @classmethod
     def bind(cls, steps: list[tuple[StepSpec, Processor]], sampler: Sampler, device: torch.device) -> RunPlan:
+        implementation = cls.implementation(device)
         fast = [isinstance(step, FastPathProcessor) for _, step in steps]
         monotone = [f and bool(step.monotone) for f, (_, step) in zip(fast, steps)]
         tail_from = len(steps)
@@ -176,9 +177,14 @@ class RunPlan:
         return cls(
             stages=stages, tail=stages[tail_from:], sampler_fast=sampler_fast, sampler_cuts=sampler_cuts,
             skip_for_sampling=type(sampler).picks_argmax and all(step.argmax_invariant for _, step in steps),
-            sync_free=sync_free(device),
-            # _triton.available looks at a tensor's device; an empty one stands for the device.
-            triton=_triton.available(torch.empty(0, device=device)))
+            sync_free=implementation[0], triton=implementation[1])
+
+    @staticmethod
+    def implementation(device: torch.device) -> tuple[bool, bool]:
+        """``(sync_free, triton)`` for steps on ``device`` as things stand now (the environment,
+        :data:`samplerkit.ops.sync.FORCE`): what a plan bound now takes."""
+        # _triton.available looks at a tensor's device; an empty one stands for the device.
+        return sync_free(device), _triton.available(torch.empty(0, device=device))
 
 
 # -- the run ---------------------------------------------------------------------------------------
