@@ -461,8 +461,10 @@ class _Kept:
     #: The classes owning the workspaces, in order, and their ``_work`` dicts.
     classes: list[type]
     works: list[dict]
-    #: The bound pipeline itself, when a fresh bind would build the very same one for ``key``.
-    bound: BoundPipeline | None
+    #: The bound pipeline's attributes but ``pipeline``, when a fresh bind would build the very
+    #: same one for ``key``. Without ``pipeline``: the per-thread cache is keyed weakly by the
+    #: pipeline, and a value that referred to its key would keep it alive for ever.
+    parts: dict | None
     key: tuple
 
 
@@ -470,10 +472,10 @@ class _Kept:
 def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None = None) -> Iterator[BoundPipeline]:
     """What ``pipeline.bind(batch, seeds=seeds)`` gives, at a bound call's cost where possible.
 
-    The previous one-shot call with this batch size on this thread left its bound pipeline
-    (with its ``[B, V]`` workspaces) and the key it was bound for: the seeds and the
+    The previous one-shot call with this batch size on this thread left its bound pipeline's
+    steps, plan and ``[B, V]`` workspaces and the key it was bound for: the seeds and the
     implementation the device asks for now (:meth:`RunPlan.implementation`). The same key
-    reuses that bound pipeline when a fresh bind would build the same one and nothing carries
+    reuses them when a fresh bind would build the same ones and nothing carries
     over from call to call: every step declares ``reusable`` (:mod:`samplerkit.fastpath`) and
     every seeded step has a seed on every row (a row without one draws a new seed from torch's
     global generator at each bind, so each call binds afresh). Otherwise the call binds afresh
@@ -488,8 +490,10 @@ def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None
     # Only plain ints and None make a key: anything else goes to bind, which explains it.
     plain = seeds is None or (isinstance(seeds, (list, tuple)) and all(s is None or type(s) is int for s in seeds))
     key = (tuple(seeds) if seeds is not None else None, RunPlan.implementation(pipeline.device)) if plain else None
-    if kept is not None and kept.bound is not None and key is not None and kept.key == key:
-        bound = kept.bound
+    if kept is not None and kept.parts is not None and key is not None and kept.key == key:
+        bound = object.__new__(BoundPipeline)       # the same steps, plan and workspaces
+        bound.__dict__.update(kept.parts)
+        bound.pipeline = pipeline
     else:
         bound = pipeline.bind(batch, seeds=seeds)
         owners = _work_owners(bound)
@@ -497,7 +501,8 @@ def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None
         if kept is not None and kept.classes == classes:
             for owner, work in zip(owners, kept.works):
                 owner._work = work
-        kept = _Kept(classes, [o._work for o in owners], bound if key is not None and _reusable(bound) else None, key)
+        parts = {k: v for k, v in vars(bound).items() if k != "pipeline"}
+        kept = _Kept(classes, [o._work for o in owners], parts if key is not None and _reusable(bound) else None, key)
     yield bound
     sizes[batch] = kept
     while len(sizes) > ONE_SHOT_BATCH_SIZES:

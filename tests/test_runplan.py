@@ -99,18 +99,19 @@ def test_one_shot_reuses_the_bound_pipeline_when_every_row_is_seeded(monkeypatch
     x = flat(6)
     seeds = [5, 6, 7, 8, 9, 10]
     used = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=seeds) for _ in range(3)])
-    assert used[0] is used[1] is used[2]
+    assert used[0].sampler is used[1].sampler is used[2].sampler                # the same steps, not rebuilt
+    assert [s for _, s in used[0].steps] == [s for _, s in used[2].steps] and used[0]._work is used[2]._work
     assert torch.equal(pipe.sample(x, seeds=seeds), pipe.bind(6, seeds=seeds).sample(x))
     # Other seeds, a row without a seed (a new random seed per call), another implementation:
     # a new bind each time.
     other = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=[1, 2, 3, 4, 5, 6]), p.sample(x, seeds=seeds)])
-    assert other[0] is not used[0] and other[1] is not other[0]
+    assert other[0].sampler is not used[0].sampler and other[1].sampler is not other[0].sampler
     unseeded = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=[5, None, 7, 8, 9, 10]) for _ in range(2)])
-    assert unseeded[0] is not unseeded[1]
+    assert unseeded[0].sampler is not unseeded[1].sampler
     before = _bound_pipelines_used(pipe, lambda p: p.sample(x, seeds=seeds))
     monkeypatch.setattr(sync, "FORCE", True)
     forced = _bound_pipelines_used(pipe, lambda p: p.sample(x, seeds=seeds))
-    assert forced[0] is not before[0] and forced[0]._plan.sync_free
+    assert forced[0].sampler is not before[0].sampler and forced[0]._plan.sync_free
 
 
 def test_one_shot_binds_afresh_around_a_step_that_may_keep_state():
@@ -133,6 +134,21 @@ def test_one_shot_binds_afresh_around_a_step_that_may_keep_state():
         seeds = [1, 2]
         fresh = pipe.bind(2, seeds=seeds).process(x)
         used = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=seeds) for _ in range(2)])
-        assert used[0] is not used[1]
+        assert used[0].sampler is not used[1].sampler
         for _ in range(2):
             assert torch.equal(pipe.process(x), fresh)
+
+
+def test_one_shot_calls_do_not_keep_their_pipeline_alive():
+    """The per-thread cache is keyed weakly by the pipeline: a pipeline used only for one-shot
+    calls is freed with its workspaces when the caller drops it."""
+    import gc
+    import weakref
+
+    pipe = load([{"top_k": 50}, {"top_p": 0.9}])
+    pipe.sample(flat(4), seeds=[1, 2, 3, 4])
+    pipe.sample(flat(4), seeds=[1, 2, 3, 4])
+    ref = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert ref() is None
