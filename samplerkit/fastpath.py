@@ -32,6 +32,13 @@ class FastPathProcessor(Processor):
     Every default declines (returns ``None``) or falls back to :meth:`apply`, so a subclass
     overrides only the forms it has."""
 
+    #: The step keeps nothing from one call to the next but scratch workspaces (``_work``),
+    #: and building it depends only on its rows and the device (a seeded step's streams: on the
+    #: rows' seeds). The one-shot ``Pipeline.sample``/``process`` may then reuse an instance
+    #: built for the same rows and seeds instead of building it again. A subclass that carries
+    #: state from call to call sets ``reusable = False``.
+    reusable: ClassVar[bool] = True
+
     #: Whether :meth:`apply` may write into its input (then the pipeline copies the caller's
     #: first, or calls :meth:`apply_into`). A step that always returns a new tensor sets
     #: ``inplace = False`` and saves the pipeline that copy. (A plain ``Processor`` is always
@@ -148,6 +155,13 @@ class ThresholdProcessor(MaskProcessor):
 
 class FastPathSampler(Sampler):
     """A sampler with the optional fast forms the pipeline may call instead of :meth:`sample`."""
+
+    #: The step keeps nothing from one call to the next but scratch workspaces (``_work``),
+    #: and building it depends only on its rows and the device (a seeded step's streams: on the
+    #: rows' seeds). The one-shot ``Pipeline.sample``/``process`` may then reuse an instance
+    #: built for the same rows and seeds instead of building it again. A subclass that carries
+    #: state from call to call sets ``reusable = False``.
+    reusable: ClassVar[bool] = True
 
     #: Whether :meth:`sample_cut` honours ``cut.source`` (:class:`samplerkit.ops.truncation.Cut`);
     #: only such samplers are handed a truncation followed by monotone steps as a cut.

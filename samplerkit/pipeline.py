@@ -13,6 +13,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
@@ -20,12 +21,8 @@ import torch
 from samplerkit.config import InvalidPolicy, RunConfig, StepSpec
 from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
-from samplerkit.fastpath import FastPathProcessor, FastPathSampler
-from samplerkit.ops import _triton
-from samplerkit.ops.candidates import NEG_INF, densify
-from samplerkit.ops.histogram import scratch
-from samplerkit.ops.sync import sync_free, sync_free_scope
-from samplerkit.ops.truncation import Cut, cut_below
+from samplerkit.ops.sync import sync_free_scope
+from samplerkit.runplan import Candidates, Dense, PendingCut, RunPlan, State, plugin_failure, run_steps
 from samplerkit.steps import Processor, Sampler
 from samplerkit.trace import Trace, trace_steps
 
@@ -130,9 +127,10 @@ class Pipeline:
         return procs, samp
 
     # -- one-shot library calls -------------------------------------------------------
-    # Each call binds afresh (its own seeds, no state carried over from an earlier call) but
-    # reuses the [B, V] workspaces of this thread's previous call at this batch size: allocating
-    # them anew costs about as much as the step itself (page faults), binding under 1 ms.
+    # Each call gives what a fresh bind gives (its own seeds, no state carried over from an
+    # earlier call) at about a bound call's cost: the bound pipeline of this thread's previous
+    # call at this batch size is reused when that is the same, else its [B, V] workspaces
+    # (allocating them anew costs about as much as the step itself: page faults). See _one_shot.
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` float32 (a new tensor; the input is never modified)."""
         with _one_shot(self, check_logits(logits, "process").shape[0]) as bound:
@@ -154,6 +152,11 @@ class Pipeline:
 class BoundPipeline:
     """A pipeline with step instances built for one batch composition.
 
+    Binding decides everything that does not change from call to call (a
+    :class:`~samplerkit.runplan.RunPlan`: which steps take the fast forms, where monotone steps
+    are deferred or a truncation's threshold goes to the sampler, sync-free or checked, Triton
+    or torch, from the device); every call then runs that plan.
+
     Thread safety: the bound pipeline and its steps reuse ``[B, V]`` workspaces from call to
     call, so calls on one bound pipeline from several threads are serialised by a lock (each
     gets exactly the result of a sequential call). Threads that should run in parallel each
@@ -173,30 +176,8 @@ class BoundPipeline:
             if step.any_active:                    # host flag: all-neutral steps are skipped
                 self.steps.append((spec, step))
         self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
-        self._work: dict = {}           # the [B, V] buffer of _buffer, reused from step to step
-        # Decided once, here: which steps have the internal fast forms (samplerkit.fastpath).
-        # A plain Processor or Sampler is only ever asked for apply() / sample().
-        self._fast: list[bool] = [isinstance(step, FastPathProcessor) for _, step in self.steps]
-        fast_sampler = isinstance(self.sampler, FastPathSampler)
-        self._fast_sampler = fast_sampler
-        # The sampler can take a truncation's threshold instead of truncated logits.
-        self._sampler_cuts = fast_sampler and type(self.sampler).sample_cut is not FastPathSampler.sample_cut
-        # Steps from this index on are monotone (temperature last, llama.cpp's order). A sampler
-        # that honours Cut.source takes the truncation before them as a threshold on the values
-        # it saw, with the monotone steps applied to all logits (no -inf in their input).
-        self._monotone_from = len(self.steps)
-        while self._monotone_from > 0 and self._monotone(self._monotone_from - 1):
-            self._monotone_from -= 1
-        cut_source = fast_sampler and type(self.sampler).cut_source
-        cut_at = self._monotone_from - 1 if cut_source else len(self.steps) - 1
-        self._cut_step = self.steps[cut_at][1] if self.steps and cut_at >= 0 else None
-        # A greedy-style sampler after argmax-invariant processors needs none of them.
-        self._skip_for_sampling = (type(self.sampler).picks_argmax
-                                   and all(s.argmax_invariant for _, s in self.steps))
-
-    def _monotone(self, i: int) -> bool:
-        """Whether step ``i`` is a fast-path step that is monotone for this batch."""
-        return self._fast[i] and self.steps[i][1].monotone
+        self._work: dict = {}           # the [B, V] workspaces of the run, reused from call to call
+        self._plan = RunPlan.bind(self.steps, self.sampler, device)
 
     @property
     def batch_size(self) -> int:
@@ -221,8 +202,8 @@ class BoundPipeline:
         logits = self._check_batch(logits, "process")
         ctx = _context(logits, ctx)
         with self._lock:
-            dense, candidates, _ = self._run(logits, ctx, None)
-        return dense if candidates is None else densify(*candidates, logits.shape[-1])
+            state = run_steps(self._plan, logits, ctx, self._work, checks=None, sampling=False)
+        return state.to_dense(logits.shape[-1]).values
 
     def sample(self, logits: torch.Tensor, ctx: StepContext | None = None,
                processed: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,33 +217,14 @@ class BoundPipeline:
         of the row's finite input logits. Under ``raise`` an invalid row raises instead. Other
         rows are never affected: invalid rows are neutralised before the sampler runs."""
         with self._lock:
-            return self._sample_with_validity(logits, ctx, processed)
-
-    def _sample_with_validity(self, logits: torch.Tensor, ctx: StepContext | None,
-                              processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._check_batch(logits, "sample")
-        if sync_free(logits):
-            ids, valid = self.sample_async(logits, ctx, processed)
+            logits = self._check_batch(logits, "sample")
+            if not self._plan.sync_free:
+                return self._sample(logits, ctx, processed, sync_free=False)
+            with sync_free_scope():
+                ids, valid = self._sample(logits, ctx, processed, sync_free=True)
             if self.pipeline.on_invalid == "raise" and not bool(valid.all()):   # one sync, after the step
-                ctx = _context(logits, ctx)
-                raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
+                raise InvalidLogitsError(self._diagnose(logits, _context(logits, ctx), valid))
             return ids, valid
-        ctx = _context(logits, ctx)
-        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
-        all_valid = bool(valid.all())
-        if not all_valid:
-            if self.pipeline.on_invalid == "raise":
-                raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
-            if candidates is not None:
-                processed, candidates = densify(*candidates, logits.shape[-1]), None
-            if cut is not None:
-                processed, cut = cut_below(processed, cut.threshold, source=cut.source), None
-            # A uniform row in place of each invalid one: the sampler never sees NaN.
-            processed = processed.masked_fill((~valid).unsqueeze(-1), 0.0)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
-        if not all_valid:
-            ids = torch.where(valid, ids, _finite_argmax(logits))
-        return ids, valid
 
     def sample_async(self, logits: torch.Tensor, ctx: StepContext | None = None,
                      processed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,67 +235,78 @@ class BoundPipeline:
         caller checks the returned ``valid`` (their token is then meaningless). Rows never affect
         each other: every op is row-wise."""
         with self._lock, sync_free_scope():
-            return self._sample_async(logits, ctx, processed)
+            return self._sample(self._check_batch(logits, "sample_async"), ctx, processed, sync_free=True)
 
-    def _sample_async(self, logits: torch.Tensor, ctx: StepContext | None,
-                      processed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._check_batch(logits, "sample_async")
+    def _sample(self, logits: torch.Tensor, ctx: StepContext | None, processed: torch.Tensor | None, *,
+                sync_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one sampling path: the processors' output in the form the sampler takes cheapest,
+        the ``[B]`` row validity, the sampler's ids. ``sync_free``: no host synchronisation
+        (invalid rows are replaced on the device and never raise here); else one host check
+        of the validity, and invalid rows become uniform rows before the sampler sees them."""
         ctx = _context(logits, ctx)
-        processed, candidates, cut, valid = self._prepare_for_sampling(logits, ctx, processed)
-        ids = self._draw(processed, candidates, cut, ctx, logits.shape[-1], valid)
-        if self.pipeline.on_invalid != "raise":
+        vocab = logits.shape[-1]
+        state, valid = self._prepare(logits, ctx, processed)
+        if sync_free:
+            ids = self._draw(state, ctx, vocab, valid, checked=False)
+            if self.pipeline.on_invalid != "raise":
+                ids = torch.where(valid, ids, _finite_argmax(logits))
+            return ids, valid
+        all_valid = bool(valid.all())
+        if not all_valid:
+            if self.pipeline.on_invalid == "raise":
+                raise InvalidLogitsError(self._diagnose(logits, ctx, valid))
+            # A uniform row in place of each invalid one: the sampler never sees NaN.
+            state = Dense(state.to_dense(vocab).values.masked_fill((~valid).unsqueeze(-1), 0.0), owned=True)
+        ids = self._draw(state, ctx, vocab, valid, checked=True)
+        if not all_valid:
             ids = torch.where(valid, ids, _finite_argmax(logits))
         return ids, valid
 
-    def _prepare_for_sampling(self, logits: torch.Tensor, ctx: StepContext, processed: torch.Tensor | None):
-        """``(processed, candidates, cut, valid)``: the steps' output in the form the sampler
-        takes cheapest (dense float32 logits, a candidate list, or a threshold not yet applied)
-        and the ``[B]`` row validity (see :func:`_valid_rows`)."""
-        if processed is None and (self._skip_for_sampling or not self.steps):
-            dense = logits if logits.dtype == torch.float32 else logits.float()
-            return dense, None, None, _valid_rows(dense, None, None)     # the input is what is sampled
-        checks = [_valid_rows(logits, None, None)]
+    def _prepare(self, logits: torch.Tensor, ctx: StepContext, processed: torch.Tensor | None) -> tuple[State, torch.Tensor]:
+        """The processors' output as a :data:`~samplerkit.runplan.State` and the ``[B]`` row
+        validity: the row's input, its output and every step's output that may add NaN or
+        ``+inf`` (see :func:`~samplerkit.runplan.run_steps`) have a finite maximum."""
+        if processed is None and (self._plan.skip_for_sampling or not self._plan.stages):
+            state = Dense(logits if logits.dtype == torch.float32 else logits.float())
+            return state, state.valid(self._plan)     # the input is what is sampled
+        checks = [Dense(logits).valid(self._plan)]
         if processed is not None:
-            dense, candidates, cut = processed, None, None
+            state: State = Dense(processed)
         else:
-            dense, candidates, cut = self._run(logits, ctx, checks, copy_out=False, lazy_cut=self._sampler_cuts)
-        valid = _valid_rows(dense, candidates, cut)
+            state = run_steps(self._plan, logits, ctx, self._work, checks=checks, sampling=True)
+        valid = state.valid(self._plan)
         for check in checks:
             valid = valid & check
-        return dense, candidates, cut, valid
+        return state, valid
 
-    def _draw(self, processed: torch.Tensor, candidates, cut, ctx: StepContext, vocab: int,
-              valid: torch.Tensor) -> torch.Tensor:
-        """The sampler's tokens from whichever form :meth:`_prepare_for_sampling` produced; a
-        sampler without the fast form gets dense logits (the same draw, by contract). The ids
-        are checked as processor output is (see :func:`_check_ids`)."""
+    def _draw(self, state: State, ctx: StepContext, vocab: int, valid: torch.Tensor, *, checked: bool) -> torch.Tensor:
+        """The sampler's tokens from whichever form the state has; a sampler without that fast
+        form gets dense logits (the same draw, by contract). The ids are checked as processor
+        output is (see :meth:`_check_ids`)."""
         try:
-            if cut is not None:             # only made for a sampler with sample_cut (_sampler_cuts)
-                ids = self.sampler.sample_cut(processed, cut, ctx)
+            if isinstance(state, PendingCut):       # only made for a sampler with sample_cut
+                ids = self.sampler.sample_cut(state.logits, state.cut, ctx)
                 if ids is not None:
-                    kept_values = processed if cut.source is None else cut.source
-                    return self._check_ids(ids, vocab, valid, lambda i: kept_values.gather(1, i) >= cut.threshold)
-                processed = cut_below(processed, cut.threshold, source=cut.source)
-            if candidates is not None:
-                ids = self.sampler.sample_candidates(*candidates, ctx) if self._fast_sampler else None
+                    return self._check_ids(ids, vocab, valid, state, checked)
+                state = state.to_dense(vocab)
+            if isinstance(state, Candidates):
+                ids = self.sampler.sample_candidates(state.values, state.ids, ctx) if self._plan.sampler_fast else None
                 if ids is not None:
-                    values, cand_ids = candidates
-                    return self._check_ids(ids, vocab, valid,
-                                           lambda i: ((cand_ids == i) & (values > NEG_INF)).any(-1, keepdim=True))
-                processed = densify(*candidates, vocab)
-            ids = self.sampler.sample(processed, ctx)
+                    return self._check_ids(ids, vocab, valid, state, checked)
+                state = state.to_dense(vocab)
+            ids = self.sampler.sample(state.values, ctx)
         except PluginError:
             raise
         except Exception as exc:
-            raise _plugin_failure(self.pipeline.sampler, exc) from exc
-        return self._check_ids(ids, vocab, valid, lambda i: processed.gather(1, i) > NEG_INF)
+            raise plugin_failure(self.pipeline.sampler, exc) from exc
+        return self._check_ids(ids, vocab, valid, state, checked)
 
-    def _check_ids(self, ids: Any, vocab: int, valid: torch.Tensor, kept) -> torch.Tensor:
+    def _check_ids(self, ids: Any, vocab: int, valid: torch.Tensor, state: State, checked: bool) -> torch.Tensor:
         """``ids`` if they are what a sampler must return: an int64 ``[B]`` tensor of ids in
-        ``[0, V)``, each a token the processed logits kept (``kept(ids [B, 1])`` says which);
-        else a PluginError naming the sampler and its plugin. One ``[B]`` check; on the
-        sync-free path (CUDA) only the host-side checks run (type, dtype, shape). Rows marked
-        invalid (``valid`` False) are not checked: their token is replaced or meaningless."""
+        ``[0, V)``, each a token ``state`` kept; else a PluginError naming the sampler and its
+        plugin. One ``[B]`` check; without ``checked`` (the sync-free path) only the host-side
+        checks run (type, dtype, shape). Rows marked invalid (``valid`` False) are not checked:
+        their token is replaced or meaningless."""
         spec = self.pipeline.sampler
         where = f"{spec.location} (plugin {spec.plugin or 'unknown'})"
         batch = self.batch_size
@@ -344,13 +317,13 @@ class BoundPipeline:
         if tuple(ids.shape) != (batch,):
             raise PluginError(f"{where} returned ids of shape {tuple(ids.shape)}; samplers must return one id per row, "
                               f"shape ({batch},)" + (" (squeeze the last dimension)" if ids.dim() == 2 else ""))
-        if sync_free(ids):
+        if not checked:
             return ids
         outside = ((ids < 0) | (ids >= vocab)) & valid
         if bool(outside.any()):
             rows = outside.nonzero().squeeze(-1).tolist()
             raise PluginError(f"{where} returned ids outside [0, {vocab}): {ids[rows].tolist()} in rows {rows}")
-        removed = ~kept(ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1) & valid
+        removed = ~state.kept(ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1) & valid
         if bool(removed.any()):
             rows = removed.nonzero().squeeze(-1).tolist()
             raise PluginError(f"{where} chose tokens the processed logits removed (-inf): {ids[rows].tolist()} "
@@ -382,126 +355,6 @@ class BoundPipeline:
         details = "; ".join(f"row {row}: {found.get(row, 'the sampler input was invalid')}" for row in bad_rows)
         return (f"invalid logits in {len(bad_rows)} row(s) of {len(valid)}: {details}. Set `on_invalid: "
                 f"mark_invalid` or `on_invalid: fallback_greedy` in the config to keep generating.")
-
-    def _run(self, logits: torch.Tensor, ctx: StepContext, checks: list[torch.Tensor] | None, *,
-             copy_out: bool = True, lazy_cut: bool = False):
-        """Processors in order. Once a truncation leaves a short candidate list, later steps
-        that can work on it do so (``[B, K]`` instead of ``[B, V]``); any step that cannot
-        gets dense logits back. Returns ``(dense, None, None)``, ``(None, (values, ids), None)``
-        or, with ``lazy_cut``, ``(dense, None, cut)`` when the last step is a threshold that the
-        sampler applies itself (``dense`` is then the logits before that step).
-
-        ``checks``, when given, receives a ``[B]`` validity flag of the output of every step
-        that does not declare :attr:`~samplerkit.steps.Processor.keeps_finite`: a NaN or ``+inf``
-        such a step writes makes the row invalid even if a later step removes that token."""
-        vocab = logits.shape[-1]
-        dense: torch.Tensor | None = logits.float()
-        owned = dense is not logits          # a float32 copy was made: ours to modify
-        candidates: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Monotone steps (temperature) waiting to be applied: if a rank-based selection (top_k)
-        # comes next, they only touch its k + 1 values instead of a [B, V] pass.
-        deferred: list[tuple[StepSpec, Processor]] = []
-
-        def run_dense(spec: StepSpec, step: Processor, fast: bool) -> None:
-            nonlocal dense, owned
-            before = dense
-            if (not fast or step.inplace) and not owned:      # a plain Processor may write in place
-                dense = _run_step(spec, step, dense, ctx, out=self._buffer(dense, reuse=not copy_out), fast=fast)
-                owned = True
-            else:
-                dense = _run_step(spec, step, dense, ctx)
-                owned = owned or dense is not before
-            if checks is not None and not step.keeps_finite:
-                checks.append(_valid_rows(dense, None, None))
-
-        def transform(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            for spec, step in deferred:
-                values = _call(spec, step.apply_candidates, values, ids, ctx)
-            return values
-
-        last = self.steps[-1][1] if self.steps else None
-        for (spec, step), fast in zip(self.steps, self._fast):
-            if candidates is not None:
-                values = _call(spec, step.apply_candidates, *candidates, ctx) if fast else None
-                if values is not None:
-                    candidates = (values, candidates[1])
-                    if checks is not None and not step.keeps_finite:
-                        checks.append(_valid_rows(None, candidates, None))
-                    continue
-                dense, candidates, owned = densify(*candidates, vocab), None, True
-            if fast and step.monotone:
-                deferred.append((spec, step))
-                continue
-            if deferred and fast:
-                # One deferred division (temperature) can be fused into the selection's kernel.
-                divisor = deferred[0][1].fused_divisor() if len(deferred) == 1 else None
-                selected = _call(spec, step.select_candidates_after, dense, ctx, transform, divisor)
-                if selected is not None:
-                    if checks is not None and not all(s.keeps_finite for _, s in (*deferred, (spec, step))):
-                        checks.append(_valid_rows(None, selected, None))
-                    dense, candidates, deferred = None, selected, []
-                    continue
-            for d_spec, d_step in deferred:
-                run_dense(d_spec, d_step, True)
-            deferred = []
-            if not fast:
-                run_dense(spec, step, False)
-                continue
-            selected = _call(spec, step.select_candidates, dense, ctx)
-            if isinstance(selected, Cut):
-                # The step decided densely and hands back its threshold: the sampler applies
-                # it (last step, while sampling) or it is applied here, as the step's apply would.
-                if lazy_cut and step is last:
-                    return dense, None, selected
-                if lazy_cut and step is self._cut_step:
-                    return self._monotone_after_cut(dense, selected, ctx, checks)
-                out = dense if owned else self._buffer(dense, reuse=not copy_out)
-                dense = cut_below(dense, selected.threshold, out=out, work=self._work)
-                owned = True
-                continue
-            if selected is not None:
-                if checks is not None and not step.keeps_finite:
-                    checks.append(_valid_rows(None, selected, None))
-                dense, candidates = None, selected
-                continue
-            if lazy_cut and (step is last or step is self._cut_step):
-                cut = _call(spec, step.select_cut, dense, ctx)
-                if cut is not None:
-                    return (dense, None, cut) if step is last else self._monotone_after_cut(dense, cut, ctx, checks)
-            run_dense(spec, step, True)
-        for d_spec, d_step in deferred:      # monotone steps at the end stay dense
-            if owned and d_step.inplace:     # into another buffer: the step can compare with its input
-                dense = _run_step(d_spec, d_step, dense, ctx,
-                                  out=scratch(None if copy_out else self._work, "monotone", dense, dense.dtype))
-                if checks is not None and not d_step.keeps_finite:
-                    checks.append(_valid_rows(dense, None, None))
-            else:
-                run_dense(d_spec, d_step, True)
-        if copy_out and dense is not None and not owned:
-            dense = dense.clone()            # process() never returns the caller's tensor
-        return dense, candidates, None
-
-    def _monotone_after_cut(self, source: torch.Tensor, cut, ctx: StepContext, checks: list[torch.Tensor] | None):
-        """``(y, None, cut)`` with ``y = f(source)``, ``f`` the monotone steps after the truncation
-        whose ``cut`` compares ``source``: the kept values equal the dense order's (cut, then
-        ``f``) since ``f`` is elementwise and ``f(-inf) = -inf``, and ``f`` runs on logits without
-        ``-inf`` (temperature's cheap overflow check). ``source`` is left unchanged."""
-        y = source
-        for spec, step in self.steps[self._monotone_from:]:
-            if y is source and step.inplace:
-                y = _run_step(spec, step, source, ctx, out=scratch(self._work, "monotone", source, source.dtype))
-            else:
-                y = _run_step(spec, step, y, ctx)
-            if checks is not None and not step.keeps_finite:
-                checks.append(_valid_rows(y, None, None))
-        # f is monotone, so the row maximum (always kept) maps to y's maximum.
-        return y, None, cut._replace(row_max=y.amax(dim=-1, keepdim=True), weights=None, source=source)
-
-    def _buffer(self, x: torch.Tensor, *, reuse: bool) -> torch.Tensor:
-        """A tensor shaped like ``x`` that the processors may write into. While sampling, one
-        workspace per bound pipeline is reused from step to step: a fresh ``[B, V]`` allocation
-        costs more in page faults than a pass over it (about 6x on 32 MB here)."""
-        return scratch(self._work if reuse else None, "dense", x, x.dtype)
 
     def _check_batch(self, logits: torch.Tensor, method: str) -> torch.Tensor:
         logits = check_logits(logits, method)
@@ -610,64 +463,88 @@ def _check_rows(rows: Any) -> list[RowOverrides | None]:
 
 
 
-#: Per thread: pipeline -> {batch size: (owner classes, workspaces)} of its last one-shot calls.
+#: Per thread: pipeline -> {batch size: _Kept} of its last one-shot calls.
 _ONE_SHOT = threading.local()
 #: Batch sizes whose workspaces a pipeline keeps per thread (the least recently used goes).
 ONE_SHOT_BATCH_SIZES = 2
 
 
+@dataclass
+class _Kept:
+    """What a one-shot call leaves for the next one with the same batch size on its thread."""
+
+    #: The classes owning the workspaces, in order, and their ``_work`` dicts.
+    classes: list[type]
+    works: list[dict]
+    #: The bound pipeline's attributes but ``pipeline``, when a fresh bind would build the very
+    #: same one for ``key``. Without ``pipeline``: the per-thread cache is keyed weakly by the
+    #: pipeline, and a value that referred to its key would keep it alive for ever.
+    parts: dict | None
+    key: tuple
+
+
 @contextmanager
 def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None = None) -> Iterator[BoundPipeline]:
-    """``pipeline.bind(batch, seeds=seeds)`` holding the ``[B, V]`` workspaces (the ``_work``
-    dicts of scratch buffers) of the previous one-shot call with this batch size on this thread.
-    Only scratch space is reused, never parameters, seeds or step state: the draws are a fresh
-    bind's. Threads never share workspaces, and a nested call on the same thread gets its own
-    (the entry is taken out while in use)."""
-    bound = pipeline.bind(batch, seeds=seeds)
+    """What ``pipeline.bind(batch, seeds=seeds)`` gives, at a bound call's cost where possible.
+
+    The previous one-shot call with this batch size on this thread left its bound pipeline's
+    steps, plan and ``[B, V]`` workspaces and the key it was bound for: the seeds and the
+    implementation the device asks for now (:meth:`RunPlan.implementation`). The same key
+    reuses them when a fresh bind would build the same ones and nothing carries
+    over from call to call: every step declares ``reusable`` (:mod:`samplerkit.fastpath`) and
+    every seeded step has a seed on every row (a row without one draws a new seed from torch's
+    global generator at each bind, so each call binds afresh). Otherwise the call binds afresh
+    and takes over only the workspaces (the ``_work`` dicts of scratch buffers): the draws are
+    always a fresh bind's. Threads never share these, and a nested call on the same thread gets
+    its own (the entry is taken out while in use)."""
     cache = getattr(_ONE_SHOT, "work", None)
     if cache is None:
         cache = _ONE_SHOT.work = weakref.WeakKeyDictionary()
     sizes = cache.setdefault(pipeline, OrderedDict())
-    owners = [o for o in (bound, *(step for _, step in bound.steps), bound.sampler)
-              if isinstance(getattr(o, "_work", None), dict)]
-    classes = [type(o) for o in owners]
     kept = sizes.pop(batch, None)
-    if kept is not None and kept[0] == classes:
-        for owner, work in zip(owners, kept[1]):
-            owner._work = work
+    # Only plain ints and None make a key: anything else goes to bind, which explains it.
+    plain = seeds is None or (isinstance(seeds, (list, tuple)) and all(s is None or type(s) is int for s in seeds))
+    key = (tuple(seeds) if seeds is not None else None, RunPlan.implementation(pipeline.device)) if plain else None
+    if kept is not None and kept.parts is not None and key is not None and kept.key == key:
+        bound = object.__new__(BoundPipeline)       # the same steps, plan and workspaces
+        bound.__dict__.update(kept.parts)
+        bound.pipeline = pipeline
+    else:
+        bound = pipeline.bind(batch, seeds=seeds)
+        owners = _work_owners(bound)
+        classes = [type(o) for o in owners]
+        if kept is not None and kept.classes == classes:
+            for owner, work in zip(owners, kept.works):
+                owner._work = work
+        parts = {k: v for k, v in vars(bound).items() if k != "pipeline"}
+        kept = _Kept(classes, [o._work for o in owners], parts if key is not None and _reusable(bound) else None, key)
     yield bound
-    sizes[batch] = (classes, [o._work for o in owners])
+    sizes[batch] = kept
     while len(sizes) > ONE_SHOT_BATCH_SIZES:
         sizes.popitem(last=False)
+
+
+def _work_owners(bound: BoundPipeline) -> list:
+    return [o for o in (bound, *(step for _, step in bound.steps), bound.sampler)
+            if isinstance(getattr(o, "_work", None), dict)]
+
+
+def _reusable(bound: BoundPipeline) -> bool:
+    """Whether a fresh bind for the same rows and seeds would build this very pipeline and a
+    call leaves nothing behind but workspaces (see :func:`_one_shot`)."""
+    pipeline = bound.pipeline
+    specs = [*pipeline.processors, pipeline.sampler]
+    if not all(getattr(spec.cls, "reusable", False) for spec in specs):   # inactive steps are built too
+        return False
+    rows = [[*procs, samp] for procs, samp in zip(bound._row_processors, bound._row_samplers)]
+    return all(getattr(row[j].params, "seed", None) is not None
+               for j, spec in enumerate(specs) if _takes_seed(spec) for row in rows)
 
 
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over its finite logits: the token an invalid row falls back to."""
     raw = logits.float()
     return raw.masked_fill(~torch.isfinite(raw), float("-inf")).argmax(dim=-1)
-
-
-def _run_step(spec: StepSpec, step: Processor, x: torch.Tensor, ctx: StepContext,
-              out: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
-    """``step.apply(x)``, or with ``out`` the result written into that buffer: through
-    ``apply_into`` for a fast-path step (``fast``), else ``apply`` on a copy in ``out``."""
-    shape = x.shape
-    try:
-        if out is None:
-            out = step.apply(x, ctx)
-        elif fast:
-            out = step.apply_into(x, out, ctx)
-        else:
-            out = step.apply(out.copy_(x), ctx)
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise _plugin_failure(spec, exc) from exc
-    if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != torch.float32:
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) returned {got}; "
-                          f"processors must return float32 logits of shape {tuple(shape)}")
-    return out
 
 
 def _takes_seed(spec: StepSpec) -> bool:
@@ -689,21 +566,6 @@ def _context(logits: torch.Tensor, ctx: StepContext | None) -> StepContext:
     return ctx if ctx is not None else StepContext(logits.shape[0], logits.shape[-1], device=logits.device)
 
 
-def _valid_rows(dense: torch.Tensor | None, candidates, cut) -> torch.Tensor:
-    """``[B]`` bool: the row has a finite maximum (so no NaN, no +inf, something left).
-
-    One read pass on dense logits (``amax`` propagates NaN); free on candidate lists, where
-    ``topk`` ranks NaN and +inf first, and on a cut not yet applied, whose row maximum is kept."""
-    if cut is not None:
-        return torch.isfinite(cut.row_max).squeeze(-1)
-    if candidates is not None:
-        values = candidates[0]
-        if _triton.available(values) and values.shape[-1] <= _triton.CANDIDATES_MAX:    # one kernel instead of five
-            return _triton.candidates_valid(values)
-        return torch.isfinite(values[:, 0]) & ~values.isnan().any(dim=-1)
-    return torch.isfinite(dense.amax(dim=-1))
-
-
 def _what_is_wrong(row: torch.Tensor) -> str | None:
     if bool(row.isnan().any()):
         return "NaN"
@@ -712,16 +574,3 @@ def _what_is_wrong(row: torch.Tensor) -> str | None:
     if not bool(torch.isfinite(row).any()):
         return "no token left (every logit is -inf)"
     return None
-
-
-def _call(spec: StepSpec, method, *args):
-    try:
-        return method(*args)
-    except PluginError:
-        raise                    # already names its step (a deferred step run inside this one)
-    except Exception as exc:
-        raise _plugin_failure(spec, exc) from exc
-
-
-def _plugin_failure(spec: StepSpec, exc: Exception) -> PluginError:
-    return PluginError(f"{spec.location} (plugin {spec.plugin or 'unknown'}) failed: {type(exc).__name__}: {exc}")

@@ -22,6 +22,7 @@ LAYERS = {
     "errors": 0, "params": 0, "strict": 0, "hookspecs": 0,
     "ops": 1, "context": 1, "detokenize": 1, "yaml_io": 1, "chat_template": 1,
     "spec": 2, "steps": 2, "fastpath": 2, "backend": 2, "seeded": 2,
+    "runplan": 2,
     "builtins": 3,
     "plugins": 4, "registry": 4,
     "config": 5, "presets": 5, "schema": 5,

@@ -74,7 +74,7 @@ def test_a_sampler_declaring_picks_argmax_skips_argmax_invariant_steps():
         steps = [{"temperature": 0.5}, {"top_k": 3}]
         fast = samplerkit.load_pipeline({"pipeline": steps, "sampler": "my_argmax"}, registry=registry).bind(1)
         plain = samplerkit.load_pipeline({"pipeline": steps, "sampler": "greedy2"}, registry=registry).bind(1)
-        assert fast._skip_for_sampling and not plain._skip_for_sampling
+        assert fast._plan.skip_for_sampling and not plain._plan.skip_for_sampling
         x = torch.randn(1, 50)
         assert torch.equal(fast.sample(x), plain.sample(x))
 

@@ -1,7 +1,7 @@
 """The fast sampling paths equal the dense reference order bit for bit: temperature last
 (llama.cpp's order: a truncation's threshold handed to the sampler with the monotone steps
-applied to all logits), and the one-shot ``Pipeline.process``/``sample`` (a fresh bind that
-reuses the previous call's workspaces)."""
+applied to all logits), and the one-shot ``Pipeline.process``/``sample`` (what a fresh bind
+gives, reusing the previous call's bound pipeline or its workspaces)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from samplerkit.builtins.samplers.categorical import Categorical
 from samplerkit.builtins.shaping import Temperature
 from samplerkit.builtins.truncation import MinP
 from samplerkit.context import StepContext
-from samplerkit.pipeline import ONE_SHOT_BATCH_SIZES, Pipeline
+from samplerkit.pipeline import ONE_SHOT_BATCH_SIZES, BoundPipeline, Pipeline
 from samplerkit.registry import default_registry
 
 REGISTRY = default_registry()
@@ -189,17 +189,17 @@ def test_one_shot_reuses_workspaces_per_batch_size_and_thread():
 
     def sampler_workspace():
         captured = []
-        original = pipe.bind
+        original = BoundPipeline.sample
 
-        def bind(*args, **kwargs):
-            captured.append(original(*args, **kwargs))
-            return captured[-1]
+        def sample(self, *args, **kwargs):          # the bound pipeline the one-shot call used
+            captured.append(self)
+            return original(self, *args, **kwargs)
 
-        pipe.bind = bind
+        BoundPipeline.sample = sample
         try:
             pipe.sample(x, seeds=[1, 2, 3, 4])
         finally:
-            del pipe.bind
+            BoundPipeline.sample = original
         return captured[0].sampler._work
 
     first = sampler_workspace()
