@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from samplerkit.config import RunConfig, check_stages, validate_generation
-from samplerkit.detokenize import lone_surrogate
+from samplerkit.detokenize import lone_surrogate, lone_surrogate_in
 from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
 
@@ -146,6 +146,11 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         issues.append(ConfigIssue("prompt", f"has a lone surrogate \\u{ord(prompt[surrogate]):04x} at character "
                                             f"{surrogate + 1}, which is not text; a \\ud800-\\udfff escape in JSON "
                                             f"must be half of a pair (like \\ud83d\\ude00)"))
+    # Anything else with a lone surrogate (pydantic cannot even word its error about one).
+    elsewhere = {k: v for k, v in data.items() if k != "prompt"}
+    if (surrogate_issue := lone_surrogate_in(elsewhere)) is not None:
+        raise LineError("; ".join(map(str, [*issues, surrogate_issue])),
+                        line_id if lone_surrogate_in(line_id) is None else None)
     params = _check_params(data.get("params"), pipeline, issues)
     seed = _check_seed(data.get("seed"), pipeline, issues)
     options = config.generation.model_dump()

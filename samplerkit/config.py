@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
+from samplerkit.detokenize import lone_surrogate_in
 from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, short_repr
 from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
 from samplerkit.registry import Kind, Registry
@@ -194,6 +195,8 @@ class RunConfig:
 def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = None) -> RunConfig:
     """Validate a config mapping in two phases and resolve every name in ``registry``."""
     check_bounds(data, source)
+    if isinstance(data, Mapping) and (problem := lone_surrogate_in(dict(data))) is not None:
+        raise ConfigError(problem, source)
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config is a mapping (backend, pipeline, sampler, ...), got {type(data).__name__}",
                           source)
@@ -339,6 +342,8 @@ _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 def validate_generation(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
     """``base`` with some options replaced; errors are a located :class:`ConfigError`."""
+    if (problem := lone_surrogate_in(dict(overrides), "generation")) is not None:
+        raise ConfigError(problem)
     try:
         return GenerationConfig.model_validate({**base.model_dump(), **overrides})
     except ValidationError as exc:

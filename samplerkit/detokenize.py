@@ -9,6 +9,7 @@ back, and emit only the new, complete text.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class IncrementalDetokenizer:
@@ -90,3 +91,27 @@ def lone_surrogate(text: str) -> int | None:
         return None
     except UnicodeEncodeError as exc:
         return exc.start
+
+
+def lone_surrogate_in(value: Any, path: str = "") -> str | None:
+    """A message naming the first string (key or value, at any depth of dicts and lists) that
+    holds a lone surrogate, or None. Parsed JSON and YAML can carry one (``"\\ud800"``), and
+    pydantic cannot even word a validation error about such a string: check before validating."""
+    if isinstance(value, str):
+        at = lone_surrogate(value)
+        if at is None:
+            return None
+        where = f"{path} " if path else ""
+        return (f"{where}has a lone surrogate \\u{ord(value[at]):04x} at character {at + 1}, which is not text; "
+                "a \\ud800-\\udfff escape must be half of a pair (like \\ud83d\\ude00)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_in(key, f"{path}.<key>" if path else "<key>") if isinstance(key, str) else None
+            found = found or lone_surrogate_in(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if found := lone_surrogate_in(item, f"{path}[{index}]"):
+                return found
+    return None

@@ -34,7 +34,7 @@ import torch
 
 from samplerkit.config import STAGE_INPUT, STAGE_PROCESSED, StepSpec, check_stages, stage_names
 from samplerkit.context import StepContext
-from samplerkit.errors import ConfigError, PluginError
+from samplerkit.errors import ConfigError, PluginError, short_repr
 from samplerkit.steps import Processor, Sampler
 
 #: Top tokens recorded per stage and row unless asked otherwise.
@@ -170,7 +170,7 @@ def trace_steps(logits: torch.Tensor, ctx: StepContext | None, processors: Seque
     batch are ``active_steps`` (the ones the bound pipeline runs: a spec without one is neutral on
     every row), then ``sampler``. The caller's ``logits`` are never modified."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"trace: top must be an integer >= 1 (how many top tokens per stage), got {top!r}")
+        raise ValueError(f"trace: top must be an integer >= 1 (how many top tokens per stage), got {short_repr(top)}")
     batch, vocab = logits.shape
     ctx = ctx if ctx is not None else StepContext(batch, vocab, device=logits.device)
     by_spec = {id(spec): step for spec, step in active_steps}

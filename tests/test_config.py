@@ -246,3 +246,17 @@ def test_docs_state_the_loader_limits():
     assert f"cut to {MAX_VALUE_CHARS} characters" in doc and f"lists at most {MAX_ISSUES} problems" in doc
     with pytest.raises(ConfigError, match=f"pipeline: has 5,000 steps; at most {MAX_PIPELINE_STEPS:,}"):
         resolve({"pipeline": ["top_p"] * 5000}, REGISTRY)
+
+
+def test_a_lone_surrogate_anywhere_is_a_located_config_error():
+    """JSON and Python can carry a lone surrogate ("\\ud800"), which pydantic cannot even word an
+    error about: every entry point names where it is instead of crashing."""
+    from samplerkit.generate import Generator
+
+    with pytest.raises(ConfigError, match=r"pipeline\[0\]\.top_k\.<key> has a lone surrogate \\ud800"):
+        Generator({"backend": "bigram", "pipeline": [{"top_k": {"\ud800": 1}}]})
+    gen = Generator({"backend": "bigram"})
+    with pytest.raises(ConfigError, match=r"generation\.max_new_tokens has a lone surrogate"):
+        gen.generate(["a"], max_new_tokens="\ud800")
+    with pytest.raises(ConfigError, match=r"generation\.stop\[0\] has a lone surrogate \\udc00"):
+        gen.generate(["a"], stop=["\udc00"])

@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from samplerkit.detokenize import lone_surrogate_in
 from samplerkit.errors import SamplerkitError
 from samplerkit.generate import Completion, TokenLogprob
 from samplerkit.serve.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
@@ -135,6 +136,10 @@ def create_app(runner: EngineRunner, server: ServerSide, *, model_name: str, api
             raise ApiError(400, f"the request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+        # JSON can spell a lone surrogate ("\\ud800"), which is not text; pydantic cannot even
+        # word an error about one, so it is refused here, wherever it is in the body.
+        if (problem := lone_surrogate_in(data)) is not None:
+            raise ApiError(400, problem, param=problem.split(" ", 1)[0] if not problem.startswith("has ") else None)
         return data
 
     async def admit(request: Request, cls: type) -> tuple[CompletionRequest | ChatRequest, Job, Any]:
