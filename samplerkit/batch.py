@@ -146,11 +146,11 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         issues.append(ConfigIssue("prompt", f"has a lone surrogate \\u{ord(prompt[surrogate]):04x} at character "
                                             f"{surrogate + 1}, which is not text; a \\ud800-\\udfff escape in JSON "
                                             f"must be half of a pair (like \\ud83d\\ude00)"))
-    # Anything else with a lone surrogate (pydantic cannot even word its error about one).
-    elsewhere = {k: v for k, v in data.items() if k != "prompt"}
+    # A lone surrogate anywhere else (pydantic cannot even word its error about one). The id is
+    # an opaque key, only echoed back (JSON-escaped), so it may hold one.
+    elsewhere = {k: v for k, v in data.items() if k not in ("prompt", "id")}
     if (surrogate_issue := lone_surrogate_in(elsewhere)) is not None:
-        raise LineError("; ".join(map(str, [*issues, surrogate_issue])),
-                        line_id if lone_surrogate_in(line_id) is None else None)
+        raise LineError("; ".join(map(str, [*issues, surrogate_issue])), line_id)
     params = _check_params(data.get("params"), pipeline, issues)
     seed = _check_seed(data.get("seed"), pipeline, issues)
     options = config.generation.model_dump()
