@@ -293,17 +293,8 @@ class CheckedBackend:
         return logits
 
     def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
-        out = self._call("prefill", prompts, keep_all_logits=keep_all_logits)
-        if not isinstance(out, PrefillOutput):
-            self._fail(f"prefill() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
+        out = self._check_prefill_output("prefill", prompts, keep_all_logits)
         self._rows = len(prompts)
-        self._check_logits(out.last, len(prompts), "prefill")
-        if keep_all_logits:
-            if not isinstance(out.all, Sequence) or len(out.all) != len(prompts):
-                self._fail(f"prefill(keep_all_logits=True) returned PrefillOutput.all={type(out.all).__name__}; "
-                           f"expected a list of {len(prompts)} [L_i, V] tensors")
-            for p, t in zip(prompts, out.all):
-                self._check_logits(t, len(p), "prefill (all positions)")
         return out
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -318,17 +309,23 @@ class CheckedBackend:
         return getattr(self.inner, "can_join", False) is True
 
     def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
-        out = self._call("join", prompts, keep_all_logits=keep_all_logits)
+        out = self._check_prefill_output("join", prompts, keep_all_logits)
+        self._rows += len(prompts)
+        return out
+
+    def _check_prefill_output(self, method: str, prompts: Sequence[Sequence[int]], keep_all_logits: bool) -> PrefillOutput:
+        """Call ``prefill`` or ``join`` and check what it returned: a PrefillOutput whose ``last``
+        has one row per prompt and, when asked for, one ``[L_i, V]`` tensor per prompt."""
+        out = self._call(method, prompts, keep_all_logits=keep_all_logits)
         if not isinstance(out, PrefillOutput):
-            self._fail(f"join() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
-        self._check_logits(out.last, len(prompts), "join")
+            self._fail(f"{method}() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
+        self._check_logits(out.last, len(prompts), method)
         if keep_all_logits:
             if not isinstance(out.all, Sequence) or len(out.all) != len(prompts):
-                self._fail(f"join(keep_all_logits=True) returned PrefillOutput.all={type(out.all).__name__}; "
+                self._fail(f"{method}(keep_all_logits=True) returned PrefillOutput.all={type(out.all).__name__}; "
                            f"expected a list of {len(prompts)} [L_i, V] tensors")
             for p, t in zip(prompts, out.all):
-                self._check_logits(t, len(p), "join (all positions)")
-        self._rows += len(prompts)
+                self._check_logits(t, len(p), f"{method} (all positions)")
         return out
 
 
