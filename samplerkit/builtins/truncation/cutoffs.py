@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from samplerkit.builtins.truncation.min_keep import KeepsMinTokens
 from samplerkit.fastpath import MaskProcessor
 from samplerkit.ops.shaping import epsilon_mask, eta_threshold, keep_top_count
 from samplerkit.params import StepParams
 
 
-class EpsilonCutoff(MaskProcessor):
+class EpsilonCutoff(KeepsMinTokens, MaskProcessor):
     """Remove tokens with ``p_i < epsilon_cutoff``, keeping at least the ``min_tokens_to_keep`` most probable.
 
     transformers' ``EpsilonLogitsWarper`` (Hewitt et al. 2022, truncation sampling).
@@ -33,19 +34,11 @@ class EpsilonCutoff(MaskProcessor):
         def is_neutral(self) -> bool:
             return self.epsilon_cutoff == 0.0
 
-    @classmethod
-    def keeps_all_of(cls, params):
-        return params.min_tokens_to_keep
-
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        self._min_keep_max = max(row.min_tokens_to_keep for row in self.rows)
-
     def keep(self, logits, ctx):
         return epsilon_mask(logits, self.p.epsilon_cutoff) | keep_top_count(logits, self.p.min_tokens_to_keep, self._min_keep_max)
 
 
-class EtaCutoff(MaskProcessor):
+class EtaCutoff(KeepsMinTokens, MaskProcessor):
     """Remove tokens with ``p_i < min(eta_cutoff, sqrt(eta_cutoff) * exp(-H))``, ``H`` the entropy.
 
     transformers' ``EtaLogitsWarper`` (Hewitt et al. 2022): the floor drops when the
@@ -69,14 +62,6 @@ class EtaCutoff(MaskProcessor):
 
         def is_neutral(self) -> bool:
             return self.eta_cutoff == 0.0
-
-    @classmethod
-    def keeps_all_of(cls, params):
-        return params.min_tokens_to_keep
-
-    def __init__(self, rows, device="cpu"):
-        super().__init__(rows, device)
-        self._min_keep_max = max(row.min_tokens_to_keep for row in self.rows)
 
     def keep(self, logits, ctx):
         keep = logits.softmax(dim=-1) >= eta_threshold(logits, self.p.eta_cutoff)

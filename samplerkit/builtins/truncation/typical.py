@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from samplerkit.builtins.truncation.min_keep import KeepsMinTokens
 from samplerkit.context import StepContext
 from samplerkit.fastpath import MaskProcessor
 from samplerkit.ops.shaping import typical_cut, typical_mask
@@ -12,7 +13,7 @@ from samplerkit.ops.truncation import keep_where_nonnegative
 from samplerkit.params import StepParams
 
 
-class TypicalP(MaskProcessor):
+class TypicalP(KeepsMinTokens, MaskProcessor):
     """Keep the tokens whose surprise ``-log p_i`` is closest to the entropy ``H``, up to mass ``typical_p``.
 
     Tokens ranked by ``|-log p_i - H|`` ascending; the smallest prefix whose probability reaches
@@ -39,13 +40,8 @@ class TypicalP(MaskProcessor):
         def is_neutral(self) -> bool:
             return self.typical_p >= 1.0
 
-    @classmethod
-    def keeps_all_of(cls, params):
-        return params.min_tokens_to_keep
-
     def __init__(self, rows, device="cpu"):
         super().__init__(rows, device)
-        self._min_keep_max = max(row.min_tokens_to_keep for row in self.rows)
         # Neutral rows (typical_p = 1) are searched at a reachable mass, then keep everything.
         self._mass = torch.where(self.active, self.p.typical_p, 0.5)
 
