@@ -32,6 +32,7 @@ from samplerkit.detokenize import lone_surrogate_in
 from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, short_repr
 from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
 from samplerkit.registry import Kind, Registry
+from samplerkit.segments import SEGMENT_KEYS, Segment
 from samplerkit.spec import StepSpec, issues_from_validation, message_for, with_item_path
 from samplerkit.strict import check_strict
 from samplerkit.yaml_io import (
@@ -177,6 +178,7 @@ class _Structure(BaseModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     on_invalid: InvalidPolicy = "raise"
+    segments: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ class RunConfig:
     plugins: PluginsConfig
     raw: Mapping[str, Any]
     on_invalid: InvalidPolicy = "raise"
+    #: ``segments:`` resolved (samplerkit/segments.py); empty when the config has none.
+    segments: tuple[Segment, ...] = ()
 
 
 def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = None) -> RunConfig:
@@ -226,12 +230,99 @@ def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = No
             if spec is not None:
                 processors.append(spec)
     sampler = _resolve_named(structure.sampler, "sampler", registry, issues, DEFAULT_SAMPLER)
+    segments = _resolve_segments(structure, registry, issues) if structure.segments is not None else ()
     if isinstance(structure.generation, GenerationConfig) and structure.generation.logprob_stages:
         issues.extend(check_stages(structure.generation.logprob_stages, processors, sampler))
+        for seg in segments:
+            issues.extend(check_stages(structure.generation.logprob_stages, seg.processors, seg.sampler,
+                                       f"generation.logprobs.at ({seg.location})"))
     if issues:
         raise ConfigError(issues, source)
     return RunConfig(backend, tuple(processors), sampler, structure.generation, structure.plugins, dict(data),
-                     structure.on_invalid)
+                     structure.on_invalid, segments)
+
+
+def _resolve_segments(structure: _Structure, registry: Registry, issues: list[ConfigIssue]) -> tuple[Segment, ...]:
+    """``segments:`` -> :class:`Segment` list (see samplerkit/segments.py); problems are collected
+    with their location (``segments[1] pipeline[0] top_p: ...``). ``after: S`` on segment ``k``
+    is ``until: S`` on segment ``k - 1`` (on segment 0: a leading segment with the top-level
+    pipeline and sampler that runs until ``S``)."""
+    raw = structure.segments or []
+    if not raw:
+        issues.append(ConfigIssue("segments", "is empty; list at least one segment, e.g. "
+                                              "[{until: \"</think>\", pipeline: [{temperature: 0.8}]}], or remove the key"))
+        return ()
+    out: list[Segment] = []
+    afters: list[str | None] = []
+    for i, item in enumerate(raw):
+        where = f"segments[{i}]"
+        n = len(issues)
+        if not isinstance(item, dict):
+            issues.append(ConfigIssue(where, f"a segment is a mapping of {', '.join(SEGMENT_KEYS)} and constraint steps, "
+                                             f"like {{until: \"</think>\", pipeline: [{{temperature: 0.8}}]}}; got {short_repr(item)}"))
+            continue
+        constraints = [k for k in item if k not in SEGMENT_KEYS and isinstance(k, str)
+                       and registry.has("processor", k) and getattr(registry.entry("processor", k).cls, "completes", False)]
+        unknown = [k for k in item if k not in SEGMENT_KEYS and k not in constraints]
+        for k in unknown:
+            issues.append(ConfigIssue(f"{where} {clip(str(k))}", f"unknown segment key{did_you_mean(str(k), list(SEGMENT_KEYS))} "
+                                                                 f"A segment takes {', '.join(SEGMENT_KEYS)}, or a constraint step "
+                                                                 "(a processor that declares completes, e.g. json_schema, regex)"))
+        texts = {}
+        for key in ("until", "after"):
+            value = item.get(key)
+            if key in item and (not isinstance(value, str) or not value):
+                issues.append(ConfigIssue(f"{where}.{key}", f"must be a non-empty string (the text that closes the segment), "
+                                                            f"got {short_repr(value)}"))
+                value = None
+            texts[key] = value
+        budget = item.get("max_tokens")
+        if "max_tokens" in item and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            issues.append(ConfigIssue(f"{where}.max_tokens", f"must be an integer >= 1 (tokens in the segment before its "
+                                                             f"closing string is forced), got {short_repr(budget)}"))
+            budget = None
+        steps = item.get("pipeline", structure.pipeline)
+        if not isinstance(steps, list):
+            issues.append(ConfigIssue(f"{where}.pipeline", f"must be a list of steps, got {short_repr(steps)}"))
+            steps = []
+        processors = [spec for j, entry in enumerate(steps)
+                      if (spec := _resolve_pipeline_entry(j, entry, registry, issues, f"{where} ")) is not None]
+        first = []
+        for name in constraints:
+            if any(spec.name == name for spec in processors):
+                issues.append(ConfigIssue(f"{where} {name}", f"is given both as a segment key and in {where}.pipeline; "
+                                                             "keep one of the two"))
+                continue
+            spec = _validate_step(registry, "processor", name, item[name], f"{where} {name}", issues)
+            if spec is not None:
+                first.append(spec)
+        sampler = _resolve_named(item.get("sampler", structure.sampler), "sampler", registry, issues, DEFAULT_SAMPLER,
+                                 f"{where} ")
+        if len(issues) > n or sampler is None:
+            continue
+        if i == 0 and texts["after"] is not None:       # the text before the trigger: the top-level pipeline
+            top = [spec for j, entry in enumerate(structure.pipeline)
+                   if (spec := _resolve_pipeline_entry(j, entry, registry, [])) is not None]
+            top_sampler = _resolve_named(structure.sampler, "sampler", registry, [], DEFAULT_SAMPLER)
+            if top_sampler is not None:
+                out.append(Segment(tuple(top), top_sampler, texts["after"], None, f"{where}.after"))
+                afters.append(None)
+        out.append(Segment(tuple([*first, *processors]), sampler, texts["until"], budget, where))
+        afters.append(texts["after"] if i > 0 else None)
+    for k in range(1, len(out)):
+        after = afters[k]
+        if after is None:
+            continue
+        prev = out[k - 1]
+        if prev.until is not None and prev.until != after:
+            issues.append(ConfigIssue(f"{out[k].location}.after", f"{short_repr(after)} differs from {prev.location}.until "
+                                                                  f"{short_repr(prev.until)}; they are the same boundary, give one"))
+        out[k - 1] = Segment(prev.processors, prev.sampler, after, prev.max_tokens, prev.location)
+    for seg in out[:-1]:
+        if seg.until is None:
+            issues.append(ConfigIssue(seg.location, "needs `until` (or the next segment's `after`): every segment but the "
+                                                    "last must say which text closes it"))
+    return tuple(out)
 
 
 def _expand_preset(data: Mapping[str, Any], issues: list[ConfigIssue]) -> Mapping[str, Any]:
@@ -246,8 +337,9 @@ def _expand_preset(data: Mapping[str, Any], issues: list[ConfigIssue]) -> Mappin
     return apply_preset(data)
 
 
-def _resolve_pipeline_entry(index: int, entry: Any, registry: Registry, issues: list[ConfigIssue]) -> StepSpec | None:
-    where = f"pipeline[{index}]"
+def _resolve_pipeline_entry(index: int, entry: Any, registry: Registry, issues: list[ConfigIssue],
+                            prefix: str = "") -> StepSpec | None:
+    where = f"{prefix}pipeline[{index}]"
     if isinstance(entry, str):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
@@ -268,23 +360,27 @@ def _resolve_pipeline_entry(index: int, entry: Any, registry: Registry, issues: 
     return _validate_step(registry, "processor", name, params, f"{where} {name}", issues)
 
 
-def _resolve_named(section: Any, kind: Kind, registry: Registry, issues: list[ConfigIssue], default: str) -> StepSpec | None:
+def _resolve_named(section: Any, kind: Kind, registry: Registry, issues: list[ConfigIssue], default: str,
+                   prefix: str = "") -> StepSpec | None:
+    if not isinstance(section, (str, dict)) and prefix:
+        issues.append(ConfigIssue(f"{prefix}{kind}", f"must be a {kind} name or a mapping with `name`, got {short_repr(section)}"))
+        return None
     if isinstance(section, str):
         section = {"name": section}
     section = dict(section or {})
     name = section.pop("name", default)
     if not isinstance(name, str):
-        issues.append(ConfigIssue(f"{kind}.name", f"must be the name of a {kind} (a string), got {short_repr(name)}. "
+        issues.append(ConfigIssue(f"{prefix}{kind}.name", f"must be the name of a {kind} (a string), got {short_repr(name)}. "
                                                   f"Available {kind}s: {', '.join(registry.names(kind))}"))
         return None
     if kind == "sampler" and registry.has("processor", name) and not registry.has("sampler", name):
-        issues.append(ConfigIssue(f"{kind}.name", f"{short_repr(name)} is a processor; put it in `pipeline:`. "
+        issues.append(ConfigIssue(f"{prefix}{kind}.name", f"{short_repr(name)} is a processor; put it in `pipeline:`. "
                                                   f"Samplers: {', '.join(registry.names('sampler'))}"))
         return None
     if not registry.has(kind, name):
-        issues.append(ConfigIssue(f"{kind}.name", registry.unknown_message(kind, name)))
+        issues.append(ConfigIssue(f"{prefix}{kind}.name", registry.unknown_message(kind, name)))
         return None
-    return _validate_step(registry, kind, name, section, f"{kind} {name}", issues, shorthand=False)
+    return _validate_step(registry, kind, name, section, f"{prefix}{kind} {name}", issues, shorthand=False)
 
 
 def _validate_step(registry: Registry, kind: Kind, name: str, params: Any, where: str,

@@ -28,6 +28,7 @@ from samplerkit.errors import ConfigError, ConfigIssue, GenerationError, PluginE
 from samplerkit.pipeline import Pipeline, RowOverrides
 from samplerkit.presets import list_presets, load_preset, unknown_preset_message
 from samplerkit.registry import Registry, default_registry
+from samplerkit.segments import SegmentState, closing_overrun
 from samplerkit.trace import TapValue, check_tap_stages, logprob_taps
 
 
@@ -64,6 +65,9 @@ class TokenLogprob:
     is always from the raw distribution (no pipeline runs over the prompt).
     ``taps`` (with ``logprobs: {top: k, at: [stage, ...]}``): the token at each named stage,
     stage name -> :class:`StageLogprob`; ``None`` otherwise.
+    ``forced``: the token was appended without sampling (a segment's closing string, see
+    docs/segments.md); ``logprob`` and ``top`` are then still the raw model's, while
+    ``processed_logprob`` is ``None`` and ``taps`` empty (no pipeline ran for it).
     """
 
     token_id: int
@@ -72,6 +76,7 @@ class TokenLogprob:
     processed_logprob: float | None = None
     top: list[tuple[int, str, float]] = field(default_factory=list)
     taps: dict[str, StageLogprob] | None = None
+    forced: bool = False
 
 
 @dataclass
@@ -157,6 +162,13 @@ def row_seed(base: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def segment_seed(seed: int, phase: int) -> int:
+    """Seed of a row's random streams in segment ``phase`` > 0 (``segments:``), from the row's
+    own seed only: the draws after a switch do not depend on the other rows of the batch."""
+    digest = hashlib.blake2b(f"{seed}:segment:{phase}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def row_seeds(pipeline: Pipeline, prompts: int, n: int, seeds: Sequence[int | None] | None = None,
               rows: Sequence[RowOverrides | None] | None = None) -> list[int | None] | None:
     """One seed per output row (prompt-major, ``n`` samples each), as the decode loop uses them.
@@ -219,6 +231,11 @@ class Generator:
         self.backend = CheckedBackend(raw, plugin=self.config.backend.plugin if backend is None else None)
         device = getattr(raw.params, "device", "cpu")
         self.pipeline = Pipeline.from_config(self.config, device=device)
+        # ``segments:``: one pipeline per segment; rows running this Generator's pipeline walk
+        # through them (samplerkit/segments.py), then run self.pipeline.
+        self.segment_pipelines = [Pipeline(seg.processors, seg.sampler, device=device, on_invalid=self.config.on_invalid)
+                                  for seg in self.config.segments]
+        self._overrun: dict[str, list[tuple[bytes, frozenset[int]]]] = {}
         # NaN from the model is the backend's fault unless the config tolerates invalid rows.
         self.backend.check_nan = self.pipeline.on_invalid == "raise"
         self._device = device
@@ -389,6 +406,10 @@ class _Row:
         # Tokens (and their logprobs) sampled since this row's last event.
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
+        #: ``segments:``: where the row is in the segment list (None: the row has no segments).
+        self.seg: SegmentState | None = None
+        #: The text the row's last token added (before stop-string hold-back).
+        self.last_chars = ""
 
     def event(self, text: str, finish_reason: str | None = None) -> Delta:
         """The row's next :class:`Delta`, carrying the tokens sampled since its last one."""
@@ -423,25 +444,48 @@ def decode_step(groups: Sequence[_Group], logits: torch.Tensor) -> tuple[torch.T
     return (all_ids[0] if len(all_ids) == 1 else torch.cat(all_ids)), events, keep
 
 
+#: The target of a row whose closing string is being forced (see :class:`_ForcedGroup`).
+FORCE = -1
+
+
+def _overrides_for(pipeline: Pipeline, override: RowOverrides | None) -> RowOverrides | None:
+    """A segmented row's ``rows=`` override restricted to the steps ``pipeline`` has (each
+    segment takes the parameters of its own steps; every name was checked to be in some phase)."""
+    if not override:
+        return override
+    names = {spec.name for spec in (*pipeline.processors, pipeline.sampler)}
+    return {k: v for k, v in override.items() if k in names}
+
+
 class _Group:
     """The rows of one run that share a pipeline, in backend order: that pipeline bound for
-    them (one bind, so per-row parameters are packed once) and their :class:`StepContext`."""
+    them (one bind, so per-row parameters are packed once) and their :class:`StepContext`.
 
-    def __init__(self, run: _Run, pipeline: Pipeline, members: list[int], vocab: int, device: torch.device):
-        self.run, self.pipeline = run, pipeline
+    ``phase``: ``None`` for rows without segments; else the segment index the rows are in (the
+    rows' steps then see the text before the segment as prompt, and start fresh: a constraint
+    from the segment's first token, seeded streams from :func:`segment_seed`)."""
+
+    def __init__(self, run: _Run, pipeline: Pipeline, members: list[int], vocab: int, device: torch.device,
+                 phase: int | None = None):
+        self.run, self.pipeline, self.phase = run, pipeline, phase
         self.members = list(members)                 # indices into run.rows, in backend order
+        #: Rows (run.rows indices) that leave this group after the step: row -> phase or FORCE.
+        self.leaving: dict[int, int] = {}
         rows = [run.rows[r] for r in self.members]
         prompts = [row.prompt_index for row in rows]
-        overrides = None if run.row_overrides is None else [run.row_overrides[p] for p in prompts]
+        overrides = None if run.row_overrides is None else [
+            run.row_overrides[p] if phase is None else _overrides_for(pipeline, run.row_overrides[p]) for p in prompts]
         seeds = run._row_seed_list(pipeline)
         seeds = None if seeds is None else [seeds[r] for r in self.members]
+        if seeds is not None and phase:
+            seeds = [None if s is None else segment_seed(s, phase) for s in seeds]
         self.bound = pipeline.bind(overrides if overrides is not None else len(rows), seeds=seeds)
         self.budget = [run._budget(run.prompt_ids[p]) for p in prompts]
         gen, backend = run.gen, run.backend
         # The history buffers grow with the text generated and never past the longest budget
         # (max_new_tokens, or the context left after the prompt): nothing is sized by a huge
         # max_new_tokens up front.
-        self.ctx = StepContext(len(rows), vocab, prompt_ids=[run.prompt_ids[p] for p in prompts],
+        self.ctx = StepContext(len(rows), vocab, prompt_ids=[run.prompt_ids[p] + row.tokens for p, row in zip(prompts, rows)],
                                uses=pipeline.uses, max_new_tokens=max(b for b, _ in self.budget),
                                eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
                                tokenize=lambda text: backend.tokenize(text, add_special=False),
@@ -450,17 +494,38 @@ class _Group:
         self.ctx.want_distribution = self.want_logprobs
         stop_ids = set() if gen.ignore_eos else set(backend.eos_token_ids)
         self.stop_ids = stop_ids | set(gen.stop_token_ids)
+        segment = run.segments[phase] if phase is not None and phase < len(run.segments) else None
+        #: A constrained segment with a closing string: its EOS (allowed only where the grammar
+        #: is complete) closes the segment instead of ending the row.
+        self.closes_on_stop = segment is not None and segment.constrained and segment.until is not None
+        #: Before a constrained segment, tokens that would write past the closing string are
+        #: masked, so that the constrained text starts exactly after it.
+        nxt = phase + 1 if phase is not None else None
+        self.overrun = (run.overrun_ids(segment.until) if segment is not None and segment.until is not None
+                        and nxt < len(run.segments) and run.segments[nxt].constrained else None)
+
+    def _mask_overrun(self, logits: torch.Tensor) -> torch.Tensor:
+        masked = None
+        for slot, r in enumerate(self.members):
+            tail = self.run.rows[r].seg.text.encode("utf-8")
+            banned = [i for prefix, ids in self.overrun if tail.endswith(prefix) for i in ids]
+            if banned:
+                if masked is None:
+                    masked = logits.clone()
+                masked[slot, torch.as_tensor(banned, device=logits.device)] = float("-inf")
+        return logits if masked is None else masked
 
     def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Delta], list[int]]:
         """Sample one token per row from ``logits`` (this group's rows); returns the ids, the
         events, and the positions (in this group) of the rows that keep running."""
         run, bound, ctx = self.run, self.bound, self.ctx
         want_logprobs = self.want_logprobs
-        processed = bound.process(logits, ctx) if want_logprobs else None
-        ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
+        source = logits if self.overrun is None else self._mask_overrun(logits)
+        processed = bound.process(source, ctx) if want_logprobs else None
+        ids, valid = bound.sample_with_validity(source, ctx, processed=processed)
         drawn = ctx.take_distribution() if want_logprobs else None
         gen = run.gen
-        taps = logprob_taps(bound.trace, logits, ctx, ids, gen.logprob_stages, gen.top_logprobs) \
+        taps = logprob_taps(bound.trace, source, ctx, ids, gen.logprob_stages, gen.top_logprobs) \
             if gen.logprob_stages else None          # before ctx.append: the history the steps saw
         ctx.append(ids)
         id_list = ids.tolist()
@@ -470,24 +535,42 @@ class _Group:
             lp = run._step_logprobs(logits, processed if drawn is None else drawn, ids, taps)
         events: list[Delta] = []
         keep: list[int] = []
+        replaced = False
         for slot, (r, token) in enumerate(zip(self.members, id_list)):
             row = run.rows[r]
             if slot in invalid:            # on_invalid: mark_invalid ends the row here
                 row.finish_reason = "invalid"
                 events.append(row.event(row.stops.finish(), "invalid"))
                 continue
+            seg = row.seg if self.phase is not None else None
+            forced = False
+            if seg is not None and self.closes_on_stop and token in self.stop_ids:
+                # The constrained text is complete: instead of EOS, the closing string's first token.
+                token = seg.start_forcing().pop(0)
+                id_list[slot], forced, replaced = token, True, True
             delta, finished = run._advance(row, token, self.stop_ids, self.budget[slot])
             row.pending_ids.append(token)
             if want_logprobs and token not in self.stop_ids:
-                entry = lp(slot, token)
+                entry = run._forced_logprob(logits[slot], token) if forced else lp(slot, token)
                 row.logprobs.append(entry)
                 row.pending_logprobs.append(entry)
+            if not finished and seg is not None:
+                action = seg.feed(row.last_chars, forced=forced)
+                if action == "end":                  # a segment without `until` spent its budget
+                    events.append(row.event(run._finish_length(row, delta), row.finish_reason))
+                    continue
+                if action == "switch":
+                    self.leaving[r] = seg.phase
+                elif action == "force" or seg.forcing:
+                    self.leaving[r] = FORCE
             if finished:
                 events.append(row.event(delta, row.finish_reason))
             else:
                 keep.append(slot)
                 if delta:
                     events.append(row.event(delta))
+        if replaced:
+            ids = torch.as_tensor(id_list, dtype=ids.dtype, device=ids.device)
         return ids, events, keep
 
     def select(self, keep: Sequence[int]) -> None:
@@ -497,6 +580,86 @@ class _Group:
         if keep:
             self.bound = self.bound.select_rows(keep)
             self.ctx.select_rows(keep)
+
+
+class _ForcedGroup:
+    """Rows appending a forced closing string (``segments:`` budgets): one queued token per row
+    and step, nothing sampled. A row leaves for its next segment once its queue is empty."""
+
+    phase = FORCE
+
+    def __init__(self, run: _Run, members: list[int]):
+        self.run = run
+        self.members: list[int] = []
+        self.budget: list[tuple[int, bool]] = []
+        self.leaving: dict[int, int] = {}
+        gen, backend = run.gen, run.backend
+        self.stop_ids = (set() if gen.ignore_eos else set(backend.eos_token_ids)) | set(gen.stop_token_ids)
+        self.want_logprobs = gen.logprobs is not None
+        self.add(members)
+
+    def add(self, members: Sequence[int]) -> None:
+        self.members.extend(members)
+        self.budget.extend(self.run._budget(self.run.prompt_ids[self.run.rows[r].prompt_index]) for r in members)
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Delta], list[int]]:
+        run = self.run
+        events: list[Delta] = []
+        keep: list[int] = []
+        id_list = []
+        for slot, r in enumerate(self.members):
+            row = run.rows[r]
+            token = row.seg.forcing.pop(0)
+            id_list.append(token)
+            delta, finished = run._advance(row, token, self.stop_ids, self.budget[slot])
+            row.pending_ids.append(token)
+            if self.want_logprobs and token not in self.stop_ids:
+                entry = run._forced_logprob(logits[slot], token)
+                row.logprobs.append(entry)
+                row.pending_logprobs.append(entry)
+            if not finished and row.seg.feed(row.last_chars, forced=True) == "switch":
+                self.leaving[r] = row.seg.phase
+            if finished:
+                events.append(row.event(delta, row.finish_reason))
+            else:
+                keep.append(slot)
+                if delta:
+                    events.append(row.event(delta))
+        return torch.as_tensor(id_list, dtype=torch.int64, device=logits.device), events, keep
+
+    def select(self, keep: Sequence[int]) -> None:
+        self.members = [self.members[k] for k in keep]
+        self.budget = [self.budget[k] for k in keep]
+
+
+def regroup(groups: Sequence[_Group | _ForcedGroup], vocab: int, device: torch.device) -> list[_Group | _ForcedGroup]:
+    """The groups after their ``leaving`` rows moved (``segments:``): rows that switched to
+    phase ``k`` of one run form a new group (a fresh bind of that phase's pipeline), rows whose
+    closing string is forced join the run's :class:`_ForcedGroup`. Emptied groups are dropped;
+    the caller reorders the backend's rows to the new members order."""
+    moves: dict[tuple[int, int], tuple[_Run, list[int]]] = {}
+    out: list[_Group | _ForcedGroup] = []
+    for g in groups:
+        if g.leaving:
+            for r in g.members:
+                if r in g.leaving:
+                    moves.setdefault((id(g.run), g.leaving[r]), (g.run, []))[1].append(r)
+            stay = [k for k, r in enumerate(g.members) if r not in g.leaving]
+            g.leaving = {}
+            g.select(stay)
+        if g.members:
+            out.append(g)
+    for (_, target), (run, members) in moves.items():
+        if target == FORCE:
+            forced = next((g for g in out if isinstance(g, _ForcedGroup) and g.run is run), None)
+            if forced is not None:
+                forced.add(members)
+            else:
+                out.append(_ForcedGroup(run, members))
+        else:
+            out.append(_Group(run, run.phase_pipelines[target], members, vocab, device, phase=target))
+    return out
+
 
 
 class _Run:
@@ -551,12 +714,41 @@ class _Run:
                         check_tap_stages(gen.logprob_stages, p.processors, p.sampler)
                     except ConfigError as exc:
                         raise GenerationError(f"pipelines[{i}]: generation.logprobs: {exc}") from None
+        # segments: rows that run the Generator's own pipeline walk through the segment
+        # pipelines first (phase k runs phase_pipelines[k]; the last phase is the top level).
+        self.segments = owner.config.segments
+        self.phase_pipelines: list[Pipeline] = [*owner.segment_pipelines, owner.pipeline]
+        self.segmented = [bool(self.segments) and (pipelines is None or pipelines[i] is None)
+                          for i in range(len(self.inputs))]
+        self._overrun_cache = owner._overrun
+        if overrides and gen.logprob_stages and self.segments:
+            for seg, p in zip(self.segments, owner.segment_pipelines):
+                try:
+                    check_tap_stages(gen.logprob_stages, p.processors, p.sampler)
+                except ConfigError as exc:
+                    raise GenerationError(f"{seg.location}: generation.logprobs: {exc}") from None
         if rows is not None:
             for i, r in enumerate(rows):
-                if r is not None:
+                if r is None:
+                    continue
+                if not self.segmented[i]:
                     self.row_pipelines[i]._row_specs(r, i)     # unknown steps, bad values: named by prompt index
+                    continue
+                known = {sp.name for p in self.phase_pipelines for sp in (*p.processors, p.sampler)}
+                unknown = [k for k in r if k not in known]
+                if unknown:
+                    raise ConfigError(ConfigIssue(f"rows[{i}]", f"overrides name steps in no segment nor the top-level "
+                                                               f"pipeline: {', '.join(map(repr, unknown))}; steps: "
+                                                               f"{', '.join(sorted(known))}"))
+                for p in self.phase_pipelines:
+                    p._row_specs(_overrides_for(p, r), i)
         if seeds is not None:
             for i, s in enumerate(seeds):
+                if s is not None and self.segmented[i]:
+                    if not any(p.takes_seed for p in self.phase_pipelines):
+                        raise ConfigError(ConfigIssue(f"seeds[{i}]", "no step of any segment's pipeline nor the top-level "
+                                                                     "one takes a seed; pass None for this prompt"))
+                    continue
                 if s is not None and not self.row_pipelines[i].takes_seed:
                     p = self.row_pipelines[i]
                     names = ", ".join(sp.name for sp in (*p.processors, p.sampler))
@@ -616,15 +808,41 @@ class _Run:
         """Create the output rows, prompt-major (``n`` per prompt)."""
         n = self.gen.n
         self.rows = [_Row(i, j, self.gen, self.backend.detokenize) for i in range(len(self.prompts)) for j in range(n)]
+        if self.segments:
+            backend = self.backend
+
+            def tokenize(text: str) -> list[int]:
+                return backend.tokenize(text, add_special=False)
+            for row in self.rows:
+                if self.segmented[row.prompt_index]:
+                    row.seg = SegmentState(self.segments, tokenize)
 
     def make_groups(self, vocab: int, device: torch.device) -> list[_Group]:
         """The rows grouped by pipeline, each group's rows in row order; the backend's rows
         must be in the order of the groups' ``members`` concatenated."""
         by_pipeline: dict[int, list[int]] = {}
         for r, row in enumerate(self.rows):
-            by_pipeline.setdefault(id(self.row_pipelines[row.prompt_index]), []).append(r)
-        return [_Group(self, self.row_pipelines[self.rows[members[0]].prompt_index], members, vocab, device)
-                for members in by_pipeline.values()]
+            pipeline = self.phase_pipelines[0] if row.seg is not None else self.row_pipelines[row.prompt_index]
+            by_pipeline.setdefault(id(pipeline), []).append(r)
+        groups = []
+        for members in by_pipeline.values():
+            first = self.rows[members[0]]
+            if first.seg is not None:
+                groups.append(_Group(self, self.phase_pipelines[0], members, vocab, device, phase=0))
+            else:
+                groups.append(_Group(self, self.row_pipelines[first.prompt_index], members, vocab, device))
+        return groups
+
+    def overrun_ids(self, closing: str) -> list[tuple[bytes, frozenset[int]]]:
+        """The tokens that would carry text past ``closing`` (see
+        :func:`samplerkit.segments.closing_overrun`), computed once per Generator and string."""
+        found = self._overrun_cache.get(closing)
+        if found is None:
+            vocab = self.backend.token_vocabulary()
+            tokens = list(vocab.tokens) or [self.backend.detokenize([i]).encode("utf-8", "replace")
+                                            for i in range(vocab.vocab_size)]
+            found = self._overrun_cache[closing] = closing_overrun(tokens, closing)
+        return found
 
     def events(self) -> Iterator[Delta]:
         gen, backend = self.gen, self.backend
@@ -649,12 +867,20 @@ class _Run:
         if fan_out != list(range(len(self.prompts))):
             backend.select_rows(fan_out)
             logits = logits.index_select(0, torch.as_tensor(fan_out, device=logits.device))
+        vocab, device = out.last.shape[-1], out.last.device
         while groups:
+            before = [r for g in groups for r in g.members] if self.segments else None
             ids, events, keep = decode_step(groups, logits)
             yield from events
             if not keep:
                 break
-            if len(keep) < ids.shape[0]:
+            if before is not None and any(g.leaving for g in groups):
+                # Rows whose segment changed move to another group; the backend's rows follow
+                # the new order of the groups' members.
+                groups = regroup(groups, vocab, device)
+                where = {r: b for b, r in enumerate(before)}
+                keep = [where[r] for g in groups for r in g.members]
+            if keep != list(range(ids.shape[0])):
                 backend.select_rows(keep)
                 ids = ids.index_select(0, torch.as_tensor(keep, device=ids.device))
             groups = [g for g in groups if g.members]
@@ -678,18 +904,36 @@ class _Run:
             row.finish_reason = "stop"
             return row.stops.feed(row.detok.flush())[0] + row.stops.finish(), True
         row.tokens.append(token)
-        emit, stopped = row.stops.feed(row.detok.push(token))
+        row.last_chars = row.detok.push(token)
+        emit, stopped = row.stops.feed(row.last_chars)
         if stopped:
             row.finish_reason = "stop"
             return emit, True
         if len(row.tokens) >= budget[0]:
-            row.finish_reason = "length"
-            tail, stopped = row.stops.feed(row.detok.flush())
-            if stopped:
-                row.finish_reason = "stop"
-                return emit + tail, True
-            return emit + tail + row.stops.finish(), True
+            return self._finish_length(row, emit), True
         return emit, False
+
+    @staticmethod
+    def _finish_length(row: _Row, emit: str) -> str:
+        """End ``row`` for its token budget; the text still held back comes out after ``emit``."""
+        row.finish_reason = "length"
+        tail, stopped = row.stops.feed(row.detok.flush())
+        if stopped:
+            row.finish_reason = "stop"
+            return emit + tail
+        return emit + tail + row.stops.finish()
+
+    def _forced_logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """The entry of a forced token (``logits``: its row's raw ``[V]``): the raw model's
+        log-probability and top alternatives; no processed one, since nothing was sampled."""
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        detok = self.backend.detokenize
+        k = min(self.gen.top_logprobs, raw.shape[-1])
+        top = []
+        if k:
+            values, indices = raw.topk(k)
+            top = [(t, detok([t]), v) for t, v in zip(indices.tolist(), values.tolist())]
+        return TokenLogprob(token, detok([token]), float(raw[token]), None, top, None, forced=True)
 
     def _step_logprobs(self, logits: torch.Tensor, drawn: torch.Tensor, ids: torch.Tensor,
                        taps: list[dict[str, TapValue]] | None = None):

@@ -100,6 +100,10 @@ class Processor(Step):
     #: True when the step removes tokens by identity (a list, a grammar, the history) whatever
     #: their probability: after a truncation it may remove every token the truncation kept.
     constrains: ClassVar[bool] = False
+    #: True when the step restricts each row to a language whose sentences end (a grammar,
+    #: a JSON schema): EOS is allowed only where the text is complete. In ``segments:`` such a
+    #: step's EOS closes its segment, and the step may be written as a segment key.
+    completes: ClassVar[bool] = False
     #: True when the step reads the backend's token strings (``ctx.token_vocabulary``), as a
     #: grammar does: it runs only where the backend provides them (see ``Backend.token_vocabulary``).
     needs_vocabulary: ClassVar[bool] = False

@@ -25,7 +25,7 @@ LAYERS = {
     "runplan": 2,
     "builtins": 3,
     "plugins": 4, "registry": 4,
-    "config": 5, "presets": 5, "schema": 5,
+    "config": 5, "presets": 5, "schema": 5, "segments": 5,
     "pipeline": 6, "trace": 6, "lint": 6,
     "generate": 7, "engine": 7, "batch": 7, "export": 7, "plot": 7, "compare": 7,
     "__init__": 8, "batch_ray": 8, "testing": 8, "verify": 8, "serve": 8,

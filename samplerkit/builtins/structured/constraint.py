@@ -81,6 +81,8 @@ class Constraint(Processor):
     #: Declared for ``samplerkit lint`` and other tools: the step restricts tokens to a language,
     #: so it belongs before temperature and truncation (a truncation first may leave nothing).
     constrains: ClassVar[bool] = True
+    #: EOS only where the text is complete (a segment's EOS closes the segment: docs/segments.md).
+    completes: ClassVar[bool] = True
     #: The matchers are built from the backend's token strings.
     needs_vocabulary: ClassVar[bool] = True
 
