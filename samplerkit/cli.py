@@ -304,6 +304,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config_file}: ok")
     print(f"  backend: {config.backend.name}")
     print(f"  pipeline: {Pipeline.from_config(config).describe()}")
+    for seg in config.segments:
+        bounds = "".join(f", {k}: {v!r}" for k, v in (("until", seg.until), ("max_tokens", seg.max_tokens)) if v is not None)
+        print(f"  {seg.location}: {Pipeline(seg.processors, seg.sampler).describe()}{bounds}")
     from samplerkit.config import read_yaml
     for warning in lint.lint_config(config, document=read_yaml(args.config_file)):
         print(f"  warning: {warning}")

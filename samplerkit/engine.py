@@ -37,7 +37,7 @@ import torch
 
 from samplerkit.config import RunConfig
 from samplerkit.errors import GenerationError, SamplerkitError
-from samplerkit.generate import Completion, Delta, Generator, PipelineEntry, Prompt, _Group, _Run
+from samplerkit.generate import Completion, Delta, Generator, PipelineEntry, Prompt, _Group, _Run, regroup
 from samplerkit.pipeline import RowOverrides
 
 #: ``Completion.finish_reason`` / ``Delta.finish_reason`` of a row ended by :meth:`Request.cancel`.
@@ -462,6 +462,8 @@ class Engine:
         start = 0
         touched: dict[Request, list[Delta]] = {}
         failed: dict[Request, BaseException] = {}
+        segmented = any(g.run.segments for g in self._groups)
+        before = [(id(g.run), r) for g in self._groups for r in g.members] if segmented else None
         for g in self._groups:
             size = len(g.members)
             request = g.run.request
@@ -497,7 +499,12 @@ class Engine:
             self._release()
             return
         ids = ids_parts[0] if len(ids_parts) == 1 else torch.cat(ids_parts)
-        if len(keep) < ids.shape[0]:
+        if before is not None and any(g.leaving for g in self._groups):
+            # segments: rows that switched move to other groups; the backend's rows follow.
+            self._groups = regroup(self._groups, logits.shape[-1], logits.device)
+            where = {key: b for b, key in enumerate(before)}
+            keep = [where[(id(g.run), r)] for g in self._groups for r in g.members]
+        if keep != list(range(ids.shape[0])):
             self.backend.select_rows(keep)
             ids = ids.index_select(0, torch.as_tensor(keep, dtype=torch.long, device=ids.device))
         self._logits = self.backend.step(ids)

@@ -14,6 +14,7 @@ needs the logits and the step context of each step, which the decode loop does n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import sys
@@ -199,6 +200,12 @@ def run(args: argparse.Namespace) -> int:
     from samplerkit.generate import Generator
 
     config, registry = _config(args)
+    if config.segments:
+        # One traced pipeline per run: the first segment's (the row's first tokens run it).
+        first = config.segments[0]
+        print(f"samplerkit explain: note: the config has {len(config.segments)} segment(s); explain traces the first "
+              f"one's pipeline ({first.location}) at every step and does not switch segments", file=sys.stderr)
+        config = dataclasses.replace(config, processors=first.processors, sampler=first.sampler, segments=())
     generator = Generator(config, registry=registry)
     follow = _token_id(args, generator)
     decode = generator.backend.detokenize

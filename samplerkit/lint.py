@@ -175,8 +175,12 @@ def lint_config(config: RunConfig, *, document: Mapping[str, Any] | None = None)
     if not isinstance(preset, str) or preset not in list_presets():
         preset = None
     from_preset = preset is not None and "pipeline" not in document
-    return lint_pipeline(config.processors, config.sampler, generation=config.generation, preset=preset,
-                         from_preset=from_preset)
+    out = lint_pipeline(config.processors, config.sampler, generation=config.generation, preset=preset,
+                        from_preset=from_preset)
+    for seg in config.segments:          # each segment's own pipeline; its steps carry their location
+        if not seg.location.endswith(".after"):      # `after:` on segment 0 runs the top-level pipeline
+            out.extend(lint_pipeline(seg.processors, seg.sampler, generation=config.generation))
+    return out
 
 
 def _params(spec: StepSpec) -> str:

@@ -213,17 +213,45 @@ def test_a_row_pipeline_cannot_carry_segments(backend):
 
 def test_cli_generate_validate_lint_and_explain_with_segments(tmp_path, capsys):
     path = tmp_path / "seg.yaml"
-    path.write_text(json.dumps(config([{"until": ".", "max_tokens": 4, "pipeline": [{"top_k": 3}]},
+    path.write_text(json.dumps(config([{"until": ".", "max_tokens": 4, "pipeline": [{"top_k": 1}]},
                                        {"regex": {"pattern": "[0-9]{2}"}}], max_new_tokens=12)))
     assert main(["generate", "The", "--config", str(path), "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\.[0-9]{2}$", out.strip()) or re.search(r"^.{4}\.[0-9]{2}", out.strip()), out
     assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "segments[0]: top_k(top_k=1) => categorical(seed=1), until: '.', max_tokens: 4" in out
+    assert "segments[1]: regex(pattern='[0-9]{2}') -> temperature(temperature=1.0)" in out
     assert main(["lint", str(path)]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out          # each segment's pipeline is linted, located
+    assert "segments[0] sampler categorical: draws at random, but segments[0] pipeline[0] top_k leaves one" in out
+    assert main(["explain", "The", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "traces the first one's pipeline (segments[0])" in captured.err and "top_k" in captured.out
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps(config([{"until": "", "pipeline": [{"top_k": 0.5}]}])))
     for verb in (["generate", "x", "--config", str(bad)], ["validate", str(bad)], ["lint", str(bad)]):
         assert main(verb) == 2
         err = capsys.readouterr().err
         assert "segments[0].until" in err and "Traceback" not in err
+
+
+def test_engine_requests_with_segments_equal_generate(backend):
+    """Through the continuous-batching Engine, requests joining at different steps (so rows in
+    different segments share steps) give what Generator.generate gives each alone."""
+    from samplerkit.engine import Engine
+
+    segs = [{"until": " ", "max_tokens": 5, "pipeline": [{"temperature": 1.5}]},
+            {"regex": {"pattern": "(cat|dog)"}, "until": ";"}, {"until": ".", "max_tokens": 4}]
+    g = gen(backend, config(segs, max_new_tokens=30))
+    prompts = ["The", "A car", "x", "{"]
+    ref = [g.generate([p], seeds=[7 + i])[0] for i, p in enumerate(prompts)]
+    engine = Engine(g, max_rows=3)
+    reqs = [engine.submit(prompts[0], seed=7)]
+    engine.step()
+    engine.step()
+    reqs += [engine.submit(p, seed=7 + i) for i, p in enumerate(prompts) if i]
+    engine.run_until_idle()
+    for r, c in zip(reqs, ref):
+        assert (r.result()[0].text, r.result()[0].token_ids) == (c.text, c.token_ids)
+    assert any(";" in c.text for c in ref)
