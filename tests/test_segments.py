@@ -255,3 +255,12 @@ def test_engine_requests_with_segments_equal_generate(backend):
     for r, c in zip(reqs, ref):
         assert (r.result()[0].text, r.result()[0].token_ids) == (c.text, c.token_ids)
     assert any(";" in c.text for c in ref)
+
+
+def test_the_library_example_of_docs_segments_prints_what_the_page_shows(capsys):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "segments.md").read_text(encoding="utf-8")
+    code, shown = re.search(r"```python\n(.*?)```\n\n```\n(.*?)```", page, flags=re.S).groups()
+    exec(compile(code, "docs/segments.md", "exec"), {})
+    assert capsys.readouterr().out == shown

@@ -5,11 +5,13 @@ and seeded rows that equal themselves alone while the batch holds rows in other 
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
 
 from samplerkit import Generator
+from samplerkit.generate import _Run
 from samplerkit.registry import default_registry
 
 pytest.importorskip("llguidance")
@@ -67,3 +69,21 @@ def test_a_seeded_row_alone_equals_the_row_in_a_mixed_batch(generator, batch):
     (alone,) = generator.generate([PROMPTS[1]], seeds=[2])
     assert (alone.text, alone.token_ids, alone.finish_reason) == (batch[1].text, batch[1].token_ids,
                                                                    batch[1].finish_reason)
+
+
+def test_a_closing_string_inside_a_token_before_a_constraint_ends_the_segment_exactly(generator):
+    """`until: "e"` is inside many tokens (" there", "Hello"); before a constrained segment the
+    tokens that would write past it are masked, so the text is: no "e", then "e", then exactly
+    what the regex allows (nothing of the closing token spills into the constrained text)."""
+    config = {"backend": "llama", "pipeline": [{"temperature": 1.0}], "sampler": {"name": "categorical", "seed": 1},
+              "generation": {"max_new_tokens": 16, "chat": True},
+              "segments": [{"until": "e", "max_tokens": 8}, {"regex": {"pattern": "[0-9]{2}"}}]}
+    gen = Generator(config, backend=generator.backend.inner, registry=REGISTRY)
+    out = gen.generate(["Tell me about the weather there."] * 4, seeds=[1, 2, 3, 4])
+    for c in out:
+        assert re.fullmatch(r"[^e]*e[0-9]{2}", c.text), c.text
+    closing = dict(gen._overrun["e"]) if "e" in gen._overrun else {}
+    assert closing.get(b"")        # the vocabulary has tokens with text after an "e": the mask mattered
+    # docs/segments.md's example: after "</think" the tokens "></" and ">." would overrun.
+    after = dict(_Run(gen, ["x"], None, None, {}).overrun_ids("</think>"))[b"</think"]
+    assert {"></", ">."} <= {gen.backend.detokenize([i]) for i in after}
