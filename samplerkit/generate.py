@@ -498,6 +498,8 @@ class _Group:
         #: A constrained segment with a closing string: its EOS (allowed only where the grammar
         #: is complete) closes the segment instead of ending the row.
         self.closes_on_stop = segment is not None and segment.constrained and segment.until is not None
+        # ... whether or not EOS ends rows (ignore_eos): there it means the grammar is complete.
+        self.end_ids = set(backend.eos_token_ids) | set(gen.stop_token_ids)
         #: Before a constrained segment, tokens that would write past the closing string are
         #: masked, so that the constrained text starts exactly after it.
         nxt = phase + 1 if phase is not None else None
@@ -544,7 +546,7 @@ class _Group:
                 continue
             seg = row.seg if self.phase is not None else None
             forced = False
-            if seg is not None and self.closes_on_stop and token in self.stop_ids:
+            if seg is not None and self.closes_on_stop and token in self.end_ids:
                 # The constrained text is complete: instead of EOS, the closing string's first token.
                 token = seg.start_forcing().pop(0)
                 id_list[slot], forced, replaced = token, True, True

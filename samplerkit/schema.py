@@ -64,10 +64,31 @@ def run_config_schema(registry: Registry) -> dict[str, Any]:
             "plugins": plugins,
             "on_invalid": {"enum": list(get_args(InvalidPolicy)), "default": "raise",
                            "description": "what to do with rows whose logits are NaN, +inf or empty"},
+            "segments": _segments(registry),
             "preset": {"type": "string", "enum": _preset_names(),
                        "description": "start from this shipped preset; the document's own sections override it"},
         },
     }
+
+
+def _segments(registry: Registry) -> dict[str, Any]:
+    """``segments:`` (docs/segments.md): each item's own keys, plus a constraint step (a processor
+    that declares ``completes``) as a key."""
+    closing = {"type": "string", "minLength": 1}
+    props: dict[str, Any] = {
+        "pipeline": {"type": "array", "items": _pipeline_items(registry),
+                     "description": "the segment's processors (default: the top-level pipeline)"},
+        "sampler": _named_section(registry, "sampler"),
+        "until": {**closing, "description": "the segment closes once its text contains this string"},
+        "after": {**closing, "description": "the previous segment's `until` (on the first: the top level runs until it)"},
+        "max_tokens": {"type": "integer", "minimum": 1,
+                       "description": "budget: then the closing string is forced (no `until`: the row ends)"},
+    }
+    for entry in registry.entries("processor"):
+        if getattr(entry.cls, "completes", False):
+            props[entry.name] = {**_params_schema(entry.cls), "description": _first_line(entry.cls.__doc__)}
+    return {"type": "array", "minItems": 1, "description": "pipelines for the parts of one output, in order",
+            "items": {"type": "object", "properties": props, "additionalProperties": False}}
 
 
 def _preset_names() -> list[str]:

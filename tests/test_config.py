@@ -208,7 +208,8 @@ def test_schema_structure_without_jsonschema():
     schema = json.loads(json.dumps(run_config_schema(REGISTRY)))        # JSON-serialisable
     assert schema["$schema"].endswith("2020-12/schema")
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"backend", "pipeline", "sampler", "generation", "plugins", "on_invalid", "preset"}
+    assert set(schema["properties"]) == {"backend", "pipeline", "sampler", "generation", "plugins", "on_invalid", "preset",
+                                         "segments"}
     items = schema["properties"]["pipeline"]["items"]["anyOf"]
     names = {next(iter(v["properties"])) for v in items if v.get("type") == "object"}
     assert names == set(REGISTRY.names("processor"))

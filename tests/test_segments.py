@@ -264,3 +264,21 @@ def test_the_library_example_of_docs_segments_prints_what_the_page_shows(capsys)
     code, shown = re.search(r"```python\n(.*?)```\n\n```\n(.*?)```", page, flags=re.S).groups()
     exec(compile(code, "docs/segments.md", "exec"), {})
     assert capsys.readouterr().out == shown
+
+
+def test_a_constrained_segment_closes_on_completion_with_ignore_eos_too(backend):
+    g = gen(backend, config([{"regex": {"pattern": "(cat|dog)"}, "until": ";"}, {"max_tokens": 3}], ignore_eos=True))
+    (c,) = g.generate(["The"], seeds=[1])
+    assert re.fullmatch(r"(cat|dog);...", c.text, flags=re.S) and c.finish_reason == "length", c.text
+
+
+def test_the_editor_schema_knows_segments():
+    jsonschema = pytest.importorskip("jsonschema")
+    from samplerkit.schema import run_config_schema
+
+    validator = jsonschema.Draft202012Validator(run_config_schema(REGISTRY))
+    good = {"segments": [{"until": "</think>", "max_tokens": 8, "pipeline": [{"temperature": 0.8}]},
+                         {"json_schema": {"schema": {"type": "object"}}, "sampler": "greedy"}]}
+    assert not list(validator.iter_errors(good))
+    for bad in ([], [{"untl": "x"}], [{"until": ""}], [{"max_tokens": 0}], [{"top_p": 0.5}]):
+        assert list(validator.iter_errors({"segments": bad})), bad
