@@ -18,6 +18,7 @@ CASES = {
     "bench_serve": (["--concurrency", "1,2", "--max-tokens", "2", "--sequential-max", "1", "--servers", "samplerkit"],
                     "tok/s"),
     "bench_structured": (["--reps", "1", "--rounds", "1", "--skip-model", "--threads", "1"], "49152"),
+    "bench_segments": (["--backend", "bigram", "--batch", "2", "--new-tokens", "8", "--reps", "1"], "segments, switching"),
 }
 
 

@@ -282,3 +282,17 @@ def test_the_editor_schema_knows_segments():
     assert not list(validator.iter_errors(good))
     for bad in ([], [{"untl": "x"}], [{"until": ""}], [{"max_tokens": 0}], [{"top_p": 0.5}]):
         assert list(validator.iter_errors({"segments": bad})), bad
+
+
+def test_batch_jobs_run_segments_and_a_line_equals_generate(tmp_path, backend, capsys):
+    segs = [{"until": ";", "max_tokens": 4}, {"regex": {"pattern": "(cat|dog)"}}]
+    cfg = config(segs, max_new_tokens=12)
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "The", "seed": 4}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "--config", str(path), "--input", str(src), "--output", str(out)]) == 0, capsys.readouterr().err
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert re.fullmatch(r"[^;]{0,4};(cat|dog)", row["text"]), row["text"]
+    assert row["text"] == gen(backend, cfg).generate(["The"], seeds=[4])[0].text
