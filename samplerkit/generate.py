@@ -476,6 +476,8 @@ class _Group:
         overrides = None if run.row_overrides is None else [
             run.row_overrides[p] if phase is None else _overrides_for(pipeline, run.row_overrides[p]) for p in prompts]
         seeds = run._row_seed_list(pipeline)
+        if phase is not None and not pipeline.takes_seed:
+            seeds = None                 # a segment that never draws (greedy): the row's seed is for the others
         seeds = None if seeds is None else [seeds[r] for r in self.members]
         if seeds is not None and phase:
             seeds = [None if s is None else segment_seed(s, phase) for s in seeds]

@@ -296,3 +296,11 @@ def test_batch_jobs_run_segments_and_a_line_equals_generate(tmp_path, backend, c
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert re.fullmatch(r"[^;]{0,4};(cat|dog)", row["text"]), row["text"]
     assert row["text"] == gen(backend, cfg).generate(["The"], seeds=[4])[0].text
+
+
+def test_seeds_reach_the_segments_that_draw_and_skip_a_greedy_one(backend):
+    cfg = config([{"until": " ", "max_tokens": 4, "sampler": "greedy"}, {"max_tokens": 6}], ignore_eos=True)
+    g = gen(backend, cfg)
+    a, b, c = g.generate(["The"] * 3, seeds=[1, 1, 2])
+    assert a.text == b.text and a.text.split(" ")[0] == c.text.split(" ")[0]   # greedy head: seed-free
+    assert a.text != c.text                                                     # the drawing tail follows the seed
