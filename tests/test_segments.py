@@ -304,3 +304,18 @@ def test_seeds_reach_the_segments_that_draw_and_skip_a_greedy_one(backend):
     a, b, c = g.generate(["The"] * 3, seeds=[1, 1, 2])
     assert a.text == b.text and a.text.split(" ")[0] == c.text.split(" ")[0]   # greedy head: seed-free
     assert a.text != c.text                                                     # the drawing tail follows the seed
+
+
+def test_serve_runs_the_servers_segments_for_requests_that_name_no_pipeline():
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from samplerkit.serve.command import build, running, server_config
+    from samplerkit.serve.protocol import Limits
+
+    segs = '[{until: ";", max_tokens: 4}, {regex: {pattern: "(cat|dog)"}}]'
+    config, registry = server_config(None, ["backend=bigram", "generation.max_new_tokens=12", f"segments={segs}"])
+    ref = samplerkit.Generator(config, registry=registry).generate(["The "], seeds=[4])[0].text
+    with running(build(config, registry, Limits(max_rows=4, max_tokens=64))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        text = client.completions.create(model="bigram", prompt="The ", seed=4).choices[0].text
+    assert text == ref and re.fullmatch(r"[^;]{0,4};(cat|dog)", text), text
