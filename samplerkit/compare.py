@@ -254,6 +254,11 @@ def compare(config_a: ConfigLike, config_b: ConfigLike, prompts: Prompt | Sequen
 
     conf_a, reg_a = load_config(config_a, registry)
     conf_b, reg_b = load_config(config_b, registry)
+    for label, conf in (("A", conf_a), ("B", conf_b)):
+        if conf.segments:          # the replay below scores every position with one pipeline
+            raise ConfigError(ConfigIssue("segments", f"config {label} has segments; compare replays one pipeline per "
+                                                      "config at every position: compare the segments' pipelines "
+                                                      "as configs of their own"))
     if backend is None:
         backend = load_backend(conf_a)
     if backend_b is None:

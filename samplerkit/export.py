@@ -186,6 +186,9 @@ def _export(config: RunConfig, *, check_conformance: bool = True) -> LlamaCppExp
         _conformance(b)
     _sampler(b, native)
     _generation(b)
+    if config.segments:            # never dropped in silence: llama.cpp samples one chain throughout
+        b.issue("segments", "llama.cpp samples every token with one chain; it has no per-segment pipelines "
+                            "(docs/segments.md): export a config without segments")
     if b.issues:
         raise ConfigError(sorted(b.issues, key=_position), "llama.cpp export")
     args: list[str] = []

@@ -38,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     if args.draws < 1:
         raise SamplerkitError(f"--draws must be at least 1, got {args.draws}")
     _, config = load_config(args.config_file, args.overrides, args.preset)
+    if config.segments:            # one pipeline is verified: the segments' would go unchecked in silence
+        from samplerkit.errors import ConfigError, ConfigIssue
+
+        raise ConfigError(ConfigIssue("segments", "verify checks one pipeline; this config has segments: verify each "
+                                                  "segment's pipeline as a config of its own"), args.config_file)
     cases = corpus(model=not args.no_model, seed=args.seed)
     if args.cases:
         names = [c.name for c in cases]

@@ -234,6 +234,8 @@ def test_cli_generate_validate_lint_and_explain_with_segments(tmp_path, capsys):
         assert main(verb) == 2
         err = capsys.readouterr().err
         assert "segments[0].until" in err and "Traceback" not in err
+    assert main(["verify", str(path), "--no-model"]) == 2           # never verifies the top level alone
+    assert "segments: verify checks one pipeline" in capsys.readouterr().err
 
 
 def test_engine_requests_with_segments_equal_generate(backend):
@@ -319,3 +321,20 @@ def test_serve_runs_the_servers_segments_for_requests_that_name_no_pipeline():
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         text = client.completions.create(model="bigram", prompt="The ", seed=4).choices[0].text
     assert text == ref and re.fullmatch(r"[^;]{0,4};(cat|dog)", text), text
+
+
+def test_export_to_llamacpp_refuses_segments():
+    from samplerkit.export import export_llamacpp
+
+    cfg = load_config(config([{"until": ".", "pipeline": [{"temperature": 0.5}]}]), REGISTRY)[0]
+    with pytest.raises(ConfigError, match=r"segments: llama.cpp samples every token with one chain"):
+        export_llamacpp(cfg)
+
+
+def test_compare_refuses_configs_with_segments(backend):
+    from samplerkit.compare import compare
+
+    plain = config([{"until": "."}])
+    plain.pop("segments")
+    with pytest.raises(ConfigError, match=r"segments: config B has segments"):
+        compare(plain, config([{"until": "."}]), "The", backend=backend)
