@@ -317,7 +317,8 @@ class Generator:
         single conversation may be passed as ``prompts`` itself.
 
         ``pipelines`` gives each prompt its own pipeline (see :meth:`pipeline_for`; ``None``
-        entries run this Generator's). All rows share each forward pass; the rows of each
+        entries run this Generator's, through its ``segments:`` when the config has them:
+        docs/segments.md). All rows share each forward pass; the rows of each
         distinct pipeline are sampled together by that pipeline, so a seeded row gets the same
         tokens whatever the other rows and their pipelines are. ``rows`` overrides then apply to
         the row's own pipeline.
