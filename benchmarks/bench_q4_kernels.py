@@ -28,6 +28,10 @@ count asked. Candidates:
     scale per call, weights requantized per row like ``int8 per row``): what llama.cpp does in
     spirit (8-bit activations, integer dot products), but the weights lose their groups and a row's
     result depends on the other rows of the call (the activation scale is the whole call's).
+``fbgemm fp16``
+    ``quantized.linear_dynamic_fp16`` as ``weights: fp16`` runs it
+    (:class:`samplerkit.builtins.backends.llama.quant.Fp16Linear`): the file's matrix dequantized
+    exactly and rounded once to float16, float32 activations and sums, rows in calls of 4.
 ``float32``
     the dequantized float32 matrix (``weights: dequantize``), hot in cache here: a step of the
     real model reads 5x the bytes of the packed one, so this column flatters it.
@@ -55,7 +59,7 @@ import torch
 MATRICES = {"qkv": ("wq", "wk", "wv"), "o": ("wo",), "gate_up": ("w_gate", "w_up"), "down": ("w_down",),
             "output": ("embed",)}
 CANDIDATES = ("int4", "compiled nibbles", "compiled uint8", "int8 per row", "int8 groupwise", "fbgemm dynamic",
-              "float32")
+              "fbgemm fp16", "float32")
 GROUP = 32
 
 
@@ -96,7 +100,7 @@ class Affine:
 
 def candidates(parts: list, a: Affine) -> dict[str, object]:
     """{name: f(x float32 [M, K]) -> [M, N]} for every candidate that applies here (else a reason)."""
-    from samplerkit.builtins.backends.llama.quant import Int4Linear
+    from samplerkit.builtins.backends.llama.quant import Fp16Linear, Int4Linear, fp16_kernel_available
 
     n, k, g = a.n, a.k, a.k // GROUP
     out: dict[str, object] = {}
@@ -152,6 +156,11 @@ def candidates(parts: list, a: Affine) -> dict[str, object]:
     else:
         out["fbgemm dynamic"] = "n/a (no fbgemm engine in this torch)"
 
+    if fp16_kernel_available():
+        f16 = Fp16Linear.from_parts(parts)
+        out["fbgemm fp16"] = lambda x: f16(x, dense=False)
+    else:
+        out["fbgemm fp16"] = "n/a (no usable fbgemm float16 GEMM in this torch)"
     wt = w.t().contiguous()
     out["float32"] = lambda x: x @ wt
     return out
