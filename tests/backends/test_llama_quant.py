@@ -1,5 +1,6 @@
 """Packed 4-bit GGUF matrices (quant.py): the codes reproduce gguf's dequantizer, the int4 products
-stay within the bfloat16 error bound, and a packed model stays close to the exact one."""
+stay within the bfloat16 error bound, and a packed model stays close to the exact one. Also
+``weights: fp16`` (fbgemm's float16 GEMM): within the float16 bound, batch-invariant, cached."""
 
 from __future__ import annotations
 
@@ -7,22 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed, default_model
 from samplerkit.builtins.backends.llama.quant import (
     DENSE_ROWS,
+    FP16_ROWS,
     DenseLinear,
+    Fp16Linear,
     Int4Linear,
     QuantizedEmbedding,
     QuantizedTensor,
     _kernel_layout_known,
     can_pack,
     dense_dtype,
+    fp16_kernel_available,
     int4_kernel_available,
     read_packed,
 )
 from samplerkit.errors import ConfigError
 
 needs_kernel = pytest.mark.skipif(not int4_kernel_available(), reason="torch has no int4 CPU kernel here")
+needs_fp16 = pytest.mark.skipif(not fp16_kernel_available(), reason="torch has no fbgemm float16 GEMM here")
 
 #: (bytes per block, values per block, byte offsets of float16 fields) of each format.
 LAYOUT = {"Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2))}
@@ -174,3 +179,118 @@ def test_long_prefill_through_the_dense_copy_stays_close(tmp_path, hf_llama, tin
         assert (got - want).abs().max().item() <= 0.05 * scale
     step = torch.tensor([5, 6])
     assert (packed.step(step) - exact.step(step)).abs().max().item() <= 0.05 * scale
+
+
+@needs_fp16
+@pytest.mark.parametrize("type_name", sorted(LAYOUT))
+def test_fp16_product_within_the_float16_bound(type_name):
+    """Only the weights are rounded (to float16, relative 2**-11; activations and the sum stay
+    float32): |error| <= 2**-10 * (|x| @ |W|.T) bounds it with room, 4x tighter than int4's."""
+    rows, cols = 64, 512
+    qt = QuantizedTensor(random_blocks(type_name, rows, cols, seed=1), type_name, (rows, cols))
+    w = qt.dense().double()
+    x = torch.randn(7, cols, generator=torch.Generator().manual_seed(2))
+    lin = Fp16Linear.from_parts([qt])
+    bound = 2.0 ** -10 * (x.double().abs() @ w.abs().T) + 1e-12
+    for dense in (False, True):
+        got = lin(x, dense)
+        assert got.dtype == torch.float32 and got.shape == (7, rows)
+        assert bool(((got.double() - x.double() @ w.T).abs() <= bound).all())
+    assert torch.equal(lin.weight16, qt.dense().half())          # the file's matrix, rounded once
+    assert lin(x.view(7, 1, cols)).shape == (7, 1, rows)
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_fp16
+@pytest.mark.parametrize("shape", [(3072, 576), (576, 1536)])
+def test_fp16_rows_get_the_same_bits_in_any_batch(shape):
+    """Outside a prefill a row's output has the same bits alone and at any position of a batch of
+    1..140 rows (fbgemm's own kernels differ by row count: the chunks of FP16_ROWS rows fix it)."""
+    gen = torch.Generator().manual_seed(5)
+    lin = Fp16Linear(torch.randn(*shape, generator=gen) * 0.05)
+    x = torch.randn(140, shape[1], generator=gen)
+    alone = torch.cat([lin(x[i:i + 1], False) for i in range(140)])
+    for r in [*range(1, 41), 64, 100, 127, 140]:
+        assert torch.equal(lin(x[:r], False), alone[:r]), r
+    assert torch.equal(lin(x[3:3 + FP16_ROWS], False), alone[3:3 + FP16_ROWS])
+
+
+def test_weights_fp16_resolution():
+    with pytest.raises(ConfigError, match="backend.weights: 'fp16' runs only on the CPU with fbgemm"):
+        _keep_packed("fp16", torch.device("meta"))
+    if fp16_kernel_available():
+        assert _keep_packed("fp16", torch.device("cpu")) is True
+
+
+@needs_fp16
+def test_fp16_model_is_closer_than_packed_and_comes_back_from_the_cache(tmp_path, hf_llama, tiny_tools,
+                                                                        monkeypatch):
+    model, cfg = hf_llama
+    path = tiny_tools.write_gguf(tmp_path / "tiny-Q4_1.gguf", model, cfg, matrix_type="Q4_1",
+                                 tokenizer=tiny_tools.train_byte_level_bpe())
+    monkeypatch.setenv("SAMPLERKIT_CACHE", str(tmp_path / "cache"))
+    f16 = LlamaBackend(LlamaParams(model=str(path), weights="fp16"))
+    exact = LlamaBackend(LlamaParams(model=str(path), weights="dequantize"))
+    assert isinstance(f16.model.layers[0].w_gate_up, Fp16Linear) and isinstance(f16.model.lm_head, Fp16Linear)
+    assert isinstance(f16.model.embed, QuantizedEmbedding)
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
+    again = LlamaBackend(LlamaParams(model=str(path), weights="fp16"))       # from the cache
+    assert isinstance(again.model.layers[0].wqkv, Fp16Linear)
+    assert torch.equal(again.model.layers[0].wqkv.weight16, f16.model.layers[0].wqkv.weight16)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [100, 200, 50]]
+    a, b, c = f16.prefill(prompts).last, exact.prefill(prompts).last, again.prefill(prompts).last
+    for step in range(8):
+        assert torch.equal(a, c), step
+        assert (a - b).abs().max().item() <= 0.005 * b.abs().max().item(), step
+        nxt = b.argmax(-1)
+        a, b, c = f16.step(nxt), exact.step(nxt), again.step(nxt)
+
+
+@pytest.fixture(scope="module")
+def smollm_exact_and_fp16():
+    try:
+        default_model.find_default_model()
+    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
+        pytest.skip(f"default model unavailable ({e})")
+    return LlamaBackend(LlamaParams(weights="dequantize")), LlamaBackend(LlamaParams(weights="fp16"))
+
+
+@pytest.mark.slow
+@needs_fp16
+def test_fp16_default_model_keeps_the_exact_top_token(smollm_exact_and_fp16):
+    """The teacher-forced test of test_llama_smollm2.py (4 prompts, 32 steps of the exact model's
+    greedy tokens): the packed default agrees on 124/128 top tokens (largest logit gap 0.71);
+    float16 weights must do at least as well (measured: 128/128, gap 0.034)."""
+    exact, f16 = smollm_exact_and_fp16
+    prompts = [exact.tokenize(p) for p in ("The capital of France is", "Once upon a time, in a small village,",
+                                           "def fibonacci(n):", "List three colors:")]
+    e, o = exact.prefill(prompts).last, f16.prefill(prompts).last
+    worst, agree = (e - o).abs().max().item(), 0
+    for _ in range(32):
+        nxt = e.argmax(-1)
+        agree += int((o.argmax(-1) == nxt).sum())
+        e, o = exact.step(nxt), f16.step(nxt)
+        worst = max(worst, (e - o).abs().max().item())
+    assert agree >= 124, agree
+    assert worst < 0.25, worst
+
+
+@pytest.mark.slow
+@needs_fp16
+def test_fp16_default_model_rows_have_the_same_bits_alone_and_batched(smollm_exact_and_fp16):
+    """Prompts of different lengths, decoded alone and as one batch with the same tokens fed:
+    every row's logits are the same bits (batch_invariant: true, the default)."""
+    _, f16 = smollm_exact_and_fp16
+    prompts = [f16.tokenize(p) for p in ("The capital of France is", "def fibonacci(n):",
+                                         "Once upon a time, in a small village by the sea, there lived")]
+    feed = [[42, 17, 999, 5, 1234], [7, 7, 7, 8, 9], [300, 301, 302, 303, 304]]
+    alone = []
+    for p, toks in zip(prompts, feed, strict=True):
+        rows = [f16.prefill([p]).last]
+        rows += [f16.step(torch.tensor([t])) for t in toks]
+        alone.append(rows)
+    batch = [f16.prefill(prompts).last]
+    batch += [f16.step(torch.tensor([f[i] for f in feed])) for i in range(len(feed[0]))]
+    for step, got in enumerate(batch):
+        for row in range(len(prompts)):
+            assert torch.equal(got[row], alone[row][step][0]), (step, row)

@@ -39,13 +39,16 @@ class LlamaParams(StepParams):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of activations, the KV cache and every matrix not kept packed "
                                "(see weights). Logits are always returned as float32.")
-    weights: Literal["auto", "packed", "dequantize"] = Field(
+    weights: Literal["auto", "packed", "dequantize", "fp16"] = Field(
         "auto", description="How GGUF Q4_0/Q4_1/Q4_K/Q8_0 matrices are multiplied. 'packed': from the "
                             "file's 4-bit codes with torch's int4 CPU kernel (about 4-7x fewer bytes per "
                             "token; activations rounded to bfloat16 for each product, like llama.cpp's "
                             "quantized dot products); 'dequantize': dequantized to dtype at load (the exact "
-                            "model, e.g. to compare with transformers); 'auto': packed on a CPU whose torch "
-                            "has the kernel, dequantize otherwise.")
+                            "model, e.g. to compare with transformers); 'fp16': dequantized exactly and "
+                            "rounded once to float16, multiplied by fbgemm's float16 GEMM on the CPU (2 bytes "
+                            "per weight, closer to the exact model than packed, faster than packed for "
+                            "batches of 4 rows or more on AVX2, slower to start: docs/performance.md); "
+                            "'auto': packed on a CPU whose torch has the kernel, dequantize otherwise.")
     max_context: int | None = Field(
         None, gt=0, description=f"Longest sequence (prompt + generated tokens); null means the model's "
                                 f"context length, capped at {DEFAULT_MAX_CONTEXT}. The KV cache grows on "
@@ -107,6 +110,7 @@ class LlamaBackend(Backend):
         if progress is None:
             progress = _default_progress()
         keep_packed = _keep_packed(p.weights, device)
+        fp16 = p.weights == "fp16"
         from samplerkit.builtins.backends.llama import cache
         from samplerkit.builtins.backends.llama.model import LlamaModel
 
@@ -114,7 +118,7 @@ class LlamaBackend(Backend):
         entry = None
         use_cache = keep_packed if p.cache is None else p.cache
         if use_cache and self.model_path.is_file():   # GGUF files; HF directories load fast already
-            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed)
+            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed, fp16=fp16)
             cached = cache.load(entry)
             if cached is not None:
                 config, self.tokenizer, tensors, layout = cached
@@ -128,7 +132,8 @@ class LlamaBackend(Backend):
             raise ModelNotFoundError(f"{self.model_path}: no tokenizer (tokenizer.json or tokenizer.model)")
         self.config = config
         self.tokenizer = tokenizer
-        self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config))
+        self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config),
+                                fp16_weights=fp16)
         self.model.batch_invariant = p.batch_invariant
         if entry is not None:
             cache.save(entry, config, tokenizer, self.model)
@@ -186,7 +191,15 @@ def _keep_packed(mode: str, device: torch.device) -> bool:
     an error rather than a silent fallback."""
     if mode == "dequantize":
         return False
-    from samplerkit.builtins.backends.llama.quant import int4_kernel_available
+    from samplerkit.builtins.backends.llama.quant import fp16_kernel_available, int4_kernel_available
+
+    if mode == "fp16":
+        if device.type != "cpu" or not fp16_kernel_available():
+            why = (f"device is {device}" if device.type != "cpu"
+                   else f"torch {torch.__version__} has no usable fbgemm float16 GEMM (quantized.linear_dynamic_fp16)")
+            raise ConfigError(f"backend.weights: 'fp16' runs only on the CPU with fbgemm's float16 GEMM ({why}); "
+                              "use weights: packed, dequantize or auto")
+        return True     # the file's blocks stay as they are until each matrix is dequantized and rounded
 
     possible = device.type == "cpu" and int4_kernel_available()
     if mode == "packed" and not possible:

@@ -44,6 +44,7 @@ from samplerkit.builtins.backends.llama.quant import (
     DENSE_ROWS,
     DenseEmbedding,
     DenseLinear,
+    Fp16Linear,
     Int4Linear,
     QuantizedEmbedding,
     QuantizedTensor,
@@ -112,7 +113,9 @@ class LlamaModel:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_context: int | None = None):
+                 max_context: int | None = None, fp16_weights: bool = False):
+        """``fp16_weights``: every matrix (the output one too) runs as :class:`~.quant.Fp16Linear`
+        (``weights: fp16``); the token embedding then stays in the file's codes if it has any."""
         self._setup(config, device, dtype, max_context)
 
         def dense(w) -> torch.Tensor:
@@ -123,6 +126,8 @@ class LlamaModel:
             return dense(weights.pop(name)).contiguous()
 
         def linear(*parts):
+            if fp16_weights:
+                return Fp16Linear.from_parts(list(parts))
             if can_pack(list(parts), self.device):
                 return Int4Linear.from_parts(list(parts))
             # [W1; W2; ...]^T written in one copy: cat of the transposed views along dim 1.
@@ -131,7 +136,7 @@ class LlamaModel:
         embed = weights.pop("embed")
         head = weights.pop("lm_head", None)
         tied_packed = head is None and can_pack([embed], self.device)
-        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed):
+        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed or fp16_weights):
             # Only looked up row by row (the output matrix is separate or packed): keep the codes.
             self.embed = QuantizedEmbedding.from_tensor(embed)
         else:
@@ -148,7 +153,9 @@ class LlamaModel:
                 w_down=linear(weights.pop(p + "w_down")),
             ))
         self.norm = take("norm")
-        if head is None:                      # tied: reuse the embedding (no transposed copy)
+        if head is None and fp16_weights:
+            self.lm_head = Fp16Linear.from_parts([embed])
+        elif head is None:                    # tied: reuse the embedding (no transposed copy)
             self.lm_head = Int4Linear.from_parts([embed]) if tied_packed else DenseLinear(self.embed.weight.t())
         else:
             self.lm_head = linear(head)
@@ -198,6 +205,9 @@ class LlamaModel:
                 for j, (packed, scales) in enumerate(lin.planes):
                     tensors[f"{name}.{j}.packed"], tensors[f"{name}.{j}.scales"] = packed, scales
                 layout[name] = {"kind": "int4", "planes": len(lin.planes), "out": lin.out_features}
+            elif isinstance(lin, Fp16Linear):
+                tensors[f"{name}.fp16"] = lin.weight16
+                layout[name] = {"kind": "fp16"}
             elif name == "lm_head" and isinstance(self.embed, DenseEmbedding) and \
                     lin.weight_t.data_ptr() == self.embed.weight.data_ptr():
                 layout[name] = {"kind": "tied"}
@@ -231,6 +241,8 @@ class LlamaModel:
                 planes = [(tensors[f"{name}.{j}.packed"], tensors[f"{name}.{j}.scales"])
                           for j in range(layout[name]["planes"])]
                 return Int4Linear.from_packed(planes, layout[name]["out"])
+            if kind == "fp16":
+                return Fp16Linear(tensors[f"{name}.fp16"])
             if kind == "tied":
                 return DenseLinear(self.embed.weight.t())
             return DenseLinear(tensor(name))

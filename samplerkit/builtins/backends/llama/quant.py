@@ -365,6 +365,91 @@ class Int4Linear:
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
+#: Rows per fbgemm call of a :class:`Fp16Linear` outside a prefill (see its docstring): 4 rows
+#: cost about as much as one in that kernel, and larger batches run as several 4-row calls at
+#: nearly a single call's cost per row (measured with benchmarks/bench_q4_kernels.py).
+FP16_ROWS = 4
+
+
+@functools.cache
+def fp16_kernel_available() -> bool:
+    """Whether torch's fbgemm float16-weight GEMM (``quantized.linear_dynamic_fp16``) runs here
+    and computes each row of a :data:`FP16_ROWS`-row call the same whatever its position and its
+    neighbours (what makes :class:`Fp16Linear` batch-invariant); checked once on a probe matrix."""
+    ops = torch.ops.quantized
+    if not (hasattr(ops, "linear_prepack_fp16") and hasattr(ops, "linear_dynamic_fp16")):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 2 * GROUP * 3, generator=gen)
+        packed = ops.linear_prepack_fp16(w, None)
+        row = torch.randn(1, w.shape[1], generator=gen)
+        want = None
+        for pos in range(FP16_ROWS):
+            x = torch.randn(FP16_ROWS, w.shape[1], generator=gen)
+            x[pos] = row
+            got = ops.linear_dynamic_fp16(x, packed)[pos]
+            want = got if want is None else want
+            if not torch.equal(got, want):
+                return False
+        return torch.allclose(want, (row @ w.t())[0], rtol=1e-2, atol=1e-2)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class Fp16Linear:
+    """``x @ W.T`` with ``W`` in float16, by fbgemm's float16-weight GEMM (CPU; AVX2/F16C and
+    AVX-512 kernels): float32 activations, each weight widened to float32 in the kernel, float32
+    accumulation. ``W`` is the file's matrix dequantized exactly (``w = d q + m``, gguf's own
+    dequantizer) and rounded once to float16 (relative error <= 2**-11 per weight): closer to the
+    exact model than :class:`Int4Linear`, which rounds the scales and the activations to bfloat16
+    (2**-9), at 2 bytes per weight instead of about 0.56.
+
+    Batch invariance: fbgemm picks its micro-kernels by the call's row count, and a row's bits
+    differ between some of them (1, 2, 7 or 14 rows against the rest, on AVX2). Outside a
+    prefill, rows therefore go through calls of exactly :data:`FP16_ROWS` rows (the last padded
+    with zeros), in which a row's bits depend on neither its position nor the other rows
+    (checked at start, :func:`fp16_kernel_available`). A prefill (``dense=True``, one prompt on
+    its own) is one call.
+    """
+
+    __slots__ = ("weight16", "packed", "out_features")
+
+    def __init__(self, weight16: torch.Tensor):
+        if not fp16_kernel_available():
+            raise RuntimeError("this torch build has no usable fbgemm float16 GEMM (quantized.linear_dynamic_fp16)")
+        self.weight16 = weight16.to(torch.float16).contiguous()      # [N, K], what the cache stores
+        self.out_features = self.weight16.shape[0]
+        self.packed = torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), None)
+
+    @classmethod
+    def from_parts(cls, parts: list) -> Fp16Linear:
+        """Several matrices (:class:`QuantizedTensor` or float tensors ``[N_i, K]``) stacked along
+        their outputs, each dequantized in float32 first."""
+        dense = [p.dense() if isinstance(p, QuantizedTensor) else p.float() for p in parts]
+        return cls(torch.cat(dense) if len(dense) > 1 else dense[0])
+
+    def __call__(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """``x @ W.T`` in ``x``'s dtype; ``dense`` (a prefill of one prompt) runs all rows in one
+        call, otherwise in calls of :data:`FP16_ROWS` rows (see the class docstring)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        mm = torch.ops.quantized.linear_dynamic_fp16
+        m = x2.shape[0]
+        if dense:
+            y = mm(x2, self.packed)
+        else:
+            if m % FP16_ROWS:
+                x2 = torch.cat([x2, x2.new_zeros(FP16_ROWS - m % FP16_ROWS, x2.shape[1])])
+            parts = [mm(c, self.packed) for c in x2.split(FP16_ROWS)]
+            y = (parts[0] if len(parts) == 1 else torch.cat(parts))[:m]
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes one product reads (the float16 weights)."""
+        return self.weight16.numel() * 2
+
+
 class dense_copies:  # noqa: N801 - a context manager, named like torch's lower-case ones
     """Within the block, each :class:`Int4Linear` in ``linears`` (others are ignored) keeps its
     transient bfloat16 copy, so the rows of a prefill that each take the dense path unpack a
@@ -449,5 +534,6 @@ class DenseLinear:
         return self.weight_t.numel() * self.weight_t.element_size()
 
 
-__all__ = ["GROUP", "PACKABLE_TYPES", "AffineInt4", "DenseEmbedding", "DenseLinear", "Int4Linear",
-           "QuantizedEmbedding", "QuantizedTensor", "can_pack", "int4_kernel_available", "read_packed"]
+__all__ = ["FP16_ROWS", "GROUP", "PACKABLE_TYPES", "AffineInt4", "DenseEmbedding", "DenseLinear", "Fp16Linear",
+           "Int4Linear", "QuantizedEmbedding", "QuantizedTensor", "can_pack", "fp16_kernel_available",
+           "int4_kernel_available", "read_packed"]
