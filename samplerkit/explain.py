@@ -125,9 +125,10 @@ def explain(generator: Generator, prompt: str, *, steps: int, traced: set[int] |
     logits = backend.prefill([prompt_ids]).last
     ctx = StepContext(1, logits.shape[-1], prompt_ids=[prompt_ids], uses=pipeline.uses, max_new_tokens=steps,
                       eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
-                      tokenize=lambda t: backend.tokenize(t, add_special=False), device=logits.device)
+                      tokenize=lambda t: backend.tokenize(t, add_special=False),
+                      token_vocabulary=backend.token_vocabulary, device=logits.device)
     stop_ids = (set() if gen.ignore_eos else set(backend.eos_token_ids)) | set(gen.stop_token_ids)
-    detok, stops = IncrementalDetokenizer(backend.detokenize), StopMatcher(gen.stop)
+    detok, stops = IncrementalDetokenizer(backend.detokenize, prompt_ids), StopMatcher(gen.stop)
     tokens: list[int] = []
     traces: list[Trace | None] = []
     finish = "length"
