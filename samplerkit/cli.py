@@ -212,7 +212,8 @@ def _with_constraints(data: dict[str, Any], args: argparse.Namespace) -> dict[st
 
     steps = []
     if args.json_schema:
-        steps.append({"json_schema": {"file": args.json_schema}})
+        # A command-line path is relative to the working directory, not to --config's directory.
+        steps.append({"json_schema": {"file": os.path.abspath(os.path.expanduser(args.json_schema))}})
     if args.regex:
         steps.append({"regex": {"pattern": args.regex}})
     if not steps:

@@ -21,9 +21,12 @@ The format::
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
@@ -33,7 +36,7 @@ from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, shor
 from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
 from samplerkit.registry import Kind, Registry
 from samplerkit.spec import StepSpec, issues_from_validation, message_for, with_item_path
-from samplerkit.strict import check_strict
+from samplerkit.strict import CONFIG_DIR, check_strict
 from samplerkit.yaml_io import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -193,7 +196,22 @@ class RunConfig:
 
 
 def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = None) -> RunConfig:
-    """Validate a config mapping in two phases and resolve every name in ``registry``."""
+    """Validate a config mapping in two phases and resolve every name in ``registry``. When
+    ``source`` is the YAML file the mapping was read from, relative paths in step parameters
+    (:data:`samplerkit.strict.ConfigPath`, e.g. ``json_schema: {file: ...}``) are read from its
+    directory; otherwise from the working directory."""
+    token = _config_dir.set(Path(os.path.abspath(source)).parent if source and Path(source).is_file() else None)
+    try:
+        return _resolve(data, registry, source)
+    finally:
+        _config_dir.reset(token)
+
+
+#: The directory of the YAML file being resolved (None: the working directory).
+_config_dir: ContextVar[Path | None] = ContextVar("samplerkit_config_dir", default=None)
+
+
+def _resolve(data: Mapping[str, Any], registry: Registry, source: str | None) -> RunConfig:
     check_bounds(data, source)
     if isinstance(data, Mapping) and (problem := lone_surrogate_in(dict(data))) is not None:
         raise ConfigError(problem, source)
@@ -303,7 +321,7 @@ def _validate_step(registry: Registry, kind: Kind, name: str, params: Any, where
         issues.append(ConfigIssue(where, f"parameters must be a mapping, got {short_repr(params)}"))
         return None
     try:
-        validated = cls.Params.model_validate(params)
+        validated = cls.Params.model_validate(params, context={CONFIG_DIR: _config_dir.get()})
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, where, cls))
         return None
