@@ -213,6 +213,12 @@ def run(args: argparse.Namespace) -> int:
                                   "pass --max-new-tokens N")
         result = explain(generator, args.prompt, steps=steps, traced=None, top=args.top)
     else:
+        limit = config.generation.max_new_tokens
+        if args.step >= limit:
+            # `generate` would never draw token K: explaining it would trace a step no run takes.
+            drawn = f"tokens 0 to {limit - 1}; choose --step {limit - 1} or less, or" if limit else "no token;"
+            raise SamplerkitError(f"--step {args.step} is past generation.max_new_tokens ({limit}): the run draws "
+                                  f"{drawn} raise it with --set generation.max_new_tokens={args.step + 1}")
         result = explain(generator, args.prompt, steps=args.step + 1, traced={args.step}, top=args.top)
         if len(result.tokens) <= args.step:
             raise SamplerkitError(f"the generation ended after {len(result.tokens)} tokens ({result.finish_reason}), "
