@@ -78,7 +78,11 @@ def _schema_args(s: argparse.ArgumentParser) -> None:
 
 
 def _parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
-    """The parser: every verb of :data:`COMMANDS`, then those plugins add (``register_commands``)."""
+    """The parser: every verb of :data:`COMMANDS`, then those plugins add (``register_commands``).
+
+    Building it imports no torch (the verbs' modules import it when they run), so ``--help``
+    is quick; the plugins' verbs need their modules loaded, which :func:`_main` skips when the
+    command line names a built-in verb."""
     parser = argparse.ArgumentParser(prog="samplerkit", description="Sampling pipelines for LLM text generation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -97,7 +101,7 @@ def _add_plugin_commands(sub) -> None:
     from samplerkit.plugins import make_plugin_manager
 
     try:
-        plugins = make_plugin_manager()
+        plugins = make_plugin_manager(builtins=False)      # built-ins add no verbs (and import torch)
     except SamplerkitError as exc:
         print(f"samplerkit: warning: plugin commands are not available: {exc}", file=sys.stderr)
         return
@@ -444,7 +448,11 @@ codecs.register_error(_ESCAPE_BYTES, _escape_undecodable)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    # A built-in verb needs no plugin loaded to parse its arguments (`samplerkit generate --help`
+    # stays free of the plugins' imports); another word may be a plugin's verb.
+    args = _parser(plugin_commands=verb not in {c.name for c in COMMANDS}).parse_args(argv)
     try:
         _check_text_arguments(args)
         return args.run(args)
