@@ -139,29 +139,15 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_config_data(config_file: str | None, overrides: Sequence[str], preset: str | None = None) -> tuple[dict[str, Any], str | None]:
-    from samplerkit.config import apply_override, read_yaml
-    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
+    from samplerkit.config import command_line_data
 
-    data = read_yaml(config_file) if config_file else {}
-    if preset is not None:
-        data = {**data, PRESET_KEY: preset}
-    # Expand a known preset before --set, so `--set pipeline[1].top_p=0.5` edits its pipeline
-    # (an unknown name stays for resolve() to report with every other problem).
-    if data.get(PRESET_KEY) in list_presets():
-        data = apply_preset(data)
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    return data, config_file
+    return command_line_data(config_file, overrides, preset)[1], config_file
 
 
 def _resolve(data: dict[str, Any], source: str | None, extra_block: Sequence[str] = ()):
-    from samplerkit.config import resolve
-    from samplerkit.registry import default_registry
+    from samplerkit.config import resolve_unblocked
 
-    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
-    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
-    registry = default_registry([*block, *extra_block])
-    return resolve(data, registry, source), registry
+    return resolve_unblocked(data, source, extra_block)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -302,15 +288,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    data, source = _build_config_data(args.config_file, args.overrides)
-    config, _ = _resolve(data, source)
+    from samplerkit.config import command_line_data
     from samplerkit.pipeline import Pipeline
 
+    document, data = command_line_data(args.config_file, args.overrides)
+    config, _ = _resolve(data, args.config_file)
     print(f"{args.config_file}: ok")
     print(f"  backend: {config.backend.name}")
     print(f"  pipeline: {Pipeline.from_config(config).describe()}")
-    from samplerkit.config import read_yaml
-    for warning in lint.lint_config(config, document=read_yaml(args.config_file)):
+    for warning in lint.lint_config(config, document=document):
         print(f"  warning: {warning}")
     return 0
 

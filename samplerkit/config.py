@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from samplerkit.detokenize import lone_surrogate_in
 from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, short_repr
-from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
-from samplerkit.registry import Kind, Registry
+from samplerkit.presets import PRESET_KEY, apply_preset, list_presets, unknown_preset_message
+from samplerkit.registry import Kind, Registry, default_registry
 from samplerkit.spec import StepSpec, issues_from_validation, message_for, with_item_path
 from samplerkit.strict import CONFIG_DIR, check_strict
 from samplerkit.yaml_io import (
@@ -358,6 +358,31 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 
+def command_line_data(config_file: str | None, overrides: Sequence[str] = (),
+                      preset: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(document, data)`` as the command line reads a config: ``document`` is the YAML file as
+    written (plus ``preset: NAME`` for ``--preset``); ``data`` expands a known preset first (so
+    ``--set pipeline[1].top_p=0.5`` edits its pipeline; an unknown name stays for
+    :func:`resolve` to report with every other problem), then applies each ``--set`` in order."""
+    document = read_yaml(config_file) if config_file else {}
+    if preset is not None:
+        document = {**document, PRESET_KEY: preset}
+    data = apply_preset(document) if document.get(PRESET_KEY) in list_presets() else dict(document)
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return document, data
+
+
+def resolve_unblocked(data: Mapping[str, Any], source: str | None = None,
+                      extra_block: Sequence[str] = ()) -> tuple[RunConfig, Registry]:
+    """:func:`resolve` in a registry without the plugins ``data`` blocks (``plugins: {block:
+    [...]}``, a malformed list left for :func:`resolve` to report) and ``extra_block``."""
+    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
+    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
+    registry = default_registry([*block, *extra_block])
+    return resolve(data, registry, source), registry
+
+
 def validate_generation(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
     """``base`` with some options replaced; errors are a located :class:`ConfigError`."""
     if (problem := lone_surrogate_in(dict(overrides), "generation")) is not None:
@@ -430,6 +455,6 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
 __all__ = [
     "DEFAULT_BACKEND", "DEFAULT_PIPELINE", "DEFAULT_SAMPLER", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES",
     "MAX_PIPELINE_STEPS", "STAGE_INPUT", "STAGE_PROCESSED", "GenerationConfig", "InvalidPolicy", "LogprobTaps",
-    "PluginsConfig", "RunConfig", "StepSpec", "apply_override", "check_bounds", "check_stages", "parse_yaml", "read_yaml",
-    "resolve", "stage_names", "validate_generation",
+    "PluginsConfig", "RunConfig", "StepSpec", "apply_override", "check_bounds", "check_stages", "command_line_data",
+    "parse_yaml", "read_yaml", "resolve", "resolve_unblocked", "stage_names", "validate_generation",
 ]

@@ -72,15 +72,8 @@ class Explained:
 def _config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     """The run config from --config, --preset and --set (with --model/--seed/--chat), as
     ``samplerkit generate`` builds it."""
-    from samplerkit.config import apply_override, read_yaml, resolve
-    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
-    from samplerkit.registry import default_registry
+    from samplerkit.config import command_line_data, resolve_unblocked
 
-    data: dict[str, Any] = read_yaml(args.config) if args.config else {}
-    if args.preset is not None:
-        data = {**data, PRESET_KEY: args.preset}
-    if data.get(PRESET_KEY) in list_presets():
-        data = apply_preset(data)
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"backend.model={json.dumps(args.model)}")
@@ -88,12 +81,7 @@ def _config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         overrides.append(f"sampler.seed={args.seed}")
     if args.chat:
         overrides.append("generation.chat=true")
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
-    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
-    registry = default_registry(block)
-    return resolve(data, registry, args.config), registry
+    return resolve_unblocked(command_line_data(args.config, overrides, args.preset)[1], args.config)
 
 
 def explain(generator: Generator, prompt: str, *, steps: int, traced: set[int] | None, top: int = 5,
