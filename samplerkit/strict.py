@@ -22,7 +22,7 @@ import os
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, ValidationInfo
+from pydantic import AfterValidator, StringConstraints, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -127,4 +127,4 @@ def _anchor_path(value: str, info: ValidationInfo) -> str:
 
 #: The type of a step parameter that names a file (``json_schema: {file: ...}``): a relative
 #: path in a YAML file is relative to that file's directory.
-ConfigPath = Annotated[str, AfterValidator(_anchor_path)]
+ConfigPath = Annotated[str, StringConstraints(min_length=1), AfterValidator(_anchor_path)]

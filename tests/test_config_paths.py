@@ -88,3 +88,9 @@ def test_the_shipped_example_reads_its_schema_from_any_directory(layout):
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "structured.yaml")
     pipe = samplerkit.load_pipeline(os.path.abspath(example))
     assert _step_file(pipe) == os.path.abspath(os.path.join(os.path.dirname(example), "person.schema.json"))
+
+
+def test_an_empty_path_is_refused_not_read_as_the_directory(layout):
+    (layout / "cfg" / "empty.yaml").write_text("pipeline:\n  - json_schema: {file: ''}\n")
+    with pytest.raises(ConfigError, match=r"pipeline\[0\] json_schema.file: string should have at least 1 character"):
+        samplerkit.load_pipeline(str(layout / "cfg" / "empty.yaml"))
