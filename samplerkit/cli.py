@@ -78,7 +78,11 @@ def _schema_args(s: argparse.ArgumentParser) -> None:
 
 
 def _parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
-    """The parser: every verb of :data:`COMMANDS`, then those plugins add (``register_commands``)."""
+    """The parser: every verb of :data:`COMMANDS`, then those plugins add (``register_commands``).
+
+    Building it imports no torch (the verbs' modules import it when they run), so ``--help``
+    is quick; the plugins' verbs need their modules loaded, which :func:`_main` skips when the
+    command line names a built-in verb."""
     parser = argparse.ArgumentParser(prog="samplerkit", description="Sampling pipelines for LLM text generation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -97,7 +101,7 @@ def _add_plugin_commands(sub) -> None:
     from samplerkit.plugins import make_plugin_manager
 
     try:
-        plugins = make_plugin_manager()
+        plugins = make_plugin_manager(builtins=False)      # built-ins add no verbs (and import torch)
     except SamplerkitError as exc:
         print(f"samplerkit: warning: plugin commands are not available: {exc}", file=sys.stderr)
         return
@@ -135,29 +139,15 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_config_data(config_file: str | None, overrides: Sequence[str], preset: str | None = None) -> tuple[dict[str, Any], str | None]:
-    from samplerkit.config import apply_override, read_yaml
-    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
+    from samplerkit.config import command_line_data
 
-    data = read_yaml(config_file) if config_file else {}
-    if preset is not None:
-        data = {**data, PRESET_KEY: preset}
-    # Expand a known preset before --set, so `--set pipeline[1].top_p=0.5` edits its pipeline
-    # (an unknown name stays for resolve() to report with every other problem).
-    if data.get(PRESET_KEY) in list_presets():
-        data = apply_preset(data)
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    return data, config_file
+    return command_line_data(config_file, overrides, preset)[1], config_file
 
 
 def _resolve(data: dict[str, Any], source: str | None, extra_block: Sequence[str] = ()):
-    from samplerkit.config import resolve
-    from samplerkit.registry import default_registry
+    from samplerkit.config import resolve_unblocked
 
-    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
-    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
-    registry = default_registry([*block, *extra_block])
-    return resolve(data, registry, source), registry
+    return resolve_unblocked(data, source, extra_block)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -212,7 +202,8 @@ def _with_constraints(data: dict[str, Any], args: argparse.Namespace) -> dict[st
 
     steps = []
     if args.json_schema:
-        steps.append({"json_schema": {"file": args.json_schema}})
+        # A command-line path is relative to the working directory, not to --config's directory.
+        steps.append({"json_schema": {"file": os.path.abspath(os.path.expanduser(args.json_schema))}})
     if args.regex:
         steps.append({"regex": {"pattern": args.regex}})
     if not steps:
@@ -297,18 +288,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    data, source = _build_config_data(args.config_file, args.overrides)
-    config, _ = _resolve(data, source)
+    from samplerkit.config import command_line_data
     from samplerkit.pipeline import Pipeline
 
+    document, data = command_line_data(args.config_file, args.overrides)
+    config, _ = _resolve(data, args.config_file)
     print(f"{args.config_file}: ok")
     print(f"  backend: {config.backend.name}")
     print(f"  pipeline: {Pipeline.from_config(config).describe()}")
     for seg in config.segments:
         bounds = "".join(f", {k}: {v!r}" for k, v in (("until", seg.until), ("max_tokens", seg.max_tokens)) if v is not None)
         print(f"  {seg.location}: {Pipeline(seg.processors, seg.sampler).describe()}{bounds}")
-    from samplerkit.config import read_yaml
-    for warning in lint.lint_config(config, document=read_yaml(args.config_file)):
+    for warning in lint.lint_config(config, document=document):
         print(f"  warning: {warning}")
     return 0
 
@@ -446,7 +437,11 @@ codecs.register_error(_ESCAPE_BYTES, _escape_undecodable)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    # A built-in verb needs no plugin loaded to parse its arguments (`samplerkit generate --help`
+    # stays free of the plugins' imports); another word may be a plugin's verb.
+    args = _parser(plugin_commands=verb not in {c.name for c in COMMANDS}).parse_args(argv)
     try:
         _check_text_arguments(args)
         return args.run(args)

@@ -21,20 +21,23 @@ The format::
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
 from samplerkit.detokenize import lone_surrogate_in
 from samplerkit.errors import ConfigError, ConfigIssue, clip, did_you_mean, short_repr
-from samplerkit.presets import apply_preset, list_presets, unknown_preset_message
-from samplerkit.registry import Kind, Registry
+from samplerkit.presets import PRESET_KEY, apply_preset, list_presets, unknown_preset_message
+from samplerkit.registry import Kind, Registry, default_registry
 from samplerkit.segments import SEGMENT_KEYS, Segment
 from samplerkit.spec import StepSpec, issues_from_validation, message_for, with_item_path
-from samplerkit.strict import check_strict
+from samplerkit.strict import CONFIG_DIR, check_strict
 from samplerkit.yaml_io import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -197,7 +200,22 @@ class RunConfig:
 
 
 def resolve(data: Mapping[str, Any], registry: Registry, source: str | None = None) -> RunConfig:
-    """Validate a config mapping in two phases and resolve every name in ``registry``."""
+    """Validate a config mapping in two phases and resolve every name in ``registry``. When
+    ``source`` is the YAML file the mapping was read from, relative paths in step parameters
+    (:data:`samplerkit.strict.ConfigPath`, e.g. ``json_schema: {file: ...}``) are read from its
+    directory; otherwise from the working directory."""
+    token = _config_dir.set(Path(os.path.abspath(source)).parent if source and Path(source).is_file() else None)
+    try:
+        return _resolve(data, registry, source)
+    finally:
+        _config_dir.reset(token)
+
+
+#: The directory of the YAML file being resolved (None: the working directory).
+_config_dir: ContextVar[Path | None] = ContextVar("samplerkit_config_dir", default=None)
+
+
+def _resolve(data: Mapping[str, Any], registry: Registry, source: str | None) -> RunConfig:
     check_bounds(data, source)
     if isinstance(data, Mapping) and (problem := lone_surrogate_in(dict(data))) is not None:
         raise ConfigError(problem, source)
@@ -399,7 +417,7 @@ def _validate_step(registry: Registry, kind: Kind, name: str, params: Any, where
         issues.append(ConfigIssue(where, f"parameters must be a mapping, got {short_repr(params)}"))
         return None
     try:
-        validated = cls.Params.model_validate(params)
+        validated = cls.Params.model_validate(params, context={CONFIG_DIR: _config_dir.get()})
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, where, cls))
         return None
@@ -434,6 +452,31 @@ def _issue_for_section(err: Mapping[str, Any]) -> ConfigIssue:
 # -- overrides (--set) ------------------------------------------------------------------
 
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def command_line_data(config_file: str | None, overrides: Sequence[str] = (),
+                      preset: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(document, data)`` as the command line reads a config: ``document`` is the YAML file as
+    written (plus ``preset: NAME`` for ``--preset``); ``data`` expands a known preset first (so
+    ``--set pipeline[1].top_p=0.5`` edits its pipeline; an unknown name stays for
+    :func:`resolve` to report with every other problem), then applies each ``--set`` in order."""
+    document = read_yaml(config_file) if config_file else {}
+    if preset is not None:
+        document = {**document, PRESET_KEY: preset}
+    data = apply_preset(document) if document.get(PRESET_KEY) in list_presets() else dict(document)
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return document, data
+
+
+def resolve_unblocked(data: Mapping[str, Any], source: str | None = None,
+                      extra_block: Sequence[str] = ()) -> tuple[RunConfig, Registry]:
+    """:func:`resolve` in a registry without the plugins ``data`` blocks (``plugins: {block:
+    [...]}``, a malformed list left for :func:`resolve` to report) and ``extra_block``."""
+    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
+    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
+    registry = default_registry([*block, *extra_block])
+    return resolve(data, registry, source), registry
 
 
 def validate_generation(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
@@ -508,6 +551,6 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
 __all__ = [
     "DEFAULT_BACKEND", "DEFAULT_PIPELINE", "DEFAULT_SAMPLER", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES",
     "MAX_PIPELINE_STEPS", "STAGE_INPUT", "STAGE_PROCESSED", "GenerationConfig", "InvalidPolicy", "LogprobTaps",
-    "PluginsConfig", "RunConfig", "StepSpec", "apply_override", "check_bounds", "check_stages", "parse_yaml", "read_yaml",
-    "resolve", "stage_names", "validate_generation",
+    "PluginsConfig", "RunConfig", "StepSpec", "apply_override", "check_bounds", "check_stages", "command_line_data",
+    "parse_yaml", "read_yaml", "resolve", "resolve_unblocked", "stage_names", "validate_generation",
 ]

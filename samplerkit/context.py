@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from samplerkit.errors import GenerationError
+
 #: Columns of ``generated`` before its first doubling.
 _INITIAL_WIDTH = 64
 
@@ -52,6 +54,13 @@ class StepContext:
                  token_vocabulary: Callable[[], Any] | None = None, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(set(eos_token_ids)))
+        if vocab_size is not None and (bad := [i for i in self.eos_token_ids if not 0 <= i < vocab_size]):
+            # A stop id the model cannot produce would never end a row (and min_tokens would
+            # index past the logits): refuse it before the first token, naming where it came from.
+            raise GenerationError(f"generation.stop_token_ids (or the backend's EOS ids) holds "
+                                  f"{', '.join(map(str, bad))}, outside the model's vocabulary of {vocab_size} ids "
+                                  f"(0..{vocab_size - 1}); no such token can be generated, so it would never end a "
+                                  "row: remove it or give the id of a token the model has")
         self.tokenize = tokenize
         self.token_vocabulary = token_vocabulary
         self.vocab_size = vocab_size

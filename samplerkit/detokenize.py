@@ -13,13 +13,22 @@ from typing import Any
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, in amortised O(1) per token."""
+    """Turns a growing list of token ids into text deltas, in amortised O(1) per token.
 
-    def __init__(self, detokenize: Callable[[Sequence[int]], str]):
+    ``context``: the ids before the first pushed one (the prompt). Its last
+    :data:`CONTEXT_TOKENS` ids are decoded with the first new token and only the new text is
+    emitted, so that a sentencepiece token's leading space (``▁The``), which a decoder drops at
+    the start of a text, is kept where the token continues one (as text-generation-inference does).
+    """
+
+    #: Prompt ids kept as context for the first new token.
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, detokenize: Callable[[Sequence[int]], str], context: Sequence[int] = ()):
         self._detokenize = detokenize
-        self.tokens: list[int] = []
+        self.tokens: list[int] = [int(i) for i in list(context)[-self.CONTEXT_TOKENS:]] if context else []
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self.tokens)
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes (possibly empty while a character is partial)."""

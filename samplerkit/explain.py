@@ -73,15 +73,8 @@ class Explained:
 def _config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
     """The run config from --config, --preset and --set (with --model/--seed/--chat), as
     ``samplerkit generate`` builds it."""
-    from samplerkit.config import apply_override, read_yaml, resolve
-    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
-    from samplerkit.registry import default_registry
+    from samplerkit.config import command_line_data, resolve_unblocked
 
-    data: dict[str, Any] = read_yaml(args.config) if args.config else {}
-    if args.preset is not None:
-        data = {**data, PRESET_KEY: args.preset}
-    if data.get(PRESET_KEY) in list_presets():
-        data = apply_preset(data)
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"backend.model={json.dumps(args.model)}")
@@ -89,12 +82,7 @@ def _config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         overrides.append(f"sampler.seed={args.seed}")
     if args.chat:
         overrides.append("generation.chat=true")
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
-    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
-    registry = default_registry(block)
-    return resolve(data, registry, args.config), registry
+    return resolve_unblocked(command_line_data(args.config, overrides, args.preset)[1], args.config)
 
 
 def explain(generator: Generator, prompt: str, *, steps: int, traced: set[int] | None, top: int = 5,
@@ -126,9 +114,10 @@ def explain(generator: Generator, prompt: str, *, steps: int, traced: set[int] |
     logits = backend.prefill([prompt_ids]).last
     ctx = StepContext(1, logits.shape[-1], prompt_ids=[prompt_ids], uses=pipeline.uses, max_new_tokens=steps,
                       eos_token_ids=[*backend.eos_token_ids, *gen.stop_token_ids],
-                      tokenize=lambda t: backend.tokenize(t, add_special=False), device=logits.device)
+                      tokenize=lambda t: backend.tokenize(t, add_special=False),
+                      token_vocabulary=backend.token_vocabulary, device=logits.device)
     stop_ids = (set() if gen.ignore_eos else set(backend.eos_token_ids)) | set(gen.stop_token_ids)
-    detok, stops = IncrementalDetokenizer(backend.detokenize), StopMatcher(gen.stop)
+    detok, stops = IncrementalDetokenizer(backend.detokenize, prompt_ids), StopMatcher(gen.stop)
     tokens: list[int] = []
     traces: list[Trace | None] = []
     finish = "length"
@@ -219,6 +208,12 @@ def run(args: argparse.Namespace) -> int:
                                   "pass --max-new-tokens N")
         result = explain(generator, args.prompt, steps=steps, traced=None, top=args.top)
     else:
+        limit = config.generation.max_new_tokens
+        if args.step >= limit:
+            # `generate` would never draw token K: explaining it would trace a step no run takes.
+            drawn = f"tokens 0 to {limit - 1}; choose --step {limit - 1} or less, or" if limit else "no token;"
+            raise SamplerkitError(f"--step {args.step} is past generation.max_new_tokens ({limit}): the run draws "
+                                  f"{drawn} raise it with --set generation.max_new_tokens={args.step + 1}")
         result = explain(generator, args.prompt, steps=args.step + 1, traced={args.step}, top=args.top)
         if len(result.tokens) <= args.step:
             raise SamplerkitError(f"the generation ended after {len(result.tokens)} tokens ({result.finish_reason}), "

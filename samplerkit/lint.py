@@ -220,23 +220,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config(config_file: str | None, overrides: Sequence[str] = (), preset: str | None = None,
                 ) -> tuple[dict[str, Any], RunConfig]:
-    """``(document, config)`` as the CLI reads them: the YAML file (plus ``--preset``) as written,
-    and the resolved config after the preset and the ``--set`` overrides (the same steps as
-    ``samplerkit generate``: a known preset is expanded before ``--set``; the registry leaves out
-    the plugins the document blocks)."""
-    from samplerkit.config import apply_override, read_yaml, resolve
-    from samplerkit.presets import PRESET_KEY, apply_preset, list_presets
-    from samplerkit.registry import default_registry
+    """``(document, config)`` as the CLI reads them (:func:`samplerkit.config.command_line_data`):
+    the YAML file (plus ``--preset``) as written, and the config after the preset and the
+    ``--set`` overrides, resolved without the plugins the document blocks."""
+    from samplerkit.config import command_line_data, resolve_unblocked
 
-    document = read_yaml(config_file) if config_file else {}
-    if preset is not None:
-        document = {**document, PRESET_KEY: preset}
-    data = apply_preset(document) if document.get(PRESET_KEY) in list_presets() else dict(document)
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    plugins = data.get("plugins") if isinstance(data.get("plugins"), dict) else {}
-    block = plugins.get("block", []) if isinstance(plugins.get("block", []), list) else []
-    return document, resolve(data, default_registry(block), config_file)
+    document, data = command_line_data(config_file, overrides, preset)
+    return document, resolve_unblocked(data, config_file)[0]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -73,8 +73,12 @@ def make_plugin_manager(
     block: Iterable[str] = (),
     load_entry_points: bool = True,
     extra: Iterable[tuple[str, object]] = (),
+    builtins: bool = True,
 ) -> LoadedPlugins:
     """Build a plugin manager with the built-ins, installed entry points and ``extra`` plugins.
+
+    ``builtins=False`` leaves the built-in modules out (not even imported: they import torch),
+    for callers that only want other plugins' hooks, such as the CLI's ``register_commands``.
 
     ``block`` (plus the ``SAMPLERKIT_BLOCK_PLUGINS`` environment variable) names plugins that
     are not registered; a name in ``block`` that no plugin has is a :class:`ConfigError` with a
@@ -96,7 +100,7 @@ def make_plugin_manager(
         pm.set_blocked(name)
     loaded = LoadedPlugins(manager=pm, blocked=blocked)
 
-    for module_name in DEFAULT_PLUGINS:
+    for module_name in DEFAULT_PLUGINS if builtins else ():
         module = importlib.import_module(module_name)
         if module_name in blocked:
             _record_blocked_steps(loaded, module_name, module)

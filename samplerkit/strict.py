@@ -18,10 +18,11 @@ larger value would pass validation only to fail in the middle of a run.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, StringConstraints, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -107,3 +108,23 @@ def _check_device(value: str) -> str:
 
 #: The type of a backend's ``device`` parameter.
 TorchDevice = Annotated[str, AfterValidator(_check_device)]
+
+
+#: The pydantic validation-context key holding the directory relative paths are read from:
+#: the directory of the YAML file the parameters came from (:func:`samplerkit.config.resolve`
+#: passes it). Without it (a mapping, a library call, a batch line) paths are relative to the
+#: working directory.
+CONFIG_DIR = "samplerkit_config_dir"
+
+
+def _anchor_path(value: str, info: ValidationInfo) -> str:
+    """``~`` expanded, then a relative path joined to the config file's directory (or the working
+    directory), so the parameter holds the path that is read and messages can name it."""
+    base = (info.context or {}).get(CONFIG_DIR)
+    path = os.path.expanduser(value)
+    return os.path.abspath(path if base is None else os.path.join(base, path))
+
+
+#: The type of a step parameter that names a file (``json_schema: {file: ...}``): a relative
+#: path in a YAML file is relative to that file's directory.
+ConfigPath = Annotated[str, StringConstraints(min_length=1), AfterValidator(_anchor_path)]

@@ -220,7 +220,7 @@ def test_schema_structure_without_jsonschema():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_resolve(path):
-    cfg = resolve(read_yaml(path), REGISTRY)
+    cfg = resolve(read_yaml(path), REGISTRY, str(path))     # relative file: paths are read next to the YAML
     assert cfg.sampler is not None
 
 

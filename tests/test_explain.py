@@ -101,7 +101,10 @@ def test_a_third_party_step_is_explained_like_a_built_in(capsys, tmp_path):
     (["--step", "-1"], "--step must be >= 0"),
     (["--plot", "out.pdf"], "unknown picture format '.pdf'; name a file ending in .png, .svg, .html"),
     (["--max-new-tokens", "3"], "--max-new-tokens goes with --all-steps"),
-    (["--step", "500"], "the generation ended after"),
+    (["--step", "79"], "the generation ended after"),
+    (["--step", "80"], "--step 80 is past generation.max_new_tokens (80): the run draws tokens 0 to 79; choose "
+                       "--step 79 or less, or raise it with --set generation.max_new_tokens=81"),
+    (["--step", "0", "--set", "generation.max_new_tokens=0"], "--step 0 is past generation.max_new_tokens (0): the run draws no token; raise it"),
     (["--set", "pipeline[0].temperature=-1"], "pipeline[0] temperature"),
     (["--all-steps", "--set", "generation.max_new_tokens=0"], "generation.max_new_tokens is 0"),
 ])
@@ -202,7 +205,7 @@ def test_the_library_examples_in_docs_explain_print_what_they_say(index, capsys)
     assert capsys.readouterr().out.splitlines() == expected
 
 
-@pytest.mark.parametrize("command", ["--token o", "--all-steps --max-new-tokens 5", "--token ab"])
+@pytest.mark.parametrize("command", ["--token o", "--all-steps --max-new-tokens 5", "--token ab", "--step 80"])
 def test_the_explain_examples_in_docs_cli_are_real(command, capsys):
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     prompt = f'$ samplerkit explain --config examples/bigram.yaml "The capital" {command}\n'

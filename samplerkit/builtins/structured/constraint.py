@@ -23,6 +23,7 @@ from samplerkit.context import StepContext
 from samplerkit.errors import GenerationError
 from samplerkit.params import StepParams
 from samplerkit.steps import Processor
+from samplerkit.strict import ConfigPath
 
 
 class ConstraintParams(StepParams):
@@ -191,7 +192,8 @@ class JsonSchema(Constraint):
         kind: ClassVar[str] = "json_schema"
         schema_: dict[str, Any] | bool | None = Field(None, alias="schema",
                                                        description="the JSON Schema (a mapping); null: unconstrained")
-        file: str | None = Field(None, min_length=1, description="path of a JSON file holding the schema instead")
+        file: ConfigPath | None = Field(None, min_length=1, description="path of a JSON file holding the schema "
+                                        "instead; in a YAML config, relative to the config file's directory")
         whitespace_flexible: bool = Field(
             True, description="allow JSON whitespace between tokens; false: the compact form only")
 
@@ -200,14 +202,13 @@ class JsonSchema(Constraint):
         def source(self) -> Any:
             if self.schema_ is not None and self.file is not None:
                 raise ValueError("give either schema or file, not both")
-            if self.file is not None:
-                path = Path(self.file).expanduser()
+            if self.file is not None:       # already resolved (ConfigPath): the path named is the one read
                 try:
-                    return json.loads(path.read_text(encoding="utf-8"))
+                    return json.loads(Path(self.file).read_text(encoding="utf-8"))
                 except OSError as exc:
-                    raise ValueError(f"cannot read the schema file {self.file!r}: {exc.strerror or exc}") from None
+                    raise ValueError(f"cannot read the schema file {self.file}: {exc.strerror or exc}") from None
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise ValueError(f"the schema file {self.file!r} is not JSON: {exc}") from None
+                    raise ValueError(f"the schema file {self.file} is not JSON: {exc}") from None
             return self.schema_
 
         def compile_options(self) -> dict[str, Any]:

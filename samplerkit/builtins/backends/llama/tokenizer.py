@@ -157,9 +157,25 @@ class SentencePieceTokenizer(Tokenizer):
                 tokens.append(bytes([int(piece[3:5], 16)]))
             else:
                 tokens.append(piece.replace("▁", " ").encode("utf-8"))
+        verbatim = self._verbatim_processor()
         return TokenVocabulary(vocab_size=vocab_size, eos_token_ids=tuple(sorted(self.eos_ids)), tokens=tokens,
                                special_token_ids=tuple(special), bos_token_id=self.bos_id,
-                               encode=lambda data: self._encode(data.decode("utf-8", errors="replace")))
+                               encode=lambda data: verbatim.encode(data.decode("utf-8", errors="replace")))
+
+    def _verbatim_processor(self):
+        """A copy of the model that encodes text as exactly its bytes, for the engine (which
+        tokenizes text a grammar forces in the middle of an output, so ``encode(t)`` must spell
+        ``t``): no dummy-prefix space (``"cat"`` is not ``"▁cat"``), no whitespace folding and no
+        normalization (an empty precompiled charsmap is the identity).
+
+        Protobuf merges a message field that occurs twice and keeps the last value of a scalar,
+        so appending a ``normalizer_spec`` (ModelProto field 3) with ``precompiled_charsmap=2``,
+        ``add_dummy_prefix=3`` and ``remove_extra_whitespaces=4`` overrides just those three."""
+        import sentencepiece
+
+        override = _field_bytes(2, b"") + _field_varint(3, False) + _field_varint(4, False)
+        proto = self.sp.serialized_model_proto() + _field_bytes(3, override)
+        return sentencepiece.SentencePieceProcessor(model_proto=proto)
 
 
 def load_sentencepiece_file(path: str, *, eos_ids: Sequence[int] | None = None,
