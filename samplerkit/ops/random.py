@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from samplerkit.ops import _triton
+from samplerkit.ops.histogram import CHUNK_ELEMENTS
 from samplerkit.ops.sync import sync_free
 from samplerkit.ops.truncation import block_maxima, cut_below, exp_weights, safe_top
 
@@ -362,10 +363,9 @@ def _race_kept_blocks_by_maxima(logits: torch.Tensor, compared: torch.Tensor, th
         return block, None
     if not bool((shallow.squeeze(-1) & ~decided).any()):
         return (block, ~decided) if bool(decided.any()) else (None, None)
-    # The counts for every row: two passes, cheaper than copying the undecided rows out.
-    kept = torch.ge(compared, threshold, out=workspace) if workspace is not None else \
-        torch.ge(compared, threshold).to(heaviest.dtype)
-    by_counts, decided_now = _certify_blocks(logits, compared, threshold, top, noise, heaviest * _block_masses(kept))
+    # The counts for every row: cheaper than copying the undecided rows out.
+    counts = _kept_counts(compared, threshold, workspace)
+    by_counts, decided_now = _certify_blocks(logits, compared, threshold, top, noise, heaviest * counts)
     block = torch.where(decided.unsqueeze(-1), block, by_counts)
     decided = decided | decided_now
     if bool(decided.all()):
@@ -373,6 +373,24 @@ def _race_kept_blocks_by_maxima(logits: torch.Tensor, compared: torch.Tensor, th
     if not bool(decided.any()):
         return None, None
     return block, ~decided
+
+
+def _kept_counts(compared: torch.Tensor, threshold: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
+    """Each block's number of tokens with ``compared >= threshold``, ``[B, ceil(V / RACE_BLOCK)]``
+    float32 (exact: at most 256). One column chunk at a time: the 0/1 floats of a chunk are
+    summed while in cache instead of going through memory (``workspace``, ``[B, V]`` float32 or
+    ``None``, lends its storage for the chunk)."""
+    rows, vocab = compared.shape
+    width = max(RACE_BLOCK, CHUNK_ELEMENTS // rows // RACE_BLOCK * RACE_BLOCK)
+    if workspace is None or workspace.numel() < rows * min(width, vocab):
+        workspace = torch.empty(rows * min(width, vocab), dtype=torch.float32, device=compared.device)
+    storage = workspace.view(-1)
+    counts = torch.empty(rows, (vocab + RACE_BLOCK - 1) // RACE_BLOCK, dtype=torch.float32, device=compared.device)
+    for start in range(0, vocab, width):
+        stop = min(vocab, start + width)
+        chunk = torch.ge(compared[:, start:stop], threshold, out=storage[:rows * (stop - start)].view(rows, stop - start))
+        counts[:, start // RACE_BLOCK:(stop + RACE_BLOCK - 1) // RACE_BLOCK] = _block_masses(chunk)
+    return counts
 
 
 def _certify_blocks(logits: torch.Tensor, compared: torch.Tensor, threshold: torch.Tensor, top: torch.Tensor,
