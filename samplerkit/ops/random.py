@@ -170,7 +170,7 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
         block = _race_blocks(exp_weights(logits, safe_top(logits), out=workspace), block_keys)
     else:
         block, undecided = None, None
-        if weights is None and not sync_free(logits):
+        if weights is None and logits.device.type == "cpu" and not sync_free(logits):
             # Most rows are decided from block maxima (and kept counts): no weight of the
             # whole vocabulary, no exp over [B, V]. The rest take the weights below.
             top = safe_top(logits, row_max)
