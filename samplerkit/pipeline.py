@@ -275,11 +275,12 @@ class BoundPipeline:
         if processed is None and (self._plan.skip_for_sampling or not self._plan.stages):
             state = Dense(logits if logits.dtype == torch.float32 else logits.float())
             return state, state.valid(self._plan)     # the input is what is sampled
-        checks = [Dense(logits).valid(self._plan)]
+        checks: list[torch.Tensor] = []
         if processed is not None:
             state: State = Dense(processed)
         else:
             state = run_steps(self._plan, logits, ctx, self._work, checks=checks, sampling=True)
+        checks.append(_input_valid(logits, state, self._plan))     # the input is never modified
         valid = state.valid(self._plan)
         for check in checks:
             valid = valid & check
@@ -552,6 +553,17 @@ def _reusable(bound: BoundPipeline) -> bool:
     # A row without a seed draws one when the step is built: only a Seeded step draws it again.
     return all(isinstance(step, Seeded) or all(getattr(row[j].params, "seed", None) is not None for row in rows)
                for j, (spec, step) in enumerate(zip(specs, bound._built)) if _takes_seed(spec))
+
+
+def _input_valid(logits: torch.Tensor, state: State, plan: RunPlan) -> torch.Tensor:
+    """``[B]``: the input row has a finite maximum. Free when the run ends in a cut that compared
+    the input itself and took its block maxima (``min_p`` first): their maximum is the row's
+    (``amax`` propagates NaN either way); else one read pass."""
+    if isinstance(state, PendingCut) and state.cut.block_max is not None:
+        compared = state.cut.source if state.cut.source is not None else state.logits
+        if compared is logits:
+            return torch.isfinite(state.cut.block_max.amax(dim=-1))
+    return Dense(logits).valid(plan)
 
 
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:
