@@ -7,7 +7,8 @@ All three draw one token per row from the same logits, in one process, so ratios
 comparable even on a noisy machine. Every truncation is timed with temperature 0.7 first
 (transformers' and vLLM's order) and last (llama.cpp's), and transformers gets the same order.
 "bound" times ``pipe.bind(B, seeds).sample(x)`` (the decode loop's call), "one-shot" the
-README's ``pipe.sample(x, seeds)`` (a bind per call); "1shot/bd" is their ratio. Logit kinds: "peaked" (Zipf-like, like a language model's
+README's ``pipe.sample(x, seeds)`` (it reuses the previous call's bound pipeline); "1shot/bd" is their
+ratio, "unseeded/bd" that of ``pipe.sample(x)`` (rows without a seed: new seeds every call). Logit kinds: "peaked" (Zipf-like, like a language model's
 next-token distribution: a top-p 0.9 nucleus of tens to hundreds of tokens) and "flat"
 (standard normal: a nucleus of most of the vocabulary, the worst case).
 """
@@ -135,7 +136,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, clock {args.clock}")
     graphs = args.device == "cuda" and not args.no_graph
     print(f"{'pipeline':<28} {'kind':<6} {'B':>3} {'V':>7} {'nucleus':>8} {'bound':>11} {'one-shot':>11} "
-          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8} {'1shot/bd':>8}" + (f" {'other eager':>11} {'graph':>9} {'graph x20':>9} {'vs tf':>7}" if graphs else ""))
+          f"{'transformers':>12} {'seed':>9} {'vs tf':>7} {'vs seed':>8} {'1shot/bd':>8} {'unseeded/bd':>11}" + (f" {'other eager':>11} {'graph':>9} {'graph x20':>9} {'vs tf':>7}" if graphs else ""))
     if graphs:
         from samplerkit.ops import sync
         print(f"eager CUDA steps take the {'sync-free' if sync.EAGER_CUDA else 'checked'} paths; 'other eager' "
@@ -155,6 +156,7 @@ def main() -> None:
                     nucleus = float(torch.isfinite(bound.process(x)).sum(-1).float().mean())
                     t_sk = timeit(lambda: bound.sample(x), args.reps, args.device)
                     t_once = timeit(lambda: pipe.sample(x, seeds=seeds), args.reps, args.device)
+                    t_unseeded = timeit(lambda: pipe.sample(x), args.reps, args.device)
                     t_tf = timeit(lambda: transformers_step(x, tf), args.reps, args.device) if tf else float("nan")
                     if steps == [TEMPERATURE, {"top_p": 0.9}]:      # the seed's order: softmax(x / T), then top_p
                         t_seed = timeit(lambda: seed_step(x, 0.7, 0.9), args.reps, args.device)
@@ -162,7 +164,7 @@ def main() -> None:
                         t_seed = float("nan")
                     line = (f"{name:<28} {kind:<6} {batch:>3} {vocab:>7} {nucleus:>8.0f} {t_sk * 1e3:>9.2f}ms "
                             f"{t_once * 1e3:>9.2f}ms {t_tf * 1e3:>10.2f}ms {t_seed * 1e3:>7.2f}ms {t_tf / t_sk:>6.1f}x "
-                            f"{t_seed / t_sk:>7.1f}x {t_once / t_sk:>7.2f}x")
+                            f"{t_seed / t_sk:>7.1f}x {t_once / t_sk:>7.2f}x {t_unseeded / t_sk:>10.2f}x")
                     if graphs:
                         # The eager step with the other choice of paths (sync.EAGER_CUDA), then
                         # one step captured as a CUDA graph (BoundPipeline.capture), replayed.

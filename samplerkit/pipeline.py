@@ -23,6 +23,7 @@ from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
 from samplerkit.ops.sync import sync_free_scope
 from samplerkit.runplan import Candidates, Dense, PendingCut, RunPlan, State, plugin_failure, run_steps
+from samplerkit.seeded import Seeded
 from samplerkit.steps import Processor, Sampler
 from samplerkit.trace import Trace, trace_steps
 
@@ -171,11 +172,16 @@ class BoundPipeline:
         self._row_samplers = list(row_samplers)
         device = pipeline.device
         self.steps: list[tuple[StepSpec, Processor]] = []
+        #: Every step built, active or not, in the order they were built (and drew the seeds of
+        #: rows without one): what the one-shot call reseeds when it reuses them (_one_shot).
+        self._built: list[Processor | Sampler] = []
         for j, spec in enumerate(pipeline.processors):
             step = spec.cls([row[j].params for row in self._row_processors], device)
+            self._built.append(step)
             if step.any_active:                    # host flag: all-neutral steps are skipped
                 self.steps.append((spec, step))
         self.sampler: Sampler = pipeline.sampler.cls([s.params for s in self._row_samplers], device)
+        self._built.append(self.sampler)
         self._work: dict = {}           # the [B, V] workspaces of the run, reused from call to call
         self._plan = RunPlan.bind(self.steps, self.sampler, device)
 
@@ -269,11 +275,12 @@ class BoundPipeline:
         if processed is None and (self._plan.skip_for_sampling or not self._plan.stages):
             state = Dense(logits if logits.dtype == torch.float32 else logits.float())
             return state, state.valid(self._plan)     # the input is what is sampled
-        checks = [Dense(logits).valid(self._plan)]
+        checks: list[torch.Tensor] = []
         if processed is not None:
             state: State = Dense(processed)
         else:
             state = run_steps(self._plan, logits, ctx, self._work, checks=checks, sampling=True)
+        checks.append(_input_valid(logits, state, self._plan))     # the input is never modified
         valid = state.valid(self._plan)
         for check in checks:
             valid = valid & check
@@ -490,13 +497,15 @@ def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None
     The previous one-shot call with this batch size on this thread left its bound pipeline's
     steps, plan and ``[B, V]`` workspaces and the key it was bound for: the seeds and the
     implementation the device asks for now (:meth:`RunPlan.implementation`). The same key
-    reuses them when a fresh bind would build the same ones and nothing carries
-    over from call to call: every step declares ``reusable`` (:mod:`samplerkit.fastpath`) and
-    every seeded step has a seed on every row (a row without one draws a new seed from torch's
-    global generator at each bind, so each call binds afresh). Otherwise the call binds afresh
-    and takes over only the workspaces (the ``_work`` dicts of scratch buffers): the draws are
-    always a fresh bind's. Threads never share these, and a nested call on the same thread gets
-    its own (the entry is taken out while in use)."""
+    reuses them when a fresh bind would build the same ones and nothing carries over from call
+    to call: every step declares ``reusable`` (:mod:`samplerkit.fastpath`). Rows without a seed
+    drew one from torch's global generator when the steps were built; a reused pipeline draws
+    them again (:meth:`samplerkit.seeded.Seeded.reseed`, step by step in the order they were
+    built: the same generator calls as a fresh bind, so two calls draw independently and
+    ``torch.manual_seed`` reproduces a call). Otherwise the call binds afresh and takes over
+    only the workspaces (the ``_work`` dicts of scratch buffers): the draws are always a fresh
+    bind's. Threads never share these, and a nested call on the same thread gets its own (the
+    entry is taken out while in use)."""
     cache = getattr(_ONE_SHOT, "work", None)
     if cache is None:
         cache = _ONE_SHOT.work = weakref.WeakKeyDictionary()
@@ -509,6 +518,9 @@ def _one_shot(pipeline: Pipeline, batch: int, seeds: Sequence[int | None] | None
         bound = object.__new__(BoundPipeline)       # the same steps, plan and workspaces
         bound.__dict__.update(kept.parts)
         bound.pipeline = pipeline
+        for step in bound._built:                   # new seeds where a fresh bind draws them
+            if isinstance(step, Seeded) and step.streams.drawn:
+                step.reseed()
     else:
         bound = pipeline.bind(batch, seeds=seeds)
         owners = _work_owners(bound)
@@ -530,15 +542,28 @@ def _work_owners(bound: BoundPipeline) -> list:
 
 
 def _reusable(bound: BoundPipeline) -> bool:
-    """Whether a fresh bind for the same rows and seeds would build this very pipeline and a
-    call leaves nothing behind but workspaces (see :func:`_one_shot`)."""
+    """Whether a fresh bind for the same rows and seeds would build this very pipeline, up to the
+    seeds drawn for rows without one (which :meth:`~samplerkit.seeded.Seeded.reseed` draws
+    again), and a call leaves nothing behind but workspaces (see :func:`_one_shot`)."""
     pipeline = bound.pipeline
     specs = [*pipeline.processors, pipeline.sampler]
     if not all(getattr(spec.cls, "reusable", False) for spec in specs):   # inactive steps are built too
         return False
     rows = [[*procs, samp] for procs, samp in zip(bound._row_processors, bound._row_samplers)]
-    return all(getattr(row[j].params, "seed", None) is not None
-               for j, spec in enumerate(specs) if _takes_seed(spec) for row in rows)
+    # A row without a seed draws one when the step is built: only a Seeded step draws it again.
+    return all(isinstance(step, Seeded) or all(getattr(row[j].params, "seed", None) is not None for row in rows)
+               for j, (spec, step) in enumerate(zip(specs, bound._built)) if _takes_seed(spec))
+
+
+def _input_valid(logits: torch.Tensor, state: State, plan: RunPlan) -> torch.Tensor:
+    """``[B]``: the input row has a finite maximum. Free when the run ends in a cut that compared
+    the input itself and took its block maxima (``min_p`` first): their maximum is the row's
+    (``amax`` propagates NaN either way); else one read pass."""
+    if isinstance(state, PendingCut) and state.cut.block_max is not None:
+        compared = state.cut.source if state.cut.source is not None else state.logits
+        if compared is logits:
+            return torch.isfinite(state.cut.block_max.amax(dim=-1))
+    return Dense(logits).valid(plan)
 
 
 def _finite_argmax(logits: torch.Tensor) -> torch.Tensor:

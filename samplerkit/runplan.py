@@ -309,7 +309,8 @@ class _Run:
         (temperature's cheap overflow check). ``source`` is left unchanged."""
         if stage.cut == "last":
             return PendingCut(source, cut)
-        y = source
+        y, row_max, block_max = source, cut.row_max, cut.block_max
+        zeros = torch.zeros_like(row_max, dtype=torch.int64)
         for tail in self.plan.tail:
             if y is source and tail.inplace:
                 y = _run_step(tail.spec, tail.step, source, self.ctx, fast=True,
@@ -317,8 +318,19 @@ class _Run:
             else:
                 y = _run_step(tail.spec, tail.step, y, self.ctx, fast=True)
             self._checked(Dense(y), tail.checked)
-        # f is monotone, so the row maximum (always kept) maps to y's maximum.
-        return PendingCut(y, cut._replace(row_max=y.amax(dim=-1, keepdim=True), weights=None, source=source))
+            # f is an elementwise map that never reverses an order (Stage.monotone), so it maps
+            # the row maximum (always kept) to y's maximum, and a block's maximum to the block's
+            # maximum of y: f of a few values per row, not a pass over y. (Elementwise: its
+            # value does not depend on the token ids.)
+            if row_max is not None:
+                row_max = _call(tail.spec, tail.step.apply_candidates, row_max.clone(), zeros, self.ctx)
+            if block_max is not None:
+                block_max = _call(tail.spec, tail.step.apply_candidates, block_max.clone(),
+                                  zeros.expand_as(block_max), self.ctx)
+        if row_max is None:
+            row_max = y.amax(dim=-1, keepdim=True)
+        return PendingCut(y, cut._replace(row_max=row_max, weights=None, source=source,
+                                          value_block_max=block_max))
 
     def _finish(self, state: State, deferred: list[Stage]) -> State:
         """Monotone steps at the end stay dense; process() never returns the caller's tensor."""

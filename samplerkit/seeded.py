@@ -77,6 +77,12 @@ def stream_id(name: str) -> int:
     return value
 
 
+def _draw_seeds(n: int) -> torch.Tensor:
+    """``n`` seeds in ``[0, 2**62)`` from torch's global generator (CPU int64), in one call: the
+    same numbers as ``n`` calls drawing one each."""
+    return torch.randint(0, _RANDOM_SEED_BOUND, (n,), dtype=torch.int64)
+
+
 class SeedParams(StepParams):
     """The standard seed parameter. Subclass it to add your own fields."""
 
@@ -91,12 +97,15 @@ class RowStreams:
     allowed), which is what :meth:`Seeded.follow_rows` does.
     """
 
-    __slots__ = ("seeds",)
+    __slots__ = ("seeds", "drawn")
 
-    def __init__(self, seeds: torch.Tensor):
+    def __init__(self, seeds: torch.Tensor, drawn: tuple[int, ...] = ()):
         if seeds.dtype != torch.int64 or seeds.dim() != 1:
             raise ValueError(f"RowStreams needs [B] int64 seeds, got {tuple(seeds.shape)} {seeds.dtype}")
         self.seeds = seeds
+        #: The rows whose seed was drawn from torch's global generator (no seed given), in the
+        #: order they were drawn: what :meth:`redrawn` draws again.
+        self.drawn = drawn
 
     @classmethod
     def for_rows(cls, rows: Sequence[StepParams], device: torch.device | str = "cpu", *,
@@ -104,14 +113,23 @@ class RowStreams:
         """Seeds from each row's ``seed`` field; a ``None`` seed is drawn from torch's global
         generator (only for the rows where ``draw_for`` is true, default all: a step whose
         neutral rows never draw should not consume the global generator for them)."""
-        seeds = []
-        for i, row in enumerate(rows):
-            seed = getattr(row, "seed", None)
-            if seed is None:
-                drawn = draw_for is None or draw_for[i]
-                seed = int(torch.randint(0, _RANDOM_SEED_BOUND, ()).item()) if drawn else 0
-            seeds.append(seed)
-        return cls(torch.tensor(seeds, dtype=torch.int64, device=device))
+        seeds = [getattr(row, "seed", None) for row in rows]
+        drawn = tuple(i for i, seed in enumerate(seeds) if seed is None and (draw_for is None or draw_for[i]))
+        values = [0 if seed is None else seed for seed in seeds]
+        for i, seed in zip(drawn, _draw_seeds(len(drawn)).tolist()):
+            values[i] = seed
+        return cls(torch.tensor(values, dtype=torch.int64, device=device), drawn)
+
+    def redrawn(self) -> RowStreams:
+        """These streams with new seeds for the rows in :attr:`drawn`, drawn from torch's global
+        generator exactly as :meth:`for_rows` would draw them now (the same generator calls)."""
+        if not self.drawn:
+            return self
+        fresh = _draw_seeds(len(self.drawn)).to(self.seeds.device)
+        if len(self.drawn) == self.seeds.shape[0]:           # every row drew (no seeds given)
+            return RowStreams(fresh, self.drawn)
+        index = torch.tensor(self.drawn, dtype=torch.int64, device=self.seeds.device)
+        return RowStreams(self.seeds.index_copy(0, index, fresh), self.drawn)
 
     def select(self, index: torch.Tensor | Sequence[int]) -> RowStreams:
         """The streams of rows ``index`` (``[B']`` int64, repeats duplicate a row's stream)."""
@@ -148,6 +166,14 @@ class Seeded:
     """
 
     streams: RowStreams
+
+    def reseed(self) -> None:
+        """Draw new seeds for the rows that drew theirs when the step was built (no seed given),
+        as building the step again now would: the same calls to torch's global generator. The
+        one-shot ``Pipeline.sample`` reuses a step built by an earlier call this way instead of
+        building it again. Override it if the step keeps more than ``self.streams`` that
+        depends on those seeds."""
+        self.streams = self.streams.redrawn()
 
     def follow_rows(self, previous: Seeded, keep: torch.Tensor) -> None:
         """Take over ``previous``'s streams for rows ``keep`` (``[B']`` int64 indices into the

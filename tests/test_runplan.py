@@ -102,12 +102,12 @@ def test_one_shot_reuses_the_bound_pipeline_when_every_row_is_seeded(monkeypatch
     assert used[0].sampler is used[1].sampler is used[2].sampler                # the same steps, not rebuilt
     assert [s for _, s in used[0].steps] == [s for _, s in used[2].steps] and used[0]._work is used[2]._work
     assert torch.equal(pipe.sample(x, seeds=seeds), pipe.bind(6, seeds=seeds).sample(x))
-    # Other seeds, a row without a seed (a new random seed per call), another implementation:
-    # a new bind each time.
+    # Other seeds, another implementation: a new bind each time. (A row without a seed reuses
+    # the steps, drawing its seed again: tests/test_one_shot_unseeded.py.)
     other = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=[1, 2, 3, 4, 5, 6]), p.sample(x, seeds=seeds)])
     assert other[0].sampler is not used[0].sampler and other[1].sampler is not other[0].sampler
     unseeded = _bound_pipelines_used(pipe, lambda p: [p.sample(x, seeds=[5, None, 7, 8, 9, 10]) for _ in range(2)])
-    assert unseeded[0].sampler is not unseeded[1].sampler
+    assert unseeded[0].sampler is unseeded[1].sampler is not used[0].sampler
     before = _bound_pipelines_used(pipe, lambda p: p.sample(x, seeds=seeds))
     monkeypatch.setattr(sync, "FORCE", True)
     forced = _bound_pipelines_used(pipe, lambda p: p.sample(x, seeds=seeds))

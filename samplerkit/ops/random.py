@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from samplerkit.ops import _triton
+from samplerkit.ops.histogram import CHUNK_ELEMENTS
 from samplerkit.ops.sync import sync_free
-from samplerkit.ops.truncation import cut_below, exp_weights, safe_top
+from samplerkit.ops.truncation import block_maxima, cut_below, exp_weights, safe_top
 
 _MASK64 = (1 << 64) - 1
 
@@ -120,7 +121,8 @@ def _stream_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
 def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tensor | None = None, *,
                 threshold: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                 mask_workspace: torch.Tensor | None = None, row_max: torch.Tensor | None = None,
-                source: torch.Tensor | None = None) -> torch.Tensor:
+                source: torch.Tensor | None = None, block_max: torch.Tensor | None = None,
+                value_block_max: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row from ``softmax(logits)`` exactly, reading the vocabulary O(1) times.
 
     The two-stage race. Token ids are cut into blocks of ``RACE_BLOCK`` consecutive ids; with
@@ -146,6 +148,9 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     usually certified from 16 blocks' kept masses (:func:`_race_kept_blocks_lazily`), not from a
     pass that masks every weight; the same block either way. ``source`` (see
     :class:`samplerkit.ops.truncation.Cut`): the threshold compares ``source``, not ``logits``.
+    Without ``weights``, rows whose cut is shallow are first decided from block maxima and kept
+    counts (:func:`_race_kept_blocks_by_maxima`; ``block_max`` and ``value_block_max``: the
+    maxima when the truncation has them, see ``Cut``), without weighing the vocabulary.
 
     >>> x = torch.tensor([[0.0, float('-inf'), 1.0]])
     >>> keys = row_keys(torch.tensor([7]), torch.tensor([0]))
@@ -164,17 +169,30 @@ def race_sample(logits: torch.Tensor, keys: torch.Tensor, workspace: torch.Tenso
     if threshold is None:
         block = _race_blocks(exp_weights(logits, safe_top(logits), out=workspace), block_keys)
     else:
-        if weights is None:
-            weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
-        block, undecided = (None, None) if sync_free(logits) else _race_kept_blocks_lazily(
-            compared, weights, threshold, block_keys)
+        block, undecided = None, None
+        if weights is None and logits.device.type == "cpu" and not sync_free(logits):
+            # Most rows are decided from block maxima (and kept counts): no weight of the
+            # whole vocabulary, no exp over [B, V]. The rest take the weights below.
+            top = safe_top(logits, row_max)
+            block, undecided = _race_kept_blocks_by_maxima(
+                logits, compared, threshold, top, block_keys, mask_workspace,
+                compared_max=block_max, value_max=value_block_max if source is not None else block_max)
+            if block is not None and undecided is not None and 2 * int(undecided.sum()) > undecided.shape[0]:
+                block = None                         # mostly undecided: the full computation
+            if block is not None and undecided is not None:
+                rows = undecided.nonzero().squeeze(-1)
+                sub = logits.index_select(0, rows)
+                block = block.index_copy(0, rows, _race_kept_blocks_from_weights(
+                    sub if source is None else source.index_select(0, rows),
+                    exp_weights(sub, top.index_select(0, rows)), threshold.index_select(0, rows),
+                    block_keys.index_select(0, rows)))
+            elif block is None:
+                weights = exp_weights(logits, top, out=mask_workspace)
         if block is None:
-            block = _race_kept_blocks(compared, weights, threshold, block_keys, workspace)
-        elif undecided is not None:
-            rows = undecided.nonzero().squeeze(-1)
-            block = block.index_copy(0, rows, _race_kept_blocks(
-                compared.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
-                block_keys.index_select(0, rows)))
+            if weights is None:
+                weights = exp_weights(logits, safe_top(logits, row_max), out=mask_workspace)
+            block = _race_kept_blocks_from_weights(compared, weights, threshold, block_keys, workspace,
+                                                   lazy=not sync_free(logits))
     ids, inside = _block_tokens(block, vocab)
     values = logits.gather(-1, ids).masked_fill_(~inside, float("-inf"))
     if threshold is not None:
@@ -190,6 +208,23 @@ def _race_kept_blocks(logits: torch.Tensor, weights: torch.Tensor, threshold: to
     # A float comparison result: writing a bool mask is several times slower on CPU.
     kept = torch.ge(logits, threshold, out=workspace) if workspace is not None else (logits >= threshold).float()
     return _race_blocks(kept.mul_(weights), block_keys)
+
+
+def _race_kept_blocks_from_weights(compared: torch.Tensor, weights: torch.Tensor, threshold: torch.Tensor,
+                                   block_keys: torch.Tensor, workspace: torch.Tensor | None = None, *,
+                                   lazy: bool = True) -> torch.Tensor:
+    """Stage 1 over the tokens with ``compared >= threshold`` given every token's weight: the
+    lazy certification from full block masses (:func:`_race_kept_blocks_lazily`, ``lazy``), the
+    masking pass for the rows it leaves undecided."""
+    block, undecided = _race_kept_blocks_lazily(compared, weights, threshold, block_keys) if lazy else (None, None)
+    if block is None:
+        return _race_kept_blocks(compared, weights, threshold, block_keys, workspace)
+    if undecided is not None:
+        rows = undecided.nonzero().squeeze(-1)
+        block = block.index_copy(0, rows, _race_kept_blocks(
+            compared.index_select(0, rows), weights.index_select(0, rows), threshold.index_select(0, rows),
+            block_keys.index_select(0, rows)))
+    return block
 
 
 def _race_blocks(weights: torch.Tensor, block_keys: torch.Tensor) -> torch.Tensor:
@@ -265,6 +300,118 @@ def _race_kept_blocks_lazily(logits: torch.Tensor, weights: torch.Tensor, thresh
     if n_undecided == rows:
         return None, None
     return block, (undecided if n_undecided else None)
+
+
+# Certification margin on log scores: covers last-bit differences between these sums of
+# recomputed weights and the masking pass's (a float32 sum of 256 terms is within 2^-16 of
+# exact) and log's rounding, so a certified winner is the full computation's winner.
+_CERTIFY_MARGIN = 2.0 ** -10
+# Cuts at most this many nats below the row maximum are bounded from block maxima and counts.
+_SHALLOW = 6.0
+# Blocks computed exactly from the block maxima alone: a peaked row's kept tokens lie in a few
+# dozen blocks at most, and then every block that could win is computed.
+_BY_MAXIMA_BLOCKS = 32
+
+
+def _race_kept_blocks_by_maxima(logits: torch.Tensor, compared: torch.Tensor, threshold: torch.Tensor,
+                                top: torch.Tensor, block_keys: torch.Tensor,
+                                workspace: torch.Tensor | None = None, *,
+                                compared_max: torch.Tensor | None = None, value_max: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Stage 1 of the race over the tokens with ``compared >= threshold`` without weighing the
+    whole vocabulary: ``[B, 1]`` block ids and the ``[B]`` rows left undecided (``None`` when
+    every row is decided); ``(None, None)`` when no row is decided. CPU only (host checks).
+
+    With ``m_b`` the block's largest logit (of ``logits``, whose weights ``w = exp_weights(x,
+    top)`` the race uses) and ``n_b`` its number of kept tokens, the block's kept mass is at most
+    ``n_b w(m_b)``: every kept token weighs at most the block maximum's weight. The winner is
+    then certified as in :func:`_race_kept_blocks_lazily` from these bounds: the exact kept
+    masses of the ``k`` blocks with the highest bounds ``log(n_b w(m_b) (1 + 2^-12)) + G_b``
+    (weights recomputed for their tokens only: ``exp_weights`` is elementwise), and the best of
+    them must beat the ``k + 1``-th bound and the second best by a margin. First with
+    ``n_b = 256`` on blocks whose maximum of ``compared`` reaches the threshold and ``k = 32``
+    (one blocked max per tensor: a peaked row has a few dozen such blocks at most, all computed
+    exactly), then, if rows are left, with the counts and ``k = 16`` (a compare and a blocked
+    sum: tight on flat rows, whose kept tokens are a few per block). A block without a kept token has bound 0 and never wins, as
+    in the full computation. Rows neither decides are left to the full computation.
+
+    Both bounds are loose when a row keeps tokens far below its maximum (a deep cut, such as
+    ``top_p``'s on a flat row: a block's kept tokens then weigh far less than its heaviest);
+    unless the caller has the block maxima (``compared_max``: of ``compared``, ``value_max``: of
+    ``logits``), they are computed only when most rows cut at most ``_SHALLOW`` nats below the
+    row maximum (``min_p``: ``-log min_p``), and the counts only for such rows.
+    """
+    rows, vocab = logits.shape
+    n_blocks = (vocab + RACE_BLOCK - 1) // RACE_BLOCK
+    if n_blocks <= _LAZY_BLOCKS or rows * vocab < _LAZY_MIN_ELEMENTS:
+        return None, None
+    if compared_max is None:
+        if compared is not logits or 2 * int(((top - threshold) <= _SHALLOW).sum()) < rows:
+            return None, None
+        compared_max = block_maxima(compared, RACE_BLOCK)
+    if value_max is None:
+        value_max = compared_max if compared is logits else block_maxima(logits, RACE_BLOCK)
+    # How deep each row cuts below its maximum, on the compared values.
+    shallow = (compared_max.amax(-1, keepdim=True) - threshold) <= _SHALLOW
+    noise = gumbel_noise(block_keys, torch.arange(n_blocks, device=logits.device))
+    # The most one kept token of the block weighs, with the slack of _race_kept_blocks_lazily.
+    heaviest = exp_weights(value_max, top).mul_(_UPPER_SLACK)
+    live = (compared_max >= threshold).to(heaviest.dtype)
+    block, decided = _certify_blocks(logits, compared, threshold, top, noise, heaviest * (live * RACE_BLOCK),
+                                     exact=_BY_MAXIMA_BLOCKS)
+    if bool(decided.all()):
+        return block, None
+    if not bool((shallow.squeeze(-1) & ~decided).any()):
+        return (block, ~decided) if bool(decided.any()) else (None, None)
+    # The counts for every row: cheaper than copying the undecided rows out.
+    counts = _kept_counts(compared, threshold, workspace)
+    by_counts, decided_now = _certify_blocks(logits, compared, threshold, top, noise, heaviest * counts)
+    block = torch.where(decided.unsqueeze(-1), block, by_counts)
+    decided = decided | decided_now
+    if bool(decided.all()):
+        return block, None
+    if not bool(decided.any()):
+        return None, None
+    return block, ~decided
+
+
+def _kept_counts(compared: torch.Tensor, threshold: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
+    """Each block's number of tokens with ``compared >= threshold``, ``[B, ceil(V / RACE_BLOCK)]``
+    float32 (exact: at most 256). One column chunk at a time: the 0/1 floats of a chunk are
+    summed while in cache instead of going through memory (``workspace``, ``[B, V]`` float32 or
+    ``None``, lends its storage for the chunk)."""
+    rows, vocab = compared.shape
+    width = max(RACE_BLOCK, CHUNK_ELEMENTS // rows // RACE_BLOCK * RACE_BLOCK)
+    if workspace is None or workspace.numel() < rows * min(width, vocab):
+        workspace = torch.empty(rows * min(width, vocab), dtype=torch.float32, device=compared.device)
+    storage = workspace.view(-1)
+    counts = torch.empty(rows, (vocab + RACE_BLOCK - 1) // RACE_BLOCK, dtype=torch.float32, device=compared.device)
+    for start in range(0, vocab, width):
+        stop = min(vocab, start + width)
+        chunk = torch.ge(compared[:, start:stop], threshold, out=storage[:rows * (stop - start)].view(rows, stop - start))
+        counts[:, start // RACE_BLOCK:(stop + RACE_BLOCK - 1) // RACE_BLOCK] = _block_masses(chunk)
+    return counts
+
+
+def _certify_blocks(logits: torch.Tensor, compared: torch.Tensor, threshold: torch.Tensor, top: torch.Tensor,
+                    noise: torch.Tensor, upper: torch.Tensor, exact: int = _LAZY_BLOCKS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block race from upper bounds ``upper`` ``[B, n]`` of every block's kept mass (0: no
+    kept token), computing the kept mass of the ``exact`` blocks with the highest bounds:
+    ``[B, 1]`` block ids and ``[B]`` bool, the rows where the winner is certain (see
+    :func:`_race_kept_blocks_by_maxima`)."""
+    rows, vocab = logits.shape
+    exact = min(exact, upper.shape[-1] - 1)
+    bound, order = upper.log().add_(noise).topk(exact + 1, dim=-1)
+    chosen = order[:, :exact]
+    ids, inside = _block_tokens(chosen, vocab)
+    kept = (compared.gather(-1, ids) >= threshold) & inside
+    mass = (exp_weights(logits.gather(-1, ids), top) * kept).view(rows, exact, RACE_BLOCK).sum(-1)
+    score = mass.log_().add_(noise.gather(-1, chosen))
+    first_two, at = score.topk(2, dim=-1)
+    best = first_two[:, :1]
+    decided = (best > bound[:, exact:] + _CERTIFY_MARGIN) & (best > first_two[:, 1:] + _CERTIFY_MARGIN)
+    return chosen.gather(-1, at[:, :1]), decided.squeeze(-1)
 
 
 def race_sample_candidates(values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -154,11 +154,32 @@ class Cut(NamedTuple):
     with the cut: the row keeps ``y_i`` where ``source_i >= threshold`` (a truncation followed by
     monotone steps, ``y = f(source)``: the kept set is decided on the values the truncation saw,
     since ``f`` may merge a kept and a removed value into one float). ``row_max`` and ``weights``
-    are then those of ``y``."""
+    are then those of ``y``.
+
+    ``block_max``, when known, is :func:`block_maxima` of the values the threshold compares
+    (``source`` when set, else the logits), and ``value_block_max`` that of the logits handed
+    with the cut when they differ (a ``source`` cut): the sampler's race bounds each block's
+    kept mass from them instead of weighing the whole vocabulary."""
     threshold: torch.Tensor
     row_max: torch.Tensor
     weights: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    block_max: torch.Tensor | None = None
+    value_block_max: torch.Tensor | None = None
+
+
+def block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The maximum of each ``block`` consecutive logits of a row, ``[B, ceil(V / block)]`` (a
+    short last block's over its tokens). Their row maximum is ``x.amax(-1)`` exactly, and a
+    blocked max costs about what the row max costs (one read pass)."""
+    vocab = x.shape[-1]
+    full = vocab // block
+    if full == 0:
+        return x.amax(dim=-1, keepdim=True)
+    top = x[:, :full * block].view(-1, full, block).amax(-1)
+    if full * block < vocab:
+        top = torch.cat([top, x[:, full * block:].amax(-1, keepdim=True)], dim=-1)
+    return top
 
 
 def top_p_threshold(logits: torch.Tensor, p: torch.Tensor, stats=None, work: dict | None = None,

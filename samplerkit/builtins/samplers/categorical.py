@@ -46,7 +46,8 @@ class Categorical(SeededSampler, FastPathSampler):
         return race_sample(logits, self.streams.keys(ctx),
                            workspace=scratch(self._work, "weights", logits, torch.float32), threshold=cut.threshold,
                            weights=cut.weights, mask_workspace=scratch(self._work, "mask", logits, torch.float32),
-                           row_max=cut.row_max, source=cut.source)
+                           row_max=cut.row_max, source=cut.source, block_max=cut.block_max,
+                           value_block_max=cut.value_block_max)
 
     def sample_candidates(self, values: torch.Tensor, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         vocab = ctx.vocab_size if ctx.vocab_size is not None else 1 << 62

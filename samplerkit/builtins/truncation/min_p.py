@@ -8,8 +8,9 @@ from pydantic import Field
 from samplerkit.context import StepContext
 from samplerkit.fastpath import ThresholdProcessor
 from samplerkit.ops import NEG_INF
+from samplerkit.ops.random import RACE_BLOCK
 from samplerkit.ops.sync import sync_free
-from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, min_p_threshold
+from samplerkit.ops.truncation import TOP_P_CANDIDATES, Cut, block_maxima, min_p_threshold
 from samplerkit.params import StepParams
 
 
@@ -45,8 +46,14 @@ class MinP(ThresholdProcessor):
         return min_p_threshold(logits.amax(dim=-1, keepdim=True), self.p.min_p)
 
     def select_cut(self, logits: torch.Tensor, ctx: StepContext) -> Cut:
-        row_max = logits.amax(dim=-1, keepdim=True)
-        return Cut(min_p_threshold(row_max, self.p.min_p), row_max)
+        if logits.device.type != "cpu":
+            row_max = logits.amax(dim=-1, keepdim=True)
+            return Cut(min_p_threshold(row_max, self.p.min_p), row_max)
+        # On CPU the row max through the race's block maxima (the same one pass): the sampler
+        # then bounds each block's kept mass from them instead of weighing every token.
+        blocks = block_maxima(logits, RACE_BLOCK)
+        row_max = blocks.amax(dim=-1, keepdim=True)
+        return Cut(min_p_threshold(row_max, self.p.min_p), row_max, block_max=blocks)
 
     def select_candidates(self, logits: torch.Tensor, ctx: StepContext):
         vocab = logits.shape[-1]
