@@ -396,11 +396,13 @@ def _check_text(text: str, where: str) -> str:
 class _Row:
     """Book-keeping of one output row while it runs."""
 
-    def __init__(self, prompt_index: int, sample_index: int, gen, detokenize):
+    def __init__(self, prompt_index: int, sample_index: int, gen, detokenize, prompt_ids: Sequence[int] = ()):
         self.prompt_index = prompt_index
         self.sample_index = sample_index
         self.tokens: list[int] = []
-        self.detok = IncrementalDetokenizer(detokenize)
+        # The prompt's last ids are the first token's context: a sentencepiece token's leading
+        # space ("▁The") is kept where it continues the prompt.
+        self.detok = IncrementalDetokenizer(detokenize, prompt_ids)
         self.stops = StopMatcher(gen.stop)
         self.logprobs: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
         self.finish_reason: str | None = None
@@ -812,7 +814,9 @@ class _Run:
     def start_rows(self) -> None:
         """Create the output rows, prompt-major (``n`` per prompt)."""
         n = self.gen.n
-        self.rows = [_Row(i, j, self.gen, self.backend.detokenize) for i in range(len(self.prompts)) for j in range(n)]
+        self.tokenize()
+        self.rows = [_Row(i, j, self.gen, self.backend.detokenize, self.prompt_ids[i])
+                     for i in range(len(self.prompts)) for j in range(n)]
         if self.segments:
             backend = self.backend
 

@@ -118,3 +118,20 @@ def test_race_sample_with_block_maxima_equals_without():
     want = race_sample(x.masked_fill(x < threshold, float("-inf")), keys)
     assert torch.equal(race_sample(x, keys, threshold=threshold), want)
     assert torch.equal(race_sample(x, keys, threshold=threshold, block_max=block_maxima(x, RACE_BLOCK)), want)
+
+
+@pytest.mark.parametrize("rows, vocab", [(5000, 5000), (64, 16384 + 100), (3, 100)])
+def test_kept_counts_with_a_short_last_column_chunk(rows, vocab):
+    """The kept counts are summed one column chunk at a time; a last chunk narrower than one
+    block (5000 rows: 256-wide chunks, 5000 = 19 * 256 + 136) is counted like the others. It
+    raised a reshape error mid-sampling before (found by the min_p frequency test in CI)."""
+    from samplerkit.ops.random import _kept_counts
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    threshold = x.amax(-1, keepdim=True) - 1.0
+    kept = (x >= threshold).float()
+    n_blocks = (vocab + RACE_BLOCK - 1) // RACE_BLOCK
+    padded = torch.nn.functional.pad(kept, (0, n_blocks * RACE_BLOCK - vocab))
+    want = padded.view(rows, n_blocks, RACE_BLOCK).sum(-1)
+    assert torch.equal(_kept_counts(x, threshold, None), want)

@@ -244,6 +244,8 @@ def _block_masses(weights: torch.Tensor) -> torch.Tensor:
     """``S_b``: the sum of each block of ``RACE_BLOCK`` consecutive weights, ``[B, ceil(V / RACE_BLOCK)]``."""
     vocab = weights.shape[-1]
     full = vocab // RACE_BLOCK
+    if full == 0:           # one short block (the last column chunk of _kept_counts can be one)
+        return weights.sum(-1, keepdim=True)
     mass = weights[:, :full * RACE_BLOCK].view(-1, full, RACE_BLOCK).sum(-1)
     if full * RACE_BLOCK < vocab:
         mass = torch.cat([mass, weights[:, full * RACE_BLOCK:].sum(-1, keepdim=True)], dim=-1)
