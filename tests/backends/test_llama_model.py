@@ -170,12 +170,19 @@ def test_threads_and_params(hf_dir):
     assert all(f["description"] for f in LlamaParams.describe_fields())
 
 
-@pytest.fixture(scope="module")
-def packed_tiny(tmp_path_factory, tiny_tools):
-    """A tiny Q4_1 GGUF whose every matrix runs packed (vocabulary 320: a multiple of the int4
-    kernel's 16 outputs, so the output projection is packed too, as in the default model)."""
+@pytest.fixture(scope="module", params=["packed", "auto"])
+def packed_tiny(request, tmp_path_factory, tiny_tools):
+    """A tiny Q4_1 GGUF whose layer matrices run packed (vocabulary 320: a multiple of the int4
+    kernel's 16 outputs, so the output projection can be packed too, as in the default model),
+    with ``weights: packed`` (every matrix int4) and ``auto`` (the default: the output matrix in
+    float16)."""
     transformers = pytest.importorskip("transformers", reason="builds the tiny model")
-    from samplerkit.builtins.backends.llama.quant import Int4Linear, int4_kernel_available
+    from samplerkit.builtins.backends.llama.quant import (
+        Fp16Linear,
+        Int4Linear,
+        fp16_kernel_available,
+        int4_kernel_available,
+    )
     from samplerkit.testing.tiny_models import TINY_LLAMA
 
     if not int4_kernel_available():
@@ -188,8 +195,12 @@ def packed_tiny(tmp_path_factory, tiny_tools):
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
     path = tiny_tools.write_gguf(tmp_path_factory.mktemp("packed") / "tiny-Q4_1.gguf", model, cfg,
                                  matrix_type="Q4_1", tokenizer=tiny_tools.train_byte_level_bpe())
-    backend = LlamaBackend(LlamaParams(model=str(path), cache=False))
-    assert all(isinstance(m, Int4Linear) for m in backend.model.linears())
+    backend = LlamaBackend(LlamaParams(model=str(path), cache=False, weights=request.param))
+    *layers, head = backend.model.linears()
+    assert all(isinstance(m, Int4Linear) for m in layers)
+    # auto (the default): the output matrix in float16 where fbgemm's GEMM runs, packed otherwise.
+    want_head = Fp16Linear if request.param == "auto" and fp16_kernel_available() else Int4Linear
+    assert isinstance(head, want_head)
     return backend
 
 

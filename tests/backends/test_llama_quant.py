@@ -257,22 +257,26 @@ def smollm_exact_and_fp16():
 
 @pytest.mark.slow
 @needs_fp16
-def test_fp16_default_model_keeps_the_exact_top_token(smollm_exact_and_fp16):
+@pytest.mark.parametrize("weights, least, gap", [("packed", 124, 1.0), ("auto", 126, 1.0), ("fp16", 124, 0.25)])
+def test_default_model_keeps_the_exact_top_token(smollm_exact_and_fp16, weights, least, gap):
     """The teacher-forced test of test_llama_smollm2.py (4 prompts, 32 steps of the exact model's
-    greedy tokens): the packed default agrees on 124/128 top tokens (largest logit gap 0.71);
-    float16 weights must do at least as well (measured: 128/128, gap 0.034)."""
+    greedy tokens). Every layer matrix packed int4 (``packed``) agrees on 124/128 top tokens
+    (largest logit gap 0.71); ``auto``, the default, with the output matrix in float16, must do
+    better (measured 127/128 on AVX2); float16 weights everywhere at least as well as packed
+    (measured: 128/128, gap 0.034)."""
     exact, f16 = smollm_exact_and_fp16
+    other = f16 if weights == "fp16" else LlamaBackend(LlamaParams(weights=weights))
     prompts = [exact.tokenize(p) for p in ("The capital of France is", "Once upon a time, in a small village,",
                                            "def fibonacci(n):", "List three colors:")]
-    e, o = exact.prefill(prompts).last, f16.prefill(prompts).last
+    e, o = exact.prefill(prompts).last, other.prefill(prompts).last
     worst, agree = (e - o).abs().max().item(), 0
     for _ in range(32):
         nxt = e.argmax(-1)
         agree += int((o.argmax(-1) == nxt).sum())
-        e, o = exact.step(nxt), f16.step(nxt)
+        e, o = exact.step(nxt), other.step(nxt)
         worst = max(worst, (e - o).abs().max().item())
-    assert agree >= 124, agree
-    assert worst < 0.25, worst
+    assert agree >= least, agree
+    assert worst < gap, worst
 
 
 @pytest.mark.slow

@@ -48,7 +48,10 @@ class LlamaParams(StepParams):
                             "rounded once to float16, multiplied by fbgemm's float16 GEMM on the CPU (2 bytes "
                             "per weight, closer to the exact model than packed, faster than packed for "
                             "batches of 4 rows or more on AVX2, slower to start: docs/performance.md); "
-                            "'auto': packed on a CPU whose torch has the kernel, dequantize otherwise.")
+                            "'auto': packed on a CPU whose torch has the int4 kernel, with the output "
+                            "matrix in float16 as 'fp16' has it where fbgemm's float16 GEMM runs (faster and "
+                            "closer to the exact model than packed; start about 0.5 s longer); dequantize "
+                            "where there is no int4 kernel.")
     max_context: int | None = Field(
         None, gt=0, description=f"Longest sequence (prompt + generated tokens); null means the model's "
                                 f"context length, capped at {DEFAULT_MAX_CONTEXT}. The KV cache grows on "
@@ -111,6 +114,7 @@ class LlamaBackend(Backend):
             progress = _default_progress()
         keep_packed = _keep_packed(p.weights, device)
         fp16 = p.weights == "fp16"
+        fp16_head = p.weights == "auto" and keep_packed and _fp16_head_available(device)
         from samplerkit.builtins.backends.llama import cache
         from samplerkit.builtins.backends.llama.model import LlamaModel
 
@@ -118,7 +122,7 @@ class LlamaBackend(Backend):
         entry = None
         use_cache = keep_packed if p.cache is None else p.cache
         if use_cache and self.model_path.is_file():   # GGUF files; HF directories load fast already
-            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed, fp16=fp16)
+            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed, fp16=fp16, fp16_head=fp16_head)
             cached = cache.load(entry)
             if cached is not None:
                 config, self.tokenizer, tensors, layout = cached
@@ -133,7 +137,7 @@ class LlamaBackend(Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config),
-                                fp16_weights=fp16)
+                                fp16_weights=fp16, fp16_head=fp16_head)
         self.model.batch_invariant = p.batch_invariant
         if entry is not None:
             cache.save(entry, config, tokenizer, self.model)
@@ -208,6 +212,13 @@ def _keep_packed(mode: str, device: torch.device) -> bool:
         raise ConfigError(f"backend.weights: 'packed' runs only on the CPU with torch's int4 kernel ({why}); "
                           "use weights: dequantize or auto")
     return possible
+
+
+def _fp16_head_available(device: torch.device) -> bool:
+    """Whether ``weights: auto`` runs the output matrix with fbgemm's float16 GEMM here."""
+    from samplerkit.builtins.backends.llama.quant import fp16_kernel_available
+
+    return device.type == "cpu" and fp16_kernel_available()
 
 
 def _max_context(p: LlamaParams, config) -> int:

@@ -113,9 +113,12 @@ class LlamaModel:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_context: int | None = None, fp16_weights: bool = False):
+                 max_context: int | None = None, fp16_weights: bool = False, fp16_head: bool = False):
         """``fp16_weights``: every matrix (the output one too) runs as :class:`~.quant.Fp16Linear`
-        (``weights: fp16``); the token embedding then stays in the file's codes if it has any."""
+        (``weights: fp16``); the token embedding then stays in the file's codes if it has any.
+        ``fp16_head``: only the output matrix does, where it would otherwise run packed
+        (``weights: auto``: at one row it is the largest product of a step, and the int4 kernel
+        takes a Q8_0 output matrix as two 4-bit planes)."""
         self._setup(config, device, dtype, max_context)
 
         def dense(w) -> torch.Tensor:
@@ -136,7 +139,8 @@ class LlamaModel:
         embed = weights.pop("embed")
         head = weights.pop("lm_head", None)
         tied_packed = head is None and can_pack([embed], self.device)
-        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed or fp16_weights):
+        head_fp16 = fp16_weights or (fp16_head and can_pack([embed if head is None else head], self.device))
+        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed or head_fp16):
             # Only looked up row by row (the output matrix is separate or packed): keep the codes.
             self.embed = QuantizedEmbedding.from_tensor(embed)
         else:
@@ -153,8 +157,8 @@ class LlamaModel:
                 w_down=linear(weights.pop(p + "w_down")),
             ))
         self.norm = take("norm")
-        if head is None and fp16_weights:
-            self.lm_head = Fp16Linear.from_parts([embed])
+        if head_fp16:
+            self.lm_head = Fp16Linear.from_parts([embed if head is None else head])
         elif head is None:                    # tied: reuse the embedding (no transposed copy)
             self.lm_head = Int4Linear.from_parts([embed]) if tied_packed else DenseLinear(self.embed.weight.t())
         else:

@@ -413,14 +413,21 @@ class Fp16Linear:
     its own) is one call.
     """
 
-    __slots__ = ("weight16", "packed", "out_features")
+    __slots__ = ("packed", "out_features", "in_features")
 
     def __init__(self, weight16: torch.Tensor):
         if not fp16_kernel_available():
             raise RuntimeError("this torch build has no usable fbgemm float16 GEMM (quantized.linear_dynamic_fp16)")
-        self.weight16 = weight16.to(torch.float16).contiguous()      # [N, K], what the cache stores
-        self.out_features = self.weight16.shape[0]
-        self.packed = torch.ops.quantized.linear_prepack_fp16(self.weight16.float(), None)
+        self.out_features, self.in_features = weight16.shape
+        # Only fbgemm's packed copy is kept (its float16 values are the rounded weights):
+        # :attr:`weight16` unpacks it when the cache is written, so memory holds one copy.
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight16.to(torch.float16).float(), None)
+
+    @property
+    def weight16(self) -> torch.Tensor:
+        """``W`` ``[N, K]`` float16 as the kernel holds it (what the model cache stores)."""
+        weight, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
+        return weight.to(torch.float16).contiguous()
 
     @classmethod
     def from_parts(cls, parts: list) -> Fp16Linear:
@@ -447,7 +454,7 @@ class Fp16Linear:
 
     def nbytes(self) -> int:
         """Bytes one product reads (the float16 weights)."""
-        return self.weight16.numel() * 2
+        return self.out_features * self.in_features * 2
 
 
 class dense_copies:  # noqa: N801 - a context manager, named like torch's lower-case ones
