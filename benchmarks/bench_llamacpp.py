@@ -13,8 +13,8 @@ and the best of ``--repeats`` is reported (a shared machine disturbs some runs),
 
 ``--engines`` instead compares the two *engines* on the same GGUF, through the same backend
 interface (prefill, then ``step`` with argmax, no sampling pipeline): samplerkit's pure-PyTorch
-``llama`` backend (default packed weights; also ``weights: dequantize`` for reference, and
-``weights: fp16``) against the ``llamacpp`` backend (llama.cpp, one ``llama_decode`` for all rows), at batch 1 and 8, and
+``llama`` backend (the default ``weights: auto``: packed layers, float16 output matrix; also
+``weights: packed``, ``weights: dequantize`` for reference, and ``weights: fp16``) against the ``llamacpp`` backend (llama.cpp, one ``llama_decode`` for all rows), at batch 1 and 8, and
 the prefill of one 512-token prompt; runs alternate, best (median) of ``--repeats``:
 
     python benchmarks/bench_llamacpp.py --engines --new-tokens 64 --repeats 5
@@ -112,7 +112,8 @@ def engines(args) -> None:
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
     torch.set_num_threads(args.threads)
-    ours = {"llama (packed, default)": LlamaBackend(LlamaParams(cache=False)),
+    ours = {"llama (auto, default)": LlamaBackend(LlamaParams(cache=False)),
+            "llama (packed)": LlamaBackend(LlamaParams(weights="packed", cache=False)),
             "llama (dequantize, fp32)": LlamaBackend(LlamaParams(weights="dequantize")),
             "llama (fp16, fbgemm)": LlamaBackend(LlamaParams(weights="fp16"))}
     cpp = LlamaCppBackend(LlamaCppParams(n_ctx=4096, n_seq=max(args.batches), n_threads=args.threads))
