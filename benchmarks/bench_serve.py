@@ -17,6 +17,7 @@ Its streams report no usage, so its tokens are its non-empty chunks (one per tok
 
     python benchmarks/bench_serve.py --concurrency 1,4,16,64 --max-tokens 32
     python benchmarks/bench_serve.py --servers samplerkit     # samplerkit only
+    python benchmarks/bench_serve.py --servers samplerkit --weights fp16
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--sequential-max", type=int, default=8, help="most requests in a sequential baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
     parser.add_argument("--servers", default="samplerkit,llamacpp", help="which servers to run: samplerkit, llamacpp")
+    parser.add_argument("--weights", choices=["auto", "packed", "dequantize", "fp16"], default="auto",
+                        help="samplerkit's backend.weights (fp16: fbgemm's float16 GEMM, faster for batches)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     from samplerkit.builtins.backends.llama.default_model import find_default_model
@@ -148,13 +151,13 @@ def main() -> None:
     import platform
 
     print(json.dumps({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gguf": gguf,
-                      "max_tokens": args.max_tokens}), flush=True)
+                      "max_tokens": args.max_tokens, "weights": args.weights}), flush=True)
     servers = set(args.servers.split(","))
     rows = []
     port = free_port()
     if "samplerkit" in servers:
         rows += bench("samplerkit", [sys.executable, "-m", "samplerkit.cli", "serve", "--port", str(port),
-                                     "--max-rows", str(max(args.concurrency))],
+                                     "--max-rows", str(max(args.concurrency)), "--set", f"backend.weights={args.weights}"],
                       f"http://127.0.0.1:{port}", args, usage=True)
     if "llamacpp" in servers:
         port = free_port()
