@@ -209,6 +209,7 @@ class Engine:
         self._logits: torch.Tensor | None = None
         self._holding = False                  # the Generator's lock (while rows run)
         self._admitting: list[Request] = []    # requests being admitted (failed with the batch)
+        self._solo: set[Request] = set()       # requests to admit one at a time (a joint admission failed)
 
     # -- public API -------------------------------------------------------------------------
     def submit(self, prompt: Prompt, *, pipeline: PipelineEntry = None, seed: int | None = None,
@@ -352,7 +353,19 @@ class Engine:
         try:
             return self._turn_inner()
         except BaseException as exc:        # noqa: BLE001 - handed to every request it hit
-            self._fail_running(exc, self._admitting)
+            admitting = self._admitting
+            if isinstance(exc, Exception) and len(admitting) > 1:
+                # A prefill or join of several new prompts failed: one of them may be the cause.
+                # The running rows go (the backend's cache is in an unknown state), but the new
+                # requests wait again at the head of the queue and are admitted one at a time,
+                # so only the one that fails alone gets the error.
+                self._fail_running(exc)
+                with self._cond:
+                    for request in reversed(admitting):
+                        self._waiting.appendleft(request)
+                    self._solo.update(admitting)
+                return True
+            self._fail_running(exc, admitting)
             if not isinstance(exc, Exception):
                 raise
             return bool(self._waiting)
@@ -364,9 +377,14 @@ class Engine:
             admitted: list[Request] = []
             free = self.max_rows - self.running_rows
             while self._waiting and self._waiting[0].n <= free and not self._closed:
+                if admitted and self._waiting[0] in self._solo:
+                    break
                 request = self._waiting.popleft()
                 admitted.append(request)
                 free -= request.n
+                if request in self._solo:       # suspected of failing an admission: alone
+                    self._solo.discard(request)
+                    break
         if cancelled:
             self._drop(cancelled, lambda r: self._finish_cancelled(r))
         if admitted:
