@@ -297,11 +297,14 @@ class Engine:
     Generator's own ``generate``/``stream`` calls wait) or what :class:`Generator` takes (a
     YAML path, a mapping, a :class:`RunConfig` or ``None`` for the defaults). At most
     ``max_rows`` rows run at once (a request takes ``n`` rows); more requests wait, first come,
-    first served, and ``max_waiting`` (``None``: unbounded) bounds that queue.
+    first served, and ``max_waiting`` (``None``: unbounded) bounds that queue. Requests that
+    share a pipeline are sampled by one call per step; ``share_calls=False`` gives each
+    request its own call (the same tokens; for measuring what sharing saves).
     """
 
     def __init__(self, generator: Generator | str | Path | Mapping[str, Any] | RunConfig | None = None, *,
-                 max_rows: int = 64, max_waiting: int | None = None, backend=None, registry=None):
+                 max_rows: int = 64, max_waiting: int | None = None, share_calls: bool = True,
+                 backend=None, registry=None):
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise GenerationError(f"max_rows must be an int >= 1, got {max_rows!r:.60}")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
@@ -312,6 +315,9 @@ class Engine:
         self.backend = self.generator.backend
         self.max_rows = max_rows
         self.max_waiting = max_waiting
+        #: Sample the rows of requests that share a pipeline with one call (False: one call
+        #: per request, the tokens are the same; for measuring what sharing saves).
+        self.share_calls = bool(share_calls)
         self._cond = threading.Condition()     # guards _waiting, _cancelled, _closed; wakes the loop
         self._waiting: deque[Request] = deque()
         self._cancelled: set[Request] = set()
@@ -556,7 +562,7 @@ class Engine:
             groups = run.make_groups(new_logits.shape[-1], new_logits.device)
             self._groups.extend(groups)
             for g in groups:
-                key = _Bundle.key_of(g)
+                key = _Bundle.key_of(g) if self.share_calls else None
                 if key is not None:
                     self._bundles.append(_Bundle(key, g))
             if run.gen.max_new_tokens == 0:       # echo only: the prompt's logprobs are all it wanted

@@ -434,6 +434,23 @@ def test_requests_sharing_a_pipeline_are_sampled_by_one_call_and_keep_their_toke
     assert max(len(t) for t in per_turn[1:]) == 2
 
 
+def test_share_calls_false_samples_each_request_alone_with_the_same_tokens(monkeypatch):
+    gen = generator()
+    specs = [(PROMPTS[i % 5], None if i % 2 else SHARED, 80 + i) for i in range(6)]
+    runs = []
+    for share in (True, False):
+        calls = _count_bound_calls(monkeypatch)
+        engine = Engine(gen, share_calls=share)
+        reqs = [engine.submit(p, pipeline=pl, seed=s, max_new_tokens=5, ignore_eos=True) for p, pl, s in specs]
+        engine.step()
+        engine.step()
+        runs.append(([r for r in reqs], calls[:]))
+        engine.run_until_idle()
+    (shared, shared_calls), (apart, apart_calls) = runs
+    assert [r.result()[0].token_ids for r in shared] == [r.result()[0].token_ids for r in apart]
+    assert shared_calls == [3, 3, 3, 3] and apart_calls == [1] * 12
+
+
 def test_a_stateful_sampler_merges_after_its_first_step_and_keeps_its_tokens():
     pytest.importorskip("samplerkit_mirostat")
     gen = generator()
