@@ -541,3 +541,16 @@ def test_default_model_batch_sizes_2_and_5_give_the_rows_of_samplerkit_generate(
         assert code == 0
         [row] = [r for r in results[0] if r["id"] == line["id"]]
         assert json.loads(out)["token_ids"] == row["token_ids"], line
+
+
+def test_the_running_lines_are_sampled_by_one_call_per_step(tmp_path, monkeypatch):
+    from samplerkit.pipeline import BoundPipeline
+
+    calls = []
+    real = BoundPipeline.sample_with_validity
+    monkeypatch.setattr(BoundPipeline, "sample_with_validity",
+                        lambda self, logits, *a, **k: calls.append(int(logits.shape[0])) or real(self, logits, *a, **k))
+    lines = [{"id": i, "prompt": PROMPTS[i], "seed": i, "generation": {"max_new_tokens": 5, "ignore_eos": True,
+                                                                       **({"n": 2} if i % 2 else {})}} for i in range(4)]
+    run_batch(resolved(), write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", batch_size=6)
+    assert calls == [6] * 5                   # 6 rows (1 + 2 + 1 + 2), 5 steps, one call each

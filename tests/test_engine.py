@@ -509,3 +509,18 @@ def test_bundles_concatenate_bound_pipelines_only_where_rows_keep_their_state():
     gen = generator()
     assert BoundPipeline.can_concat(gen.pipeline_for(SHARED))
     assert not BoundPipeline.can_concat(gen.pipeline_for({"pipeline": [{"choice": {"options": ["yes", "no"]}}]}))
+
+
+def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time():
+    gen = generator(FailingPrefill())
+    ref = [alone(gen, p, 20 + i)[0].token_ids for i, p in enumerate(PROMPTS[:3])]
+    engine = Engine(gen)
+    reqs = [engine.submit(PROMPTS[0], seed=20), engine.submit("bang!", seed=1)]
+    reqs += [engine.submit(p, seed=21 + i) for i, p in enumerate(PROMPTS[1:3])]
+    engine.step()                        # the joint prefill failed: all four wait again
+    assert engine.waiting == 4 and engine.running_rows == 0 and not any(r.done for r in reqs)
+    engine.run_until_idle()
+    for r in reqs[:2]:                   # the failing one alone, joining the first (which ends too)
+        with pytest.raises(PluginError, match="join broke"):
+            r.result()
+    assert [r.result()[0].token_ids for r in reqs[2:]] == ref[1:]   # admitted after it: not hit
