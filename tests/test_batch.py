@@ -554,3 +554,19 @@ def test_the_running_lines_are_sampled_by_one_call_per_step(tmp_path, monkeypatc
                                                                        **({"n": 2} if i % 2 else {})}} for i in range(4)]
     run_batch(resolved(), write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", batch_size=6)
     assert calls == [6] * 5                   # 6 rows (1 + 2 + 1 + 2), 5 steps, one call each
+
+
+def test_the_fixed_batches_of_the_ray_workers_give_the_same_rows_for_chat_and_mixed_lines(tmp_path):
+    from samplerkit.batch import jobs_from_json, jobs_to_json, run_jobs
+    from samplerkit.generate import Generator
+
+    config = resolved()
+    lines = [{"id": "c", "messages": CHAT, "seed": 4}, *seeded_lines(3),
+             {"id": "u", "messages": [{"role": "user", "content": "She sells"}], "seed": 5, "generation": {"n": 2}}]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    run_batch(config, src, out, batch_size=3)
+    jobs, _ = read_jobs(src, config)
+    generator = Generator(config)
+    rows = [r for batch in plan_batches(jobs, 3) for r in run_jobs(generator, jobs_from_json(jobs_to_json(batch)))[0]]
+    assert by_key(json.loads(json.dumps(rows))) == by_key(read_rows(out))
