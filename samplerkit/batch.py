@@ -332,10 +332,11 @@ def run_engine(generator, jobs: Sequence[Job], batch_size: int
     this thread; yields the output rows and error records of the lines that finished at each
     engine step (lines finishing at the same step in the order of ``jobs``).
 
-    Lines are submitted in order while their rows fit in ``batch_size`` (a line with more
-    rows than that runs alone, never split); a finished line's rows are free for the next
-    lines before the next step, and lines with different generation options run side by
-    side. A line that fails while others run with it is run again alone at the end (its
+    Lines are submitted while their rows fit in ``batch_size`` (a line with more rows than
+    that runs alone, never split), the largest ``max_new_tokens`` first (input order among
+    equals), so that a long line does not start last and run nearly alone at the end; a
+    finished line's rows are free for the next lines before the next step, and lines with
+    different generation options run side by side. A line that fails while others run with it is run again alone at the end (its
     failure may be a neighbour's: a backend that fails a joint prefill fails every running
     row); a line that fails alone is an error record. Seeded lines give the same rows either
     way (seeded rows don't depend on their batch)."""
@@ -344,7 +345,8 @@ def run_engine(generator, jobs: Sequence[Job], batch_size: int
     if not jobs:
         return
     engine = Engine(generator, max_rows=max(batch_size, max(j.rows for j in jobs)))
-    pending = list(reversed(jobs))
+    # Longest budget first (sorted is stable: input order among equals); popped from the end.
+    pending = list(reversed(sorted(jobs, key=lambda j: -j.options["max_new_tokens"])))
     active: dict[Any, Job] = {}             # request -> job, in submission order
     retry: list[Job] = []
     rows_in_use = 0
@@ -370,7 +372,7 @@ def run_engine(generator, jobs: Sequence[Job], batch_size: int
             if active and not all(r.done for r in active):
                 engine.step()
             rows: list[dict[str, Any]] = []
-            for request in [r for r in active if r.done]:
+            for request in sorted((r for r in active if r.done), key=lambda r: active[r].line):
                 job = active.pop(request)
                 rows_in_use -= job.rows
                 try:

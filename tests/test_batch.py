@@ -570,3 +570,24 @@ def test_the_fixed_batches_of_the_ray_workers_give_the_same_rows_for_chat_and_mi
     generator = Generator(config)
     rows = [r for batch in plan_batches(jobs, 3) for r in run_jobs(generator, jobs_from_json(jobs_to_json(batch)))[0]]
     assert by_key(json.loads(json.dumps(rows))) == by_key(read_rows(out))
+
+
+def test_the_longest_lines_start_first_so_none_runs_alone_at_the_end(tmp_path, monkeypatch):
+    from samplerkit.engine import Engine
+
+    steps = []
+    real = Engine._sample_and_step
+    monkeypatch.setattr(Engine, "_sample_and_step", lambda self: steps.append(self.running_rows) or real(self))
+    config = resolved()
+    lines = [{"id": f"s{i}", "prompt": PROMPTS[i], "seed": i, "generation": {"max_new_tokens": 3, "ignore_eos": True}}
+             for i in range(5)]
+    lines.append({"id": "long", "prompt": "The sun", "seed": 9, "generation": {"max_new_tokens": 20, "ignore_eos": True}})
+    out = tmp_path / "out.jsonl"
+    run_batch(config, write_lines(tmp_path / "in.jsonl", lines), out, batch_size=2)
+    # The long line (last in the file) holds one row from the first step; the five short lines
+    # pass through the other (15 steps), so 20 steps in all instead of 9 + 20.
+    assert len(steps) == 20 and steps[:15] == [2] * 15
+    assert [r["id"] for r in read_rows(out)] == ["s0", "s1", "s2", "s3", "s4", "long"]
+    expected = run_reference(config, lines[5:], max_new_tokens=20, ignore_eos=True) + run_reference(
+        config, lines[:5], max_new_tokens=3, ignore_eos=True)
+    assert by_key(read_rows(out)) == by_key(expected)
