@@ -481,7 +481,7 @@ class Engine:
                 # The running rows go (the backend's cache is in an unknown state), but the new
                 # requests wait again at the head of the queue and are admitted one at a time,
                 # so only the one that fails alone gets the error.
-                self._fail_running(exc)
+                self._fail_running(exc, spare=admitting)
                 with self._cond:
                     for request in reversed(admitting):
                         self._waiting.appendleft(request)
@@ -554,12 +554,20 @@ class Engine:
             0, torch.as_tensor(fan, device=out.last.device))
         self._logits = new_logits if old == 0 else torch.cat([self._logits, new_logits])
         finished_now = []
+        failed: list[tuple[Request, Exception, range]] = []
+        row = old
         for k, request in enumerate(requests):
             run = request._run
-            run.start_rows()
-            if run.gen.echo:
-                run.prompt_logprobs = [run._prompt_logprobs(run.prompt_ids[0], out.all[k])]
-            groups = run.make_groups(new_logits.shape[-1], new_logits.device)
+            rows = range(row, row + request.n)        # its rows in the backend (one pipeline: one block)
+            row += request.n
+            try:
+                run.start_rows()
+                if run.gen.echo:
+                    run.prompt_logprobs = [run._prompt_logprobs(run.prompt_ids[0], out.all[k])]
+                groups = run.make_groups(new_logits.shape[-1], new_logits.device)
+            except Exception as exc:      # noqa: BLE001 - this request's own set-up failed, not the backend
+                failed.append((request, exc, rows))
+                continue
             self._groups.extend(groups)
             for g in groups:
                 key = _Bundle.key_of(g) if self.share_calls else None
@@ -567,6 +575,17 @@ class Engine:
                     self._bundles.append(_Bundle(key, g))
             if run.gen.max_new_tokens == 0:       # echo only: the prompt's logprobs are all it wanted
                 finished_now.append(request)
+        if failed:
+            gone = {i for _, _, rows in failed for i in rows}
+            keep = [i for i in range(row) if i not in gone]
+            if keep:                              # none left: the next admission prefills afresh
+                backend.select_rows(keep)
+                self._logits = self._logits.index_select(
+                    0, torch.as_tensor(keep, dtype=torch.long, device=self._logits.device))
+            else:
+                self._logits = None
+            for request, exc, _ in failed:
+                request._push([], error=exc, done=True)
         if finished_now:
             self._drop(finished_now, self._finish_echo_only)
 
@@ -751,8 +770,11 @@ class Engine:
                 events.append(row.event(row.stops.finish(), CANCELLED))
         request._push(events, completions=run.completions(), error=error, done=True)
 
-    def _fail_running(self, exc: BaseException, admitting: Sequence[Request] = ()) -> None:
-        requests = {g.run.request for g in self._groups} | set(admitting)
+    def _fail_running(self, exc: BaseException, admitting: Sequence[Request] = (),
+                      spare: Sequence[Request] = ()) -> None:
+        """Empty the batch: every running request and those in ``admitting`` end with ``exc``,
+        except those in ``spare`` (queued again by the caller)."""
+        requests = ({g.run.request for g in self._groups} | set(admitting)) - set(spare)
         self._groups = []
         self._bundles = []
         self._logits = None

@@ -524,3 +524,24 @@ def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time():
         with pytest.raises(PluginError, match="join broke"):
             r.result()
     assert [r.result()[0].token_ids for r in reqs[2:]] == ref[1:]   # admitted after it: not hit
+
+
+def test_a_joint_admission_failing_after_some_rows_started_spares_the_others(monkeypatch):
+    from samplerkit.generate import _Run
+
+    gen = generator()
+    ref = [alone(gen, p, 30 + i)[0].token_ids for i, p in enumerate(PROMPTS[:2])]
+    real = _Run.start_rows
+
+    def fail_on_x(self):
+        if self.inputs == ["x"]:
+            raise ZeroDivisionError("a plugin bug")
+        return real(self)
+    monkeypatch.setattr(_Run, "start_rows", fail_on_x)
+    engine = Engine(gen)
+    good = [engine.submit(p, seed=30 + i) for i, p in enumerate(PROMPTS[:2])]
+    bad = engine.submit("x", seed=1)                   # its rows start after the first two's
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in good] == ref
+    with pytest.raises(ZeroDivisionError):
+        bad.result()
