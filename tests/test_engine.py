@@ -545,3 +545,23 @@ def test_a_joint_admission_failing_after_some_rows_started_spares_the_others(mon
     assert [r.result()[0].token_ids for r in good] == ref
     with pytest.raises(ZeroDivisionError):
         bad.result()
+
+
+@pytest.mark.slow
+def test_default_model_16_seeded_requests_over_2_shared_pipelines_keep_their_tokens(monkeypatch):
+    from samplerkit.builtins.backends.llama import default_model
+
+    try:
+        default_model.find_default_model()
+    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
+        pytest.skip(f"default model unavailable ({e})")
+    gen = Generator({"generation": {"max_new_tokens": 3}})
+    words = ["The sky is", "Once upon", "def f(x):", "Colors:", "I like", "Today", "In 1969,", "Rain:"]
+    specs = [(words[i % 8], None if i % 2 else "min_p", 900 + i) for i in range(16)]
+    ref = [gen.generate([p], pipelines=[pl], seeds=[s])[0].token_ids for p, pl, s in specs]
+    calls = _count_bound_calls(monkeypatch)
+    engine = Engine(gen, max_rows=16)
+    reqs = [engine.submit(p, pipeline=pl, seed=s) for p, pl, s in specs]
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in reqs] == ref
+    assert calls == [8, 8] * 3                # one call per pipeline and step
