@@ -10,7 +10,14 @@ throughput is the rate of running the first --sequential-sample of those same re
 one (it does not depend on how many there are), so the 64-client run does not take 64x longer;
 it is measured right before each engine run, since the load of a shared machine moves.
 
+``--share-calls both`` runs the engine twice per client count, with one sampling call per
+request and step (``Engine(share_calls=False)``) and with one call per pipeline (the default),
+and reports for each the sampling calls made and the seconds spent in them (the
+``BoundPipeline.sample_with_validity`` calls; the rest of a step is the model and the
+per-row book-keeping). ``--backend bigram`` takes the model out of the measurement.
+
     python benchmarks/bench_engine.py --threads 1 --clients 1 4 16 64
+    python benchmarks/bench_engine.py --threads 1 --clients 16 64 --share-calls both
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 
 from samplerkit.engine import Engine
 from samplerkit.generate import Generator
+from samplerkit.pipeline import BoundPipeline
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea,", "def fibonacci(n):",
            "List three colors:", "The best way to learn a language is", "In 1969, astronauts",
@@ -45,9 +53,32 @@ def requests(clients: int, lengths: list[int]) -> list[list[dict]]:
     return out
 
 
-def run_engine(gen: Generator, plan: list[list[dict]]) -> tuple[int, float]:
+class SamplingCalls:
+    """Counts and times BoundPipeline.sample_with_validity calls while active."""
+
+    def __init__(self):
+        self.calls, self.seconds = 0, 0.0
+
+    def __enter__(self):
+        real = self.real = BoundPipeline.sample_with_validity
+
+        def timed(bound, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real(bound, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+        BoundPipeline.sample_with_validity = timed
+        return self
+
+    def __exit__(self, *exc):
+        BoundPipeline.sample_with_validity = self.real
+
+
+def run_engine(gen: Generator, plan: list[list[dict]], share_calls: bool = True) -> tuple[int, float]:
     tokens = [0] * len(plan)
-    with Engine(gen, max_rows=max(len(plan), 1)) as engine:
+    with Engine(gen, max_rows=max(len(plan), 1), share_calls=share_calls) as engine:
         def client(c: int) -> None:
             for req in plan[c]:
                 req = dict(req)
@@ -121,15 +152,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 on a machine shared with other jobs)")
     ap.add_argument("--kernel", action="store_true", help="only time one packed product at 1, 4, 16, 64 rows")
+    ap.add_argument("--share-calls", choices=["on", "off", "both"], default="on",
+                    help="one sampling call per pipeline (on, the default), per request (off), or both, paired")
+    ap.add_argument("--backend", choices=["llama", "bigram"], default="llama",
+                    help="bigram: a model that costs nearly nothing, so the engine's own work shows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     gen = Generator({"backend": {"name": "llama", "batch_invariant": args.batch_invariant == "true",
-                                 "weights": args.weights}})
+                                 "weights": args.weights}} if args.backend == "llama" else {"backend": "bigram"})
     gen.generate(["warm up"], max_new_tokens=2)
-    print(f"CPU: {cpu_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch_invariant={args.batch_invariant}, weights={args.weights}")
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, backend={args.backend}, "
+          f"batch_invariant={args.batch_invariant}, weights={args.weights}")
     if args.kernel:
         kernel_rows(gen)
         return
@@ -138,15 +173,20 @@ def main() -> None:
     flat = [r for mine in plan for r in mine]
     # On a shared machine the load moves by 2x within minutes: each engine run is paired with a
     # sequential run of --sequential-sample requests right before it, and compared with that.
-    print("| concurrent clients | requests | tokens | wall (s) | engine tok/s | sequential tok/s (just before) | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.share_calls]
+    print("| concurrent clients | requests | tokens | sampling calls | wall (s) | sampling (s) | engine tok/s "
+          "| sequential tok/s (just before) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in args.clients:
         seq_tokens, seq_wall = run_sequential(gen, flat[:args.sequential_sample])
         seq_rate = seq_tokens / seq_wall
-        tokens, wall = run_engine(gen, plan[:c])
-        rate = tokens / wall
-        print(f"| {c} | {c * len(args.lengths)} | {tokens} | {wall:.1f} | {rate:.1f} | {seq_rate:.1f} | "
-              f"{rate / seq_rate:.2f}x |", flush=True)
+        for share in modes:
+            with SamplingCalls() as sampling:
+                tokens, wall = run_engine(gen, plan[:c], share)
+            rate = tokens / wall
+            label = f"{c}" if args.share_calls == "on" else f"{c} ({'one call per pipeline' if share else 'one call per request'})"
+            print(f"| {label} | {c * len(args.lengths)} | {tokens} | {sampling.calls} | {wall:.1f} | {sampling.seconds:.2f} "
+                  f"| {rate:.1f} | {seq_rate:.1f} | {rate / seq_rate:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

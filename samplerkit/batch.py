@@ -5,15 +5,19 @@ One input line::
     {"id": "q1", "prompt": "The capital", "seed": 7,
      "params": {"top_p": {"top_p": 0.5}}, "generation": {"max_new_tokens": 32, "n": 2}}
 
-``id`` (a string or an integer, unique) and ``prompt`` are required; ``params`` has the format of
-``Generator.generate(rows=...)``, ``generation`` that of the config's ``generation:`` section.
-One output line per id and sample: ``{"id", "sample", "text", "token_ids", "finish_reason"}``
-(plus ``logprobs`` / ``prompt_logprobs`` when asked for). Lines that fail validation, or whose
-generation fails, go to the errors file with their line number; the job goes on.
+``id`` (a string or an integer, unique) and exactly one of ``prompt`` (text) and ``messages`` (a
+chat conversation, ``[{"role", "content"}, ...]``, rendered through the model's chat template)
+are required; ``params`` has the format of ``Generator.generate(rows=...)``, ``generation`` that
+of the config's ``generation:`` section. One output line per id and sample: ``{"id", "sample",
+"text", "token_ids", "finish_reason"}`` (plus ``logprobs`` / ``prompt_logprobs`` when asked
+for). Lines that fail validation, or whose generation fails, go to the errors file with their
+line number; the job goes on.
 
-Four parts: :func:`read_jobs` (reader and validator), :func:`plan_batches` (grouping),
-:class:`Output` (writer and resume), :func:`run_batch` (runner). The Ray path
-(:mod:`samplerkit.batch_ray`) reuses all four and only replaces where batches run.
+Parts: :func:`read_jobs` (reader and validator), :class:`Output` (writer and resume),
+:func:`run_engine` (the local runner: continuous batching on one
+:class:`~samplerkit.engine.Engine`), :func:`run_batch` (the job). The Ray path
+(:mod:`samplerkit.batch_ray`) splits the lines into fixed batches (:func:`plan_batches`) and
+runs each with :func:`run_jobs` on an actor; reading, resume and writing are shared.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from samplerkit.chat_template import check_messages
 from samplerkit.config import RunConfig, check_stages, validate_generation
 from samplerkit.detokenize import lone_surrogate, lone_surrogate_in
-from samplerkit.errors import ConfigError, ConfigIssue, SamplerkitError, did_you_mean, short_repr
+from samplerkit.errors import ConfigError, ConfigIssue, GenerationError, SamplerkitError, did_you_mean, short_repr
 from samplerkit.pipeline import Pipeline
 
-LINE_KEYS = ("id", "prompt", "params", "seed", "generation")
+LINE_KEYS = ("id", "prompt", "messages", "params", "seed", "generation")
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -46,10 +51,16 @@ class Job:
 
     line: int                       # 1-based line number in the input file
     id: str | int
-    prompt: str
+    prompt: str | None              # the prompt text, or None for a chat line (``messages``)
     params: dict[str, dict[str, Any]] | None
     seed: int | None                # the line's seed, else the config sampler's, else None
     options: dict[str, Any]         # the full generation options (config + the line's overrides)
+    messages: list[dict[str, Any]] | None = None    # a chat line's conversation (options["chat"] is true)
+
+    @property
+    def input(self) -> str | list[dict[str, Any]]:
+        """What the line generates from: the prompt text or the conversation."""
+        return self.messages if self.messages is not None else self.prompt
 
     @property
     def key(self) -> str:
@@ -126,7 +137,7 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
     except json.JSONDecodeError as exc:
         raise LineError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(data, dict):
-        raise LineError(f"each line is a JSON object with at least id and prompt, got {type(data).__name__}")
+        raise LineError(f"each line is a JSON object with at least id and prompt (or messages), got {type(data).__name__}")
     issues: list[ConfigIssue] = []
     line_id = data.get("id")
     for key in data:
@@ -138,8 +149,14 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
         issues.append(ConfigIssue("id", f"must be a string or an integer, got {short_repr(line_id)}"))
         line_id = None
     prompt = data.get("prompt")
-    if "prompt" not in data:
-        issues.append(ConfigIssue("prompt", "is required"))
+    messages = None
+    if "prompt" in data and "messages" in data:
+        issues.append(ConfigIssue("messages", "give either prompt (text) or messages (a chat conversation), not both"))
+    elif "messages" in data:
+        messages = _check_messages(data["messages"], issues)
+    elif "prompt" not in data:
+        issues.append(ConfigIssue("prompt", 'is required (or "messages": a chat conversation, '
+                                            '[{"role": "user", "content": "..."}])'))
     elif not isinstance(prompt, str):
         issues.append(ConfigIssue("prompt", f"must be a string, got {short_repr(prompt)}"))
     elif (surrogate := lone_surrogate(prompt)) is not None:
@@ -148,7 +165,7 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
                                             f"must be half of a pair (like \\ud83d\\ude00)"))
     # A lone surrogate anywhere else (pydantic cannot even word its error about one). The id is
     # an opaque key, only echoed back (JSON-escaped), so it may hold one.
-    elsewhere = {k: v for k, v in data.items() if k not in ("prompt", "id")}
+    elsewhere = {k: v for k, v in data.items() if k not in ("prompt", "messages", "id")}
     if (surrogate_issue := lone_surrogate_in(elsewhere)) is not None:
         raise LineError("; ".join(map(str, [*issues, surrogate_issue])), line_id)
     params = _check_params(data.get("params"), pipeline, issues)
@@ -165,12 +182,36 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
                 issues.extend(check_stages(checked.logprob_stages, pipeline.processors, pipeline.sampler))
             except ConfigError as exc:
                 issues.extend(exc.issues)
+    if "messages" in data and isinstance(overrides, dict) and overrides.get("chat") is False:
+        issues.append(ConfigIssue("generation chat", "a line with messages is always rendered through the chat "
+                                                     "template; leave chat out (or true), or give a prompt instead"))
     if issues:
         raise LineError("; ".join(map(str, issues)), line_id)
     if seed is None:
         # The config's seed, made explicit: `seeds=[None]` would give n > 1 samples one stream.
         seed = getattr(pipeline.sampler.params, "seed", None)
-    return Job(number, line_id, prompt, params, seed, options)
+    if messages is not None:
+        options["chat"] = True
+        prompt = None
+    return Job(number, line_id, prompt, params, seed, options, messages)
+
+
+def _check_messages(messages: Any, issues: list[ConfigIssue]) -> list[dict[str, Any]] | None:
+    """A chat line's conversation, validated as ``samplerkit generate --chat`` and the server
+    validate it (:func:`samplerkit.chat_template.check_messages`); a lone surrogate in a
+    message's text is named like one in a prompt."""
+    try:
+        checked = check_messages(messages, "messages")
+    except GenerationError as exc:
+        issues.append(ConfigIssue("", str(exc)))
+        return None
+    for j, m in enumerate(checked):
+        if (surrogate := lone_surrogate(m["content"])) is not None:
+            issues.append(ConfigIssue(f"messages message {j}", f"content has a lone surrogate "
+                                                                f"\\u{ord(m['content'][surrogate]):04x} at character "
+                                                                f"{surrogate + 1}, which is not text"))
+            return None
+    return checked
 
 
 def _unknown_key_message(key: str) -> str:
@@ -262,15 +303,14 @@ def run_jobs(generator, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], list
     params = [j.params for j in jobs]
     try:
         completions: list[Completion] = generator.generate(
-            [j.prompt for j in jobs], seeds=seeds if any(s is not None for s in seeds) else None,
+            [j.input for j in jobs], seeds=seeds if any(s is not None for s in seeds) else None,
             rows=params if any(params) else None, **jobs[0].options)
     except Exception as exc:
         # Any exception, not only samplerkit's own: a line that trips an unexpected error (in a
         # plugin, a tokenizer) must not end the job for every other line, on every rerun. A
         # systemic failure still shows: every line of the job then reports it.
         if len(jobs) == 1:
-            message = str(exc) if isinstance(exc, SamplerkitError) else f"generation failed: {type(exc).__name__}: {exc}"
-            return [], [error_record(jobs[0].line, jobs[0].id, message)]
+            return [], [error_record(jobs[0].line, jobs[0].id, failure_message(exc))]
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         for job in jobs:
@@ -279,6 +319,85 @@ def run_jobs(generator, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], list
             errors += e
         return rows, errors
     return [result_row(jobs[c.prompt_index], c) for c in completions], []
+
+
+def failure_message(exc: BaseException) -> str:
+    """The errors file's text for a line whose generation failed."""
+    return str(exc) if isinstance(exc, SamplerkitError) else f"generation failed: {type(exc).__name__}: {exc}"
+
+
+def run_engine(generator, jobs: Sequence[Job], batch_size: int
+               ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Run ``jobs`` through one :class:`~samplerkit.engine.Engine` (continuous batching) in
+    this thread; yields the output rows and error records of the lines that finished at each
+    engine step (lines finishing at the same step in the order of ``jobs``).
+
+    Lines are submitted while their rows fit in ``batch_size`` (a line with more rows than
+    that runs alone, never split), the largest ``max_new_tokens`` first (input order among
+    equals), so that a long line does not start last and run nearly alone at the end; a
+    finished line's rows are free for the next lines before the next step, and lines with
+    different generation options run side by side. A line that fails while others run with it is run again alone at the end (its
+    failure may be a neighbour's: a backend that fails a joint prefill fails every running
+    row); a line that fails alone is an error record. Seeded lines give the same rows either
+    way (seeded rows don't depend on their batch)."""
+    from samplerkit.engine import Engine
+
+    if not jobs:
+        return
+    engine = Engine(generator, max_rows=max(batch_size, max(j.rows for j in jobs)))
+    # Longest budget first (sorted is stable: input order among equals); popped from the end.
+    pending = list(reversed(sorted(jobs, key=lambda j: -j.options["max_new_tokens"])))
+    active: dict[Any, Job] = {}             # request -> job, in submission order
+    retry: list[Job] = []
+    rows_in_use = 0
+
+    def submit(job: Job) -> tuple[Any, dict[str, Any] | None]:
+        try:
+            return engine.submit(job.input, seed=job.seed, overrides=job.params, **job.options), None
+        except Exception as exc:        # noqa: BLE001 - a line's own problem (too long, no template)
+            return None, error_record(job.line, job.id, failure_message(exc))
+
+    try:
+        while pending or active:
+            errors: list[dict[str, Any]] = []
+            while pending and (not active or rows_in_use + pending[-1].rows <= batch_size):
+                job = pending.pop()
+                request, error = submit(job)
+                if error is not None:
+                    errors.append(error)
+                    continue
+                active[request] = job
+                rows_in_use += job.rows
+            together = len(active) > 1
+            if active and not all(r.done for r in active):
+                engine.step()
+            rows: list[dict[str, Any]] = []
+            for request in sorted((r for r in active if r.done), key=lambda r: active[r].line):
+                job = active.pop(request)
+                rows_in_use -= job.rows
+                try:
+                    completions = request.result()
+                except Exception as exc:    # noqa: BLE001 - one line's failure
+                    if together:
+                        retry.append(job)
+                    else:
+                        errors.append(error_record(job.line, job.id, failure_message(exc)))
+                    continue
+                rows.extend(result_row(job, c) for c in completions)
+            if rows or errors:
+                yield rows, errors
+        for job in retry:                   # alone now: the error is the line's own
+            request, error = submit(job)
+            if error is None:
+                engine.run_until_idle()
+                try:
+                    yield [result_row(job, c) for c in request.result()], []
+                    continue
+                except Exception as exc:    # noqa: BLE001
+                    error = error_record(job.line, job.id, failure_message(exc))
+            yield [], [error]
+    finally:
+        engine.close()
 
 
 def result_row(job: Job, completion) -> dict[str, Any]:
@@ -591,20 +710,20 @@ class ErrorLog:
 
 # -- runner ------------------------------------------------------------------------------
 
-#: Runs planned batches somewhere; yields each batch's (output rows, error records) when done.
-Executor = Callable[[list[list[Job]]], Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]]
+#: Runs the lines (in input order) with at most ``batch_size`` rows at once, somewhere; yields
+#: (output rows, error records) as lines finish.
+Executor = Callable[[list[Job], int], Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]]
 
 
 def local_executor(config: RunConfig, registry=None, backend=None) -> Executor:
-    """Run batches in this process with one :class:`~samplerkit.Generator` (the model loads once)."""
-    def run(batches: list[list[Job]]):
-        if not batches:
+    """Run the lines in this process with one :class:`~samplerkit.Generator` (the model loads
+    once) driving one :class:`~samplerkit.engine.Engine`: see :func:`run_engine`."""
+    def run(jobs: list[Job], batch_size: int):
+        if not jobs:
             return
         from samplerkit.generate import Generator
 
-        generator = Generator(config, registry=registry, backend=backend)
-        for batch in batches:
-            yield run_jobs(generator, batch)
+        yield from run_engine(Generator(config, registry=registry, backend=backend), jobs, batch_size)
     return run
 
 
@@ -615,7 +734,8 @@ def run_batch(config: RunConfig, input_path: str | Path, output_path: str | Path
     """Run every line of ``input_path`` not yet in ``output_path``; see the module docstring.
 
     ``progress``: a tqdm bar (None: only when stderr is a terminal and ``SAMPLERKIT_QUIET`` is
-    unset). ``on_batch(i)`` is called after the ``i``-th batch is written (0-based).
+    unset). ``on_batch(i)`` is called after the ``i``-th write (0-based; one write per engine
+    step at which lines finished, or per batch on Ray).
 
     Before anything is written: the three paths are checked (:func:`check_paths`) and the
     output is locked (:class:`OutputLock`) for the whole job.
@@ -644,7 +764,6 @@ def _run_locked(config, input_path, output_path, errors_path, batch_size, execut
     summary = Summary(lines=len(jobs) + len(bad), errors_path=str(errors_path), duplicates=output.duplicates)
     todo = [j for j in jobs if not output.done(j)]
     summary.skipped = len(jobs) - len(todo)
-    batches = plan_batches(todo, batch_size)
     output.prepare(jobs)
     try:
         errors = ErrorLog(errors_path)
@@ -656,7 +775,7 @@ def _run_locked(config, input_path, output_path, errors_path, batch_size, execut
     started = time.monotonic()
     try:
         errors.write(bad)
-        for index, (rows, failed) in enumerate((executor or local_executor(config))(batches)):
+        for index, (rows, failed) in enumerate((executor or local_executor(config))(todo, batch_size)):
             output.write(rows)
             errors.write(failed)
             summary.rows_written += len(rows)
@@ -686,4 +805,4 @@ def _progress_bar(total: int, enabled: bool | None):
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "BatchIOError", "Job", "Output", "OutputLock", "Summary", "check_paths", "local_executor", "plan_batches", "read_jobs",
-           "run_batch", "run_jobs"]
+           "run_batch", "run_engine", "run_jobs"]

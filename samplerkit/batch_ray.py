@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from samplerkit.batch import Executor, Job, jobs_from_json, jobs_to_json, run_jobs
+from samplerkit.batch import Executor, Job, jobs_from_json, jobs_to_json, plan_batches, run_jobs
 from samplerkit.config import RunConfig
 from samplerkit.errors import SamplerkitError
 
@@ -70,7 +70,8 @@ def ray_executor(config: RunConfig, *, address: str | None = None, workers: int 
     if quiet is None:
         quiet = not sys.stderr.isatty() or os.environ.get("SAMPLERKIT_QUIET") == "1"
 
-    def run(batches: list[list[Job]]):
+    def run(jobs: list[Job], batch_size: int):
+        batches = plan_batches(jobs, batch_size)
         if not batches:
             return
         started_here = not ray.is_initialized()

@@ -59,7 +59,7 @@ def _batch_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--input", "-i", required=True, metavar="FILE", help="JSONL input, one request per line")
     b.add_argument("--output", "-o", required=True, metavar="FILE", help="JSONL results, appended; read on start to resume")
     b.add_argument("--errors", metavar="FILE", help="JSONL of rejected lines (default: OUTPUT.errors.jsonl)")
-    b.add_argument("--batch-size", type=int, default=16, metavar="N", help="most rows (prompts x n) per generate call (default 16)")
+    b.add_argument("--batch-size", type=int, default=16, metavar="N", help="most rows (prompts x n) running at once (default 16)")
     b.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run the batches on Ray Data actors; ADDRESS of a cluster, or none for RAY_ADDRESS / a local Ray")
     b.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: most actors, each loading the model once (default: one per CPU)")

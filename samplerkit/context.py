@@ -7,6 +7,7 @@ here, including plugin state in :attr:`StepContext.state`, follows its row.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -162,6 +163,41 @@ class StepContext:
         pos = torch.arange(cols, device=self.device) - (cols - (p_len + n_gen)).unsqueeze(1)   # index in the row's sequence
         src = torch.where(pos < p_len.unsqueeze(1), pos, pos - p_len.unsqueeze(1) + width).clamp_(0, cols - 1)
         return joined.gather(1, src).masked_fill_(pos < 0, -1)
+
+    @classmethod
+    def concat(cls, contexts: Sequence[StepContext]) -> StepContext:
+        """One context whose rows are those of ``contexts``, in order, each row's history and
+        state kept (the engine samples several requests' rows with one call). The contexts come
+        from the same pipeline and run settings (``eos_token_ids``, vocabulary, ``uses``) and
+        hold the same :attr:`state` keys (a ``ValueError`` otherwise)."""
+        first = contexts[0]
+        keys = set(first.state)
+        if any(set(c.state) != keys for c in contexts) or any(
+                (c.generated is None) != (first.generated is None) or (c.counts is None) != (first.counts is None)
+                for c in contexts):
+            raise ValueError("contexts with different state cannot be concatenated")
+        out = copy.copy(first)
+        out.prompt_ids = [p for c in contexts for p in c.prompt_ids]
+        out.num_generated = torch.cat([c.num_generated for c in contexts])
+        out.max_new_tokens = max(c.max_new_tokens for c in contexts)
+        out._appended = max(c._appended for c in contexts)
+        if first.generated is not None:
+            width = max(c.generated.shape[1] for c in contexts)
+            out.generated = torch.cat([c.generated if c.generated.shape[1] == width else torch.cat(
+                [c.generated, c.generated.new_full((c.generated.shape[0], width - c.generated.shape[1]), -1)], dim=1)
+                for c in contexts])
+        if first.counts is not None:
+            out.counts = torch.cat([c.counts for c in contexts])
+        out.state = {k: torch.cat([c.state[k] for c in contexts]) for k in keys}
+        out._distribution = None
+        out._prompt_tensor = None
+        return out
+
+    def rows_copy(self, keep: Sequence[int]) -> StepContext:
+        """A new context with these rows (as :meth:`select_rows`), this one unchanged."""
+        out = copy.copy(self)
+        out.select_rows(keep)
+        return out
 
     def select_rows(self, keep: Sequence[int]) -> None:
         """Keep these rows, in this order (repeats duplicate a row): mirrors the backend."""

@@ -9,7 +9,10 @@ arrive while it runs. Between two decode steps the engine
    their prompts are prefilled and appended to the running batch with ``backend.join``
    (backends without it: every running row's sequence is prefilled again together with the
    new prompts, see :attr:`samplerkit.backend.Backend.can_join`), fanned out to ``n`` rows,
-3. samples one token for every row, each request's rows through its own pipeline, and
+3. samples one token for every row: the rows of all requests that share one pipeline object
+   (the Generator's, a preset, or a mapping resolved once and cached by its canonical JSON)
+   and the same logprob and stop-token settings are sampled by one bound call (a
+   :class:`_Bundle`), the others (segments, constraints) request by request, and
 4. drops finished rows, then runs one forward pass (``backend.step``) for all rows left.
 
 A request's rows are sampled exactly as :meth:`Generator.generate` samples them (the same
@@ -36,9 +39,11 @@ from typing import Any
 import torch
 
 from samplerkit.config import RunConfig
-from samplerkit.errors import GenerationError, SamplerkitError
+from samplerkit.context import StepContext
+from samplerkit.errors import GenerationError
 from samplerkit.generate import Completion, Delta, Generator, PipelineEntry, Prompt, _Group, _Run, regroup
-from samplerkit.pipeline import RowOverrides
+from samplerkit.pipeline import BoundPipeline, RowOverrides
+from samplerkit.trace import logprob_taps
 
 #: ``Completion.finish_reason`` / ``Delta.finish_reason`` of a row ended by :meth:`Request.cancel`.
 CANCELLED = "cancelled"
@@ -175,6 +180,116 @@ class Request:
                 pass
 
 
+class _Bundle:
+    """Rows of several requests that share one pipeline object and run settings: one bound
+    call samples them all each step (instead of one call per request).
+
+    Its rows are its ``parts``' members, part after part (not necessarily contiguous in the
+    backend: the engine gathers their logits). It owns the bound pipeline and step context
+    of those rows (the parts' own are dropped when they join), built with
+    :meth:`BoundPipeline.concat` and :meth:`StepContext.concat`, so every row keeps its
+    parameters, random stream and history: a seeded row draws exactly what it draws alone."""
+
+    def __init__(self, key: tuple, group: _Group):
+        self.key = key
+        self.parts: list[_Group] = [group]
+        self.bound: BoundPipeline = group.bound
+        self.ctx: StepContext = group.ctx
+        group.bound = group.ctx = None      # the bundle's now
+        group.bundle = self
+
+    @staticmethod
+    def key_of(group: Any) -> tuple | None:
+        """What rows must share to be sampled together; ``None``: never bundled."""
+        if not isinstance(group, _Group) or group.phase is not None or group.overrun is not None:
+            return None
+        if not BoundPipeline.can_concat(group.pipeline):
+            return None
+        gen = group.run.gen
+        return (id(group.pipeline), group.want_logprobs, gen.top_logprobs, gen.top_logprobs_from,
+                repr(gen.logprob_stages), group.ctx.eos_token_ids)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p.members) for p in self.parts)
+
+    def can_absorb(self, other: _Bundle) -> bool:
+        return other.key == self.key and set(other.ctx.state) == set(self.ctx.state)
+
+    def absorb(self, other: _Bundle) -> None:
+        """Take ``other``'s rows after this bundle's."""
+        self.bound = BoundPipeline.concat([self.bound, other.bound])
+        self.ctx = StepContext.concat([self.ctx, other.ctx])
+        for part in other.parts:
+            part.bundle = self
+        self.parts.extend(other.parts)
+        other.parts = []
+
+    def split(self) -> list[_Bundle]:
+        """One bundle per part (the rows keep their state)."""
+        out, start = [], 0
+        for part in self.parts:
+            rows = list(range(start, start + len(part.members)))
+            start += len(rows)
+            b = _Bundle.__new__(_Bundle)
+            b.key, b.parts = self.key, [part]
+            b.bound = self.bound.select_rows(rows)
+            b.ctx = self.ctx.rows_copy(rows)
+            part.bundle = b
+            out.append(b)
+        self.parts = []
+        return out
+
+    def step(self, logits: torch.Tensor
+             ) -> tuple[torch.Tensor, list[tuple[_Group, list[Delta], list[int], BaseException | None]]]:
+        """Sample one token for every row (``logits``: the bundle's rows, in its order) with
+        one call, then each part's book-keeping (:meth:`_Group.advance`). A failure of the
+        call raises before any row's history changed; one of a part's book-keeping is
+        returned with that part (its rows then keep nothing)."""
+        bound, ctx = self.bound, self.ctx
+        first = self.parts[0]
+        gen, want_logprobs = first.run.gen, first.want_logprobs
+        processed = bound.process(logits, ctx) if want_logprobs else None
+        ids, valid = bound.sample_with_validity(logits, ctx, processed=processed)
+        drawn = ctx.take_distribution() if want_logprobs else None
+        taps = logprob_taps(bound.trace, logits, ctx, ids, gen.logprob_stages, gen.top_logprobs) \
+            if gen.logprob_stages else None
+        ctx.append(ids)
+        id_list = ids.tolist()
+        invalid = set() if first.pipeline.on_invalid != "mark_invalid" else {
+            slot for slot, ok in enumerate(valid.tolist()) if not ok}
+        lp = first.run._step_logprobs(logits, processed if drawn is None else drawn, ids, taps) \
+            if want_logprobs else None
+        out, start = [], 0
+        for part in self.parts:
+            size = len(part.members)
+            mine = {k - start for k in invalid if start <= k < start + size}
+            try:
+                events, kept, _ = part.advance(logits, id_list[start:start + size], mine, lp, offset=start)
+                out.append((part, events, kept, None))
+            except Exception as exc:        # noqa: BLE001 - e.g. a detokenizer failing on this request's token
+                out.append((part, [], [], exc))
+            start += size
+        return ids, out
+
+    def select(self, kept: dict[int, list[int]]) -> None:
+        """Keep, of each part (by ``id``), the rows at these positions in it; parts not in
+        ``kept`` leave whole. Empty parts leave the bundle."""
+        rows, start = [], 0
+        for part in self.parts:
+            size = len(part.members)
+            keep = kept.get(id(part), [])
+            rows.extend(start + k for k in keep)
+            if len(keep) < size:
+                part.members = [part.members[k] for k in keep]
+                part.budget = [part.budget[k] for k in keep]
+            start += size
+        self.parts = [p for p in self.parts if p.members]
+        if rows and len(rows) < start:
+            self.bound = self.bound.select_rows(rows)
+            self.ctx.select_rows(rows)
+
+
 class Engine:
     """Continuous batching over one backend; see the module docstring.
 
@@ -182,11 +297,14 @@ class Engine:
     Generator's own ``generate``/``stream`` calls wait) or what :class:`Generator` takes (a
     YAML path, a mapping, a :class:`RunConfig` or ``None`` for the defaults). At most
     ``max_rows`` rows run at once (a request takes ``n`` rows); more requests wait, first come,
-    first served, and ``max_waiting`` (``None``: unbounded) bounds that queue.
+    first served, and ``max_waiting`` (``None``: unbounded) bounds that queue. Requests that
+    share a pipeline are sampled by one call per step; ``share_calls=False`` gives each
+    request its own call (the same tokens; for measuring what sharing saves).
     """
 
     def __init__(self, generator: Generator | str | Path | Mapping[str, Any] | RunConfig | None = None, *,
-                 max_rows: int = 64, max_waiting: int | None = None, backend=None, registry=None):
+                 max_rows: int = 64, max_waiting: int | None = None, share_calls: bool = True,
+                 backend=None, registry=None):
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise GenerationError(f"max_rows must be an int >= 1, got {max_rows!r:.60}")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
@@ -197,6 +315,9 @@ class Engine:
         self.backend = self.generator.backend
         self.max_rows = max_rows
         self.max_waiting = max_waiting
+        #: Sample the rows of requests that share a pipeline with one call (False: one call
+        #: per request, the tokens are the same; for measuring what sharing saves).
+        self.share_calls = bool(share_calls)
         self._cond = threading.Condition()     # guards _waiting, _cancelled, _closed; wakes the loop
         self._waiting: deque[Request] = deque()
         self._cancelled: set[Request] = set()
@@ -206,9 +327,11 @@ class Engine:
         self._driver: int | None = None        # the thread running the loop now
         # Loop state, touched only by the thread running the loop:
         self._groups: list[_Group] = []        # in backend row order
+        self._bundles: list[_Bundle] = []      # the groups sampled together (a group is in at most one)
         self._logits: torch.Tensor | None = None
         self._holding = False                  # the Generator's lock (while rows run)
         self._admitting: list[Request] = []    # requests being admitted (failed with the batch)
+        self._solo: set[Request] = set()       # requests to admit one at a time (a joint admission failed)
 
     # -- public API -------------------------------------------------------------------------
     def submit(self, prompt: Prompt, *, pipeline: PipelineEntry = None, seed: int | None = None,
@@ -352,7 +475,19 @@ class Engine:
         try:
             return self._turn_inner()
         except BaseException as exc:        # noqa: BLE001 - handed to every request it hit
-            self._fail_running(exc, self._admitting)
+            admitting = self._admitting
+            if isinstance(exc, Exception) and len(admitting) > 1:
+                # A prefill or join of several new prompts failed: one of them may be the cause.
+                # The running rows go (the backend's cache is in an unknown state), but the new
+                # requests wait again at the head of the queue and are admitted one at a time,
+                # so only the one that fails alone gets the error.
+                self._fail_running(exc, spare=admitting)
+                with self._cond:
+                    for request in reversed(admitting):
+                        self._waiting.appendleft(request)
+                    self._solo.update(admitting)
+                return True
+            self._fail_running(exc, admitting)
             if not isinstance(exc, Exception):
                 raise
             return bool(self._waiting)
@@ -364,9 +499,14 @@ class Engine:
             admitted: list[Request] = []
             free = self.max_rows - self.running_rows
             while self._waiting and self._waiting[0].n <= free and not self._closed:
+                if admitted and self._waiting[0] in self._solo:
+                    break
                 request = self._waiting.popleft()
                 admitted.append(request)
                 free -= request.n
+                if request in self._solo:       # suspected of failing an admission: alone
+                    self._solo.discard(request)
+                    break
         if cancelled:
             self._drop(cancelled, lambda r: self._finish_cancelled(r))
         if admitted:
@@ -414,15 +554,38 @@ class Engine:
             0, torch.as_tensor(fan, device=out.last.device))
         self._logits = new_logits if old == 0 else torch.cat([self._logits, new_logits])
         finished_now = []
+        failed: list[tuple[Request, Exception, range]] = []
+        row = old
         for k, request in enumerate(requests):
             run = request._run
-            run.start_rows()
-            if run.gen.echo:
-                run.prompt_logprobs = [run._prompt_logprobs(run.prompt_ids[0], out.all[k])]
-            groups = run.make_groups(new_logits.shape[-1], new_logits.device)
+            rows = range(row, row + request.n)        # its rows in the backend (one pipeline: one block)
+            row += request.n
+            try:
+                run.start_rows()
+                if run.gen.echo:
+                    run.prompt_logprobs = [run._prompt_logprobs(run.prompt_ids[0], out.all[k])]
+                groups = run.make_groups(new_logits.shape[-1], new_logits.device)
+            except Exception as exc:      # noqa: BLE001 - this request's own set-up failed, not the backend
+                failed.append((request, exc, rows))
+                continue
             self._groups.extend(groups)
+            for g in groups:
+                key = _Bundle.key_of(g) if self.share_calls else None
+                if key is not None:
+                    self._bundles.append(_Bundle(key, g))
             if run.gen.max_new_tokens == 0:       # echo only: the prompt's logprobs are all it wanted
                 finished_now.append(request)
+        if failed:
+            gone = {i for _, _, rows in failed for i in rows}
+            keep = [i for i in range(row) if i not in gone]
+            if keep:                              # none left: the next admission prefills afresh
+                backend.select_rows(keep)
+                self._logits = self._logits.index_select(
+                    0, torch.as_tensor(keep, dtype=torch.long, device=self._logits.device))
+            else:
+                self._logits = None
+            for request, exc, _ in failed:
+                request._push([], error=exc, done=True)
         if finished_now:
             self._drop(finished_now, self._finish_echo_only)
 
@@ -448,42 +611,115 @@ class Engine:
                 self._logits = self._logits.index_select(
                     0, torch.as_tensor(keep, dtype=torch.long, device=self._logits.device))
         self._groups = groups
+        self._leave_bundles(gone)
         for request in requests:
             finish(request)
         if not groups:
             self._logits = None
             self._release()
 
+    def _leave_bundles(self, gone: set[Request]) -> None:
+        """Take the rows of the requests in ``gone`` out of their bundles."""
+        for b in self._bundles:
+            if any(p.run.request in gone for p in b.parts):
+                b.select({id(p): list(range(len(p.members))) for p in b.parts if p.run.request not in gone})
+        self._bundles = [b for b in self._bundles if b.parts]
+
+    def _merge_bundles(self) -> None:
+        """Join bundles of one key (requests admitted apart) once their step state matches."""
+        merged: list[_Bundle] = []
+        for b in self._bundles:
+            into = next((m for m in merged if m.can_absorb(b)), None)
+            if into is None:
+                merged.append(b)
+            else:
+                into.absorb(b)
+        self._bundles = merged
+
+    def _step_bundle(self, b: _Bundle, logits: torch.Tensor, starts: dict[int, int], ids: torch.Tensor,
+                     touched: dict[Request, list[Delta]], failed: dict[Request, BaseException],
+                     kept: dict[int, list[int]]) -> None:
+        """Sample bundle ``b``'s rows (gathered from the batch's ``logits``) into ``ids``; on a
+        failure of a bundle of several requests, each samples alone so that only the request
+        whose pipeline fails ends."""
+        where = [starts[id(p)] + k for p in b.parts for k in range(len(p.members))]
+        first = where[0]
+        if where == list(range(first, first + len(where))):
+            index, part = None, logits[first:first + len(where)]
+        else:
+            index = torch.as_tensor(where, dtype=torch.long, device=logits.device)
+            part = logits.index_select(0, index)
+        try:
+            out_ids, results = b.step(part)
+        except Exception as exc:           # noqa: BLE001 - a pipeline's failure ends its own request
+            if len(b.parts) > 1:
+                singles = b.split()
+                self._bundles.extend(singles)
+                for single in singles:
+                    self._step_bundle(single, logits, starts, ids, touched, failed, kept)
+                return
+            failed[b.parts[0].run.request] = exc
+            b.parts[0].members = []
+            return
+        if index is None:
+            ids[first:first + len(where)] = out_ids
+        else:
+            ids.index_copy_(0, index, out_ids)
+        by_part = {}
+        for g, events, keep, error in results:
+            if error is not None:
+                failed[g.run.request] = error
+                continue
+            touched.setdefault(g.run.request, []).extend(events)
+            by_part[id(g)] = keep
+            kept[id(g)] = [starts[id(g)] + k for k in keep]
+        b.select(by_part)
+
     def _sample_and_step(self) -> None:
         logits = self._logits
-        ids_parts: list[torch.Tensor] = []
+        self._merge_bundles()
         keep: list[int] = []
         groups: list[_Group] = []
+        starts: dict[int, int] = {}
         start = 0
+        for g in self._groups:
+            starts[id(g)] = start
+            start += len(g.members)
+        ids = torch.zeros(start, dtype=torch.int64, device=logits.device)
         touched: dict[Request, list[Delta]] = {}
         failed: dict[Request, BaseException] = {}
+        kept: dict[int, list[int]] = {}       # id(group) -> its running rows' backend positions
         segmented = any(g.run.segments for g in self._groups)
         before = [(id(g.run), r) for g in self._groups for r in g.members] if segmented else None
+        for b in list(self._bundles):
+            self._step_bundle(b, logits, starts, ids, touched, failed, kept)
+        self._bundles = [b for b in self._bundles if b.parts]
         for g in self._groups:
+            if getattr(g, "bundle", None) is not None:
+                continue
             size = len(g.members)
             request = g.run.request
+            start = starts[id(g)]
             part = logits if size == logits.shape[0] else logits[start:start + size]
             try:
-                ids, events, kept = g.step(part)
-            except SamplerkitError as exc:     # this request's pipeline failed: only it ends
+                g_ids, events, g_kept = g.step(part)
+            except Exception as exc:     # noqa: BLE001 - this request's pipeline failed: only it ends
                 failed[request] = exc
-                ids_parts.append(torch.zeros(size, dtype=torch.int64, device=logits.device))
-                start += size
                 continue
             touched.setdefault(request, []).extend(events)
-            ids_parts.append(ids)
-            keep.extend(start + k for k in kept)
-            if len(kept) < size:
-                g.select(kept)
+            ids[start:start + size] = g_ids
+            kept[id(g)] = [start + k for k in g_kept]
+            if len(g_kept) < size:
+                g.select(g_kept)
+        for g in self._groups:
+            if g.run.request in failed:
+                continue
+            keep.extend(kept.get(id(g), []))
             if g.members:
                 groups.append(g)
-            start += size
         self._groups = groups                 # a failed group's rows are not in keep either
+        if failed:
+            self._leave_bundles(set(failed))
         alive = {g.run.request for g in self._groups}
         for request, events in touched.items():
             if request in failed:
@@ -498,7 +734,6 @@ class Engine:
             self._logits = None               # the next admission prefills a fresh batch
             self._release()
             return
-        ids = ids_parts[0] if len(ids_parts) == 1 else torch.cat(ids_parts)
         if before is not None and any(g.leaving for g in self._groups):
             # segments: rows that switched move to other groups; the backend's rows follow.
             self._groups = regroup(self._groups, logits.shape[-1], logits.device)
@@ -535,9 +770,13 @@ class Engine:
                 events.append(row.event(row.stops.finish(), CANCELLED))
         request._push(events, completions=run.completions(), error=error, done=True)
 
-    def _fail_running(self, exc: BaseException, admitting: Sequence[Request] = ()) -> None:
-        requests = {g.run.request for g in self._groups} | set(admitting)
+    def _fail_running(self, exc: BaseException, admitting: Sequence[Request] = (),
+                      spare: Sequence[Request] = ()) -> None:
+        """Empty the batch: every running request and those in ``admitting`` end with ``exc``,
+        except those in ``spare`` (queued again by the caller)."""
+        requests = ({g.run.request for g in self._groups} | set(admitting)) - set(spare)
         self._groups = []
+        self._bundles = []
         self._logits = None
         try:
             self.backend.select_rows([])

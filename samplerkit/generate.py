@@ -538,8 +538,22 @@ class _Group:
         id_list = ids.tolist()
         invalid = set() if self.pipeline.on_invalid != "mark_invalid" else {
             slot for slot, ok in enumerate(valid.tolist()) if not ok}
-        if want_logprobs:
-            lp = run._step_logprobs(logits, processed if drawn is None else drawn, ids, taps)
+        lp = run._step_logprobs(logits, processed if drawn is None else drawn, ids, taps) if want_logprobs else None
+        events, keep, replaced = self.advance(logits, id_list, invalid, lp)
+        if replaced:
+            ids = torch.as_tensor(id_list, dtype=ids.dtype, device=ids.device)
+        return ids, events, keep
+
+    def advance(self, logits: torch.Tensor, id_list: list[int], invalid: set[int], lp, offset: int = 0
+                ) -> tuple[list[Delta], list[int], bool]:
+        """The rows' book-keeping once each drew its token ``id_list[slot]`` (a forced closing
+        token replaces it in place): stop checks, text, logprobs, segment switches. ``logits``
+        and ``lp`` (from :meth:`_Run._step_logprobs`) cover a batch where this group's rows
+        start at row ``offset`` (the engine samples several requests' rows in one call).
+        Returns the events, the positions (in this group) of the rows that keep running, and
+        whether a token was replaced."""
+        run = self.run
+        want_logprobs = self.want_logprobs
         events: list[Delta] = []
         keep: list[int] = []
         replaced = False
@@ -558,7 +572,7 @@ class _Group:
             delta, finished = run._advance(row, token, self.stop_ids, self.budget[slot])
             row.pending_ids.append(token)
             if want_logprobs and token not in self.stop_ids:
-                entry = run._forced_logprob(logits[slot], token) if forced else lp(slot, token)
+                entry = run._forced_logprob(logits[offset + slot], token) if forced else lp(offset + slot, token)
                 row.logprobs.append(entry)
                 row.pending_logprobs.append(entry)
             if not finished and seg is not None:
@@ -576,9 +590,7 @@ class _Group:
                 keep.append(slot)
                 if delta:
                     events.append(row.event(delta))
-        if replaced:
-            ids = torch.as_tensor(id_list, dtype=ids.dtype, device=ids.device)
-        return ids, events, keep
+        return events, keep, replaced
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep these rows of the group (positions in it, in order); none left empties it."""

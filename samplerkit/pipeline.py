@@ -23,7 +23,7 @@ from samplerkit.context import StepContext
 from samplerkit.errors import ConfigError, ConfigIssue, InvalidLogitsError, PluginError, short_repr
 from samplerkit.ops.sync import sync_free_scope
 from samplerkit.runplan import Candidates, Dense, PendingCut, RunPlan, State, plugin_failure, run_steps
-from samplerkit.seeded import Seeded
+from samplerkit.seeded import RowStreams, Seeded
 from samplerkit.steps import Processor, Sampler
 from samplerkit.trace import Trace, trace_steps
 
@@ -201,6 +201,45 @@ class BoundPipeline:
         for old, new in pairs:
             if old is not None and type(old) is type(new) and callable(getattr(new, "follow_rows", None)):
                 new.follow_rows(old, index)
+        return bound
+
+    @staticmethod
+    def can_concat(pipeline: Pipeline) -> bool:
+        """Whether :meth:`concat` can join bound copies of ``pipeline``: every step keeps its
+        per-row state (if any) in the step context or in seeded streams, not in a
+        ``follow_rows`` of its own (a constraint's matchers)."""
+        for spec in (*pipeline.processors, pipeline.sampler):
+            follow = getattr(spec.cls, "follow_rows", None)
+            if follow is not None and follow is not Seeded.follow_rows:
+                return False
+        return True
+
+    @classmethod
+    def concat(cls, parts: Sequence[BoundPipeline]) -> BoundPipeline:
+        """One bound pipeline for the rows of ``parts`` (bound copies of one pipeline), in
+        order, each row with its parameters and random stream: what the rows draw does not
+        change (each row's stream is keyed by its seed and its own counter). Only for
+        pipelines :meth:`can_concat` accepts."""
+        first = parts[0]
+        bound = cls(first.pipeline, [r for p in parts for r in p._row_processors],
+                    [s for p in parts for s in p._row_samplers])
+
+        def streams_of(part: BoundPipeline, spec, new_step, start: int, size: int) -> torch.Tensor:
+            old = part.sampler if spec is None else next((st for sp, st in part.steps if sp is spec), None)
+            if old is not None and isinstance(old, Seeded):
+                return old.streams.seeds.to(new_step.streams.seeds.device)
+            return new_step.streams.seeds[start:start + size]      # inactive there: as bound now
+
+        pairs = [(spec, step) for spec, step in bound.steps] + [(None, bound.sampler)]
+        for spec, step in pairs:
+            if not isinstance(step, Seeded):
+                continue
+            seeds, start = [], 0
+            for part in parts:
+                size = part.batch_size
+                seeds.append(streams_of(part, spec, step, start, size))
+                start += size
+            step.streams = RowStreams(torch.cat(seeds))
         return bound
 
     def process(self, logits: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:

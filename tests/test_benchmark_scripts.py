@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
+    "bench_batch": (["--backend", "bigram", "--lines", "6", "--batch-size", "3", "--repeats", "1"], "engine / fixed"),
     "bench_engine": (["--clients", "1", "2", "--lengths", "2", "--sequential-sample", "1", "--threads", "1"],
                      "speed-up"),
     "bench_serve": (["--concurrency", "1,2", "--max-tokens", "2", "--sequential-max", "1", "--servers", "samplerkit"],

@@ -384,3 +384,184 @@ def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_
     later = engine.submit("the dog ", seed=3)
     engine.run_until_idle()
     assert later.result()[0].token_ids == alone(gen, "the dog ", 3)[0].token_ids
+
+
+# -- one bound call per shared pipeline ------------------------------------------------------
+
+SHARED = {"pipeline": [{"frequency_penalty": 0.5}, {"dry": {"multiplier": 0.8}}, {"xtc": {"threshold": 0.05, "probability": 0.5}},
+                       {"top_k": 12}], "sampler": "categorical"}
+
+
+def _count_bound_calls(monkeypatch):
+    """Batch sizes of every BoundPipeline sampling call, one list per engine turn."""
+    from samplerkit.pipeline import BoundPipeline
+
+    calls: list[int] = []
+    real = BoundPipeline.sample_with_validity
+
+    def counted(self, logits, *args, **kwargs):
+        calls.append(int(logits.shape[0]))
+        return real(self, logits, *args, **kwargs)
+    monkeypatch.setattr(BoundPipeline, "sample_with_validity", counted)
+    return calls
+
+
+def test_requests_sharing_a_pipeline_are_sampled_by_one_call_and_keep_their_tokens(monkeypatch):
+    gen = generator()
+    specs = []
+    for i in range(16):
+        kw = {"max_new_tokens": 6 + (i * 5) % 17, "ignore_eos": i % 4 == 0}
+        if i % 3 == 0:
+            kw["overrides"] = {"temperature": {"temperature": 0.6}} if i % 2 == 0 else {"top_k": {"top_k": 3}}
+        specs.append((PROMPTS[i % 5] + "x" * (i % 4), None if i % 2 == 0 else SHARED, 500 + i, kw))
+    ref = [gen.generate([p], seeds=[s], pipelines=[pl], rows=[kw.get("overrides")],
+                        **{k: v for k, v in kw.items() if k != "overrides"})[0].token_ids for p, pl, s, kw in specs]
+    calls = _count_bound_calls(monkeypatch)
+    engine = Engine(gen, max_rows=16)
+    reqs = [engine.submit(p, pipeline=pl, seed=s, **kw) for p, pl, s, kw in specs[:9]]
+    engine.step()
+    engine.step()
+    reqs += [engine.submit(p, pipeline=pl, seed=s, **kw) for p, pl, s, kw in specs[9:]]   # join later
+    per_turn = []
+    while True:
+        before = len(calls)
+        if not engine.step():
+            break
+        per_turn.append(calls[before:])
+    assert [r.result()[0].token_ids for r in reqs] == ref
+    # Once the late requests merged (the turn after they joined), each step is one call per pipeline.
+    assert per_turn[1] == [8, 8]
+    assert max(len(t) for t in per_turn[1:]) == 2
+
+
+def test_share_calls_false_samples_each_request_alone_with_the_same_tokens(monkeypatch):
+    gen = generator()
+    specs = [(PROMPTS[i % 5], None if i % 2 else SHARED, 80 + i) for i in range(6)]
+    runs = []
+    for share in (True, False):
+        calls = _count_bound_calls(monkeypatch)
+        engine = Engine(gen, share_calls=share)
+        reqs = [engine.submit(p, pipeline=pl, seed=s, max_new_tokens=5, ignore_eos=True) for p, pl, s in specs]
+        engine.step()
+        engine.step()
+        runs.append(([r for r in reqs], calls[:]))
+        engine.run_until_idle()
+    (shared, shared_calls), (apart, apart_calls) = runs
+    assert [r.result()[0].token_ids for r in shared] == [r.result()[0].token_ids for r in apart]
+    assert shared_calls == [3, 3, 3, 3] and apart_calls == [1] * 12
+
+
+def test_a_stateful_sampler_merges_after_its_first_step_and_keeps_its_tokens():
+    pytest.importorskip("samplerkit_mirostat")
+    gen = generator()
+    mirostat = {"sampler": {"name": "mirostat_v2", "tau": 3.0}}
+    ref = [alone(gen, PROMPTS[i], 40 + i, pipelines=[mirostat], max_new_tokens=12)[0].token_ids for i in range(4)]
+    engine = Engine(gen)
+    first = [engine.submit(PROMPTS[i], pipeline=mirostat, seed=40 + i, max_new_tokens=12) for i in range(2)]
+    engine.step()
+    late = [engine.submit(PROMPTS[i], pipeline=mirostat, seed=40 + i, max_new_tokens=12) for i in range(2, 4)]
+    engine.step()                       # admitted: its mu is not there yet, so it samples apart once
+    assert len(engine._bundles) == 2
+    engine.step()
+    assert len(engine._bundles) == 1
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in first + late] == ref
+
+
+class BoomOnBang(Processor):
+    """A plugin step that fails for any batch holding a prompt with '!' (token 33)."""
+
+    name = "boom_on_bang"
+
+    def apply(self, logits, ctx):
+        if any(33 in p for p in ctx.prompt_ids):
+            raise RuntimeError("bang")
+        return logits
+
+
+def test_a_failing_pipeline_shared_with_others_ends_only_its_request(monkeypatch):
+    from samplerkit import engine as engine_module
+
+    splits = []
+    real_split = engine_module._Bundle.split
+    monkeypatch.setattr(engine_module._Bundle, "split", lambda self: splits.append(len(self.parts)) or real_split(self))
+    gen = generator()
+    shared = Pipeline([BoomOnBang.spec()], sampler=Categorical.spec())
+    ref = [alone(gen, p, 60 + i, pipelines=[shared])[0].token_ids for i, p in enumerate(PROMPTS[:3])]
+    engine = Engine(gen)
+    good = [engine.submit(p, pipeline=shared, seed=60 + i) for i, p in enumerate(PROMPTS[:2])]
+    engine.step()
+    engine.step()
+    bad = engine.submit("bang!", pipeline=shared, seed=9)
+    good.append(engine.submit(PROMPTS[2], pipeline=shared, seed=62))
+    engine.step()
+    engine.step()                       # the late two merged with the first two: the call fails
+    assert splits == [4]                # ... so each of the four requests sampled alone
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in good] == ref
+    with pytest.raises(PluginError, match="bang"):
+        bad.result()
+
+
+def test_bundles_concatenate_bound_pipelines_only_where_rows_keep_their_state():
+    from samplerkit.pipeline import BoundPipeline
+
+    gen = generator()
+    assert BoundPipeline.can_concat(gen.pipeline_for(SHARED))
+    assert not BoundPipeline.can_concat(gen.pipeline_for({"pipeline": [{"choice": {"options": ["yes", "no"]}}]}))
+
+
+def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time():
+    gen = generator(FailingPrefill())
+    ref = [alone(gen, p, 20 + i)[0].token_ids for i, p in enumerate(PROMPTS[:3])]
+    engine = Engine(gen)
+    reqs = [engine.submit(PROMPTS[0], seed=20), engine.submit("bang!", seed=1)]
+    reqs += [engine.submit(p, seed=21 + i) for i, p in enumerate(PROMPTS[1:3])]
+    engine.step()                        # the joint prefill failed: all four wait again
+    assert engine.waiting == 4 and engine.running_rows == 0 and not any(r.done for r in reqs)
+    engine.run_until_idle()
+    for r in reqs[:2]:                   # the failing one alone, joining the first (which ends too)
+        with pytest.raises(PluginError, match="join broke"):
+            r.result()
+    assert [r.result()[0].token_ids for r in reqs[2:]] == ref[1:]   # admitted after it: not hit
+
+
+def test_a_joint_admission_failing_after_some_rows_started_spares_the_others(monkeypatch):
+    from samplerkit.generate import _Run
+
+    gen = generator()
+    ref = [alone(gen, p, 30 + i)[0].token_ids for i, p in enumerate(PROMPTS[:2])]
+    real = _Run.start_rows
+
+    def fail_on_x(self):
+        if self.inputs == ["x"]:
+            raise ZeroDivisionError("a plugin bug")
+        return real(self)
+    monkeypatch.setattr(_Run, "start_rows", fail_on_x)
+    engine = Engine(gen)
+    good = [engine.submit(p, seed=30 + i) for i, p in enumerate(PROMPTS[:2])]
+    bad = engine.submit("x", seed=1)                   # its rows start after the first two's
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in good] == ref
+    with pytest.raises(ZeroDivisionError):
+        bad.result()
+
+
+@pytest.mark.slow
+def test_default_model_16_seeded_requests_over_2_shared_pipelines_keep_their_tokens(monkeypatch):
+    from samplerkit.builtins.backends.llama import default_model
+
+    try:
+        default_model.find_default_model()
+    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
+        pytest.skip(f"default model unavailable ({e})")
+    gen = Generator({"generation": {"max_new_tokens": 3}})
+    words = ["The sky is", "Once upon", "def f(x):", "Colors:", "I like", "Today", "In 1969,", "Rain:"]
+    specs = [(words[i % 8], None if i % 2 else "min_p", 900 + i) for i in range(16)]
+    ref = [gen.generate([p], pipelines=[pl], seeds=[s])[0].token_ids for p, pl, s in specs]
+    calls = _count_bound_calls(monkeypatch)
+    engine = Engine(gen, max_rows=16)
+    reqs = [engine.submit(p, pipeline=pl, seed=s) for p, pl, s in specs]
+    engine.run_until_idle()
+    assert [r.result()[0].token_ids for r in reqs] == ref
+    assert calls == [8, 8] * 3                # one call per pipeline and step

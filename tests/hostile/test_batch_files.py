@@ -198,15 +198,15 @@ def test_a_lone_surrogate_prompt_is_an_error_line_and_the_job_finishes(job, caps
 
 def test_an_unexpected_exception_in_one_line_goes_to_the_errors_file(job, capsys, monkeypatch):
     """The class of item 3: any failure confined to one line, not only samplerkit's own errors."""
-    from samplerkit.generate import Generator
+    from samplerkit.generate import _Run
 
-    real = Generator.generate
+    real = _Run.start_rows
 
-    def fail_on_sun(self, prompts, *args, **kwargs):
-        if "The sun" in prompts:
+    def fail_on_sun(self):          # where both the engine and Generator.generate start a run's rows
+        if "The sun" in self.inputs:
             raise ZeroDivisionError("a plugin bug")
-        return real(self, prompts, *args, **kwargs)
-    monkeypatch.setattr(Generator, "generate", fail_on_sun)
+        return real(self)
+    monkeypatch.setattr(_Run, "start_rows", fail_on_sun)
     *_, out, argv = job
     code, _, err = run(capsys, argv)
     assert code == 0 and "1 errors" in err, err
