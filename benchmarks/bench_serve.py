@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--servers", default="samplerkit,llamacpp", help="which servers to run: samplerkit, llamacpp")
     parser.add_argument("--weights", choices=["auto", "packed", "dequantize", "fp16"], default="auto",
                         help="samplerkit's backend.weights (fp16: fbgemm's float16 GEMM, faster for batches)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="more samplerkit serve --set options (e.g. backend.threads=1)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     from samplerkit.builtins.backends.llama.default_model import find_default_model
@@ -151,13 +153,14 @@ def main() -> None:
     import platform
 
     print(json.dumps({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gguf": gguf,
-                      "max_tokens": args.max_tokens, "weights": args.weights}), flush=True)
+                      "max_tokens": args.max_tokens, "weights": args.weights, "set": args.overrides}), flush=True)
     servers = set(args.servers.split(","))
     rows = []
     port = free_port()
     if "samplerkit" in servers:
         rows += bench("samplerkit", [sys.executable, "-m", "samplerkit.cli", "serve", "--port", str(port),
-                                     "--max-rows", str(max(args.concurrency)), "--set", f"backend.weights={args.weights}"],
+                                     "--max-rows", str(max(args.concurrency)), "--set", f"backend.weights={args.weights}",
+                                     *[a for kv in args.overrides for a in ("--set", kv)]],
                       f"http://127.0.0.1:{port}", args, usage=True)
     if "llamacpp" in servers:
         port = free_port()
