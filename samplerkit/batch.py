@@ -95,6 +95,7 @@ def read_jobs(path: str | Path, config: RunConfig) -> tuple[list[Job], list[dict
     Blank lines are skipped. The second and later lines with an id already seen are errors.
     """
     pipeline = Pipeline.from_config(config)
+    segment_pipelines = [Pipeline(seg.processors, seg.sampler, on_invalid=config.on_invalid) for seg in config.segments]
     jobs: list[Job] = []
     errors: list[dict[str, Any]] = []
     first_line: dict[str, int] = {}
@@ -111,7 +112,7 @@ def read_jobs(path: str | Path, config: RunConfig) -> tuple[list[Job], list[dict
                     text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     raise LineError(f"not UTF-8 text (byte {exc.start + 1})") from None
-                job = parse_line(text, number, pipeline, config)
+                job = parse_line(text, number, pipeline, config, segment_pipelines)
             except LineError as exc:
                 errors.append(error_record(number, exc.id, exc.message))
                 continue
@@ -130,8 +131,12 @@ class LineError(SamplerkitError):
         self.id = id
 
 
-def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) -> Job:
-    """One input line as a :class:`Job`; every problem of the line in one :class:`LineError`."""
+def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig,
+               segment_pipelines: Sequence[Pipeline] = ()) -> Job:
+    """One input line as a :class:`Job`; every problem of the line in one :class:`LineError`.
+    ``segment_pipelines``: the config's ``segments:`` pipelines, whose steps a line's ``params``
+    and ``seed`` may address too (as ``rows=`` and ``seeds=`` may)."""
+    phases = [*segment_pipelines, pipeline]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -168,8 +173,8 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
     elsewhere = {k: v for k, v in data.items() if k not in ("prompt", "messages", "id")}
     if (surrogate_issue := lone_surrogate_in(elsewhere)) is not None:
         raise LineError("; ".join(map(str, [*issues, surrogate_issue])), line_id)
-    params = _check_params(data.get("params"), pipeline, issues)
-    seed = _check_seed(data.get("seed"), pipeline, issues)
+    params = _check_params(data.get("params"), phases, issues)
+    seed = _check_seed(data.get("seed"), phases, issues)
     options = config.generation.model_dump()
     overrides = data.get("generation")
     if overrides is not None:
@@ -179,7 +184,8 @@ def parse_line(text: str, number: int, pipeline: Pipeline, config: RunConfig) ->
             try:
                 checked = validate_generation(config.generation, overrides)
                 options = checked.model_dump()
-                issues.extend(check_stages(checked.logprob_stages, pipeline.processors, pipeline.sampler))
+                for phase in phases:
+                    issues.extend(check_stages(checked.logprob_stages, phase.processors, phase.sampler))
             except ConfigError as exc:
                 issues.extend(exc.issues)
     if "messages" in data and isinstance(overrides, dict) and overrides.get("chat") is False:
@@ -222,34 +228,43 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown key{did_you_mean(key, LINE_KEYS)} Keys: {', '.join(LINE_KEYS)}"
 
 
-def _check_params(params: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> dict[str, dict[str, Any]] | None:
-    """Validate per-line overrides against the steps' own parameter models (as ``rows=`` would)."""
+def _check_params(params: Any, pipelines: Sequence[Pipeline], issues: list[ConfigIssue]) -> dict[str, dict[str, Any]] | None:
+    """Validate per-line overrides against the steps' own parameter models (as ``rows=`` would):
+    a name may be a step of any of ``pipelines`` (the top-level one and the segments'), and its
+    values must suit every step of that name."""
     if params is None or params == {}:
         return None
     if not isinstance(params, dict):
         issues.append(ConfigIssue("params", f'must be an object of step name -> {{field: value}}, like '
                                             f'{{"top_p": {{"top_p": 0.9}}}}, got {short_repr(params)}'))
         return None
-    steps = {s.name: s for s in (*pipeline.processors, pipeline.sampler)}
+    steps: dict[str, list] = {}
+    for pipeline in pipelines:
+        for spec in (*pipeline.processors, pipeline.sampler):
+            steps.setdefault(spec.name, []).append(spec)
+    where = "this pipeline" if len(pipelines) == 1 else "this pipeline or its segments"
     for name, values in params.items():
         if name not in steps:
-            issues.append(ConfigIssue(f"params {name}", f"not a step of this pipeline (steps: {', '.join(sorted(steps))})"
+            issues.append(ConfigIssue(f"params {name}", f"not a step of {where} (steps: {', '.join(sorted(steps))})"
                                                         f"{did_you_mean(name, steps).rstrip('.')}"))
         elif not isinstance(values, dict):
             issues.append(ConfigIssue(f"params {name}", f'must be an object of field: value, like {{"{name}": {{...}}}}, got {short_repr(values)}'))
         else:
-            try:
-                steps[name].with_params(values, f"params {name}")
-            except ConfigError as exc:
-                issues.extend(exc.issues)
+            for spec in steps[name]:
+                try:
+                    spec.with_params(values, f"params {name}")
+                except ConfigError as exc:
+                    issues.extend(exc.issues)
+                    break
     return params
 
 
-def _check_seed(seed: Any, pipeline: Pipeline, issues: list[ConfigIssue]) -> int | None:
+def _check_seed(seed: Any, pipelines: Sequence[Pipeline], issues: list[ConfigIssue]) -> int | None:
     if seed is None:
         return None
-    if not pipeline.takes_seed:
-        issues.append(ConfigIssue("seed", f"no step of this pipeline takes a seed (sampler {pipeline.sampler.name!r}); "
+    if not any(p.takes_seed for p in pipelines):
+        where = "this pipeline" if len(pipelines) == 1 else "this pipeline nor its segments"
+        issues.append(ConfigIssue("seed", f"no step of {where} takes a seed (sampler {pipelines[-1].sampler.name!r}); "
                                           "leave it out or use a random sampler such as categorical"))
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):

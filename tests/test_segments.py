@@ -346,3 +346,22 @@ def test_every_step_that_declares_completes_is_a_grammar_and_a_segment_key():
     assert completes >= {"json_schema", "json_object", "regex", "grammar", "choice"}
     assert all(REGISTRY.entry("processor", n).cls.constrains for n in completes)
     assert not REGISTRY.entry("processor", "min_tokens").cls.completes   # constrains, never completes
+
+
+def test_batch_line_params_and_seed_may_address_a_segments_steps(tmp_path, backend, capsys):
+    """A batch line's ``params`` may name a step that only a segment has (as ``rows=`` may), and
+    the line equals ``generate(rows=...)``; a name in no pipeline is still a located error."""
+    segs = [{"until": " ", "max_tokens": 6, "pipeline": [{"top_k": 40}, {"temperature": 1.0}]}]
+    cfg = config(segs, max_new_tokens=12, pipeline=[{"temperature": 0.8}])
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "The", "seed": 4, "params": {"top_k": {"top_k": 2}}}) + "\n"
+                   + json.dumps({"id": "b", "prompt": "The", "seed": 4, "params": {"top_p": {"top_p": 0.5}}}) + "\n")
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    main(["batch", "--config", str(path), "--input", str(src), "--output", str(out), "--errors", str(errors)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    want = gen(backend, cfg).generate(["The"], seeds=[4], rows=[{"top_k": {"top_k": 2}}])[0]
+    assert (row["id"], row["text"]) == ("a", want.text)
+    (err,) = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert err["id"] == "b" and "params top_p" in err["error"] and "or its segments" in err["error"], err
