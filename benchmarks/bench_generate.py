@@ -55,7 +55,8 @@ def peak_rss_mb() -> float:
 
 #: name -> LlamaParams keyword arguments of each form of the backend measured.
 FORMS = {
-    "packed (default)": {},
+    "auto (default)": {},
+    "packed": {"weights": "packed"},
     "fp32 dequantized": {"weights": "dequantize"},
     "bf16 dequantized": {"weights": "dequantize", "dtype": "bfloat16"},
 }
@@ -255,7 +256,7 @@ def main() -> None:
         # default, so a second start (same cache) is measured too.
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "SAMPLERKIT_CACHE": cache}
-            for form, start in [(f, "first start") for f in FORMS] + [("packed (default)", "second start")]:
+            for form, start in [(f, "first start") for f in FORMS] + [("auto (default)", "second start")]:
                 r = subprocess.run([sys.executable, __file__, "--_load-probe", form], capture_output=True,
                                    text=True, check=True, env=env)
                 info = json.loads(r.stdout.strip().splitlines()[-1])
@@ -264,7 +265,7 @@ def main() -> None:
 
     path = find_default_model()
     backends = {form: LlamaBackend(LlamaParams(**kw)) for form, kw in FORMS.items()}
-    if not backends["packed (default)"].model.packed:
+    if not backends["auto (default)"].model.packed:
         print("  (this torch has no int4 CPU kernel: the default form is the dequantized float32 model)")
     model, tok = load_hf(path)
     bw = copy_bandwidth_gbs()
@@ -275,7 +276,7 @@ def main() -> None:
         print(f"{form:17s}: weights read per step {wbytes / 1e6:4.0f} MB -> batch-1 cap {caps[form]:5.1f} tok/s "
               f"at the {bw:.1f} GB/s copy bandwidth measured here")
 
-    long_ids = backends["packed (default)"].tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))
+    long_ids = backends["auto (default)"].tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))
     long_ids = long_ids[:args.prefill_tokens]
     with torch.inference_mode():
         hf_s = time_prefill(lambda: model(torch.tensor([long_ids])))
@@ -294,7 +295,7 @@ def main() -> None:
             runs["transformers"].append(time_hf(model, tok, batch, n))
             for form, backend in backends.items():
                 runs[form].append(time_backend(backend, batch, n))
-            g = time_generate_api(backends["packed (default)"], batch, n)
+            g = time_generate_api(backends["auto (default)"], batch, n)
             if g is not None:
                 runs["Generator (default)"].append(g)
         print(f"batch {batch}, {n} new tokens/row, greedy, best (median) of {args.repeats}:")

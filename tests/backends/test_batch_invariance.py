@@ -1,5 +1,5 @@
 """Batch invariance on the real default model (slow): a seeded row gives the same tokens alone
-and at any position of any batch, with the default settings (packed weights), through the
+and at any position of any batch, with the default settings (weights: auto), through the
 library and through ``samplerkit batch``. See docs/cli.md for what is guaranteed."""
 
 from __future__ import annotations

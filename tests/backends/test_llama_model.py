@@ -215,7 +215,7 @@ INVARIANCE_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [(7 * i + 3) %
 
 
 def test_a_row_is_bit_identical_alone_and_in_any_batch(packed_tiny):
-    """Batch invariance of the default (packed) path: a prompt's logits at every step are the
+    """Batch invariance of the packed paths (`packed`, and the default `auto`): a prompt's logits at every step are the
     same bits alone, in batches of 2 and 5 in any order, with rows dropped (finished) and
     duplicated (n fan-out) mid-generation."""
     steps = 6

@@ -27,8 +27,10 @@ prompt on its own (no padding enters any reduction; the dense-copy choice of a p
 depends on the prompt's own length), and a decode step's attention reduces each row over exactly
 its own keys ``[pad, t]`` (consecutive rows with the same padding share one call), never over
 masked pad columns, whose presence changes the blocking of the softmax sums. The packed int4
-kernel reduces each output row alone (checked for 1-140 rows), so the default packed model is
-batch-invariant end to end; a float32 GEMM (``weights: dequantize``) is not: BLAS picks its
+kernel reduces each output row alone (checked for 1-140 rows), and the float16 products
+(``weights: fp16``, and the default ``auto``'s output matrix) run in calls of 4 rows where a row's
+bits depend on neither its position nor its neighbours (checked at start), so the default model
+is batch-invariant end to end; a float32 GEMM (``weights: dequantize``) is not: BLAS picks its
 blocking by the number of rows (see docs/cli.md for what is guaranteed).
 """
 
