@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import torch
 
 _CACHE = tempfile.mkdtemp(prefix="samplerkit-test-cache-")
@@ -26,3 +27,23 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def failing_backend():
+    """A bigram backend whose prefill and join raise for prompts containing '!' (token 33): a
+    backend failure that belongs to one request (tests/test_engine.py, tests/test_batch.py)."""
+    from samplerkit.builtins.backends.bigram import BigramBackend
+
+    class FailingBackend(BigramBackend):
+        def prefill(self, prompts, *, keep_all_logits=False):
+            if any(33 in p for p in prompts):
+                raise RuntimeError("prefill broke")
+            return super().prefill(prompts, keep_all_logits=keep_all_logits)
+
+        def join(self, prompts, *, keep_all_logits=False):
+            if any(33 in p for p in prompts):
+                raise RuntimeError("join broke")
+            return super().join(prompts, keep_all_logits=keep_all_logits)
+
+    return FailingBackend()

@@ -410,28 +410,8 @@ def test_output_order_is_the_same_on_every_run(tmp_path):
     assert orders[0] == orders[1]
 
 
-class FailingJoin:
-    """A bigram backend whose prefill and join fail for prompts containing '!' (token 33)."""
-
-    @staticmethod
-    def make():
-        from samplerkit.builtins.backends.bigram import BigramBackend
-
-        class Backend(BigramBackend):
-            def prefill(self, prompts, *, keep_all_logits=False):
-                if any(33 in p for p in prompts):
-                    raise RuntimeError("prefill broke")
-                return super().prefill(prompts, keep_all_logits=keep_all_logits)
-
-            def join(self, prompts, *, keep_all_logits=False):
-                if any(33 in p for p in prompts):
-                    raise RuntimeError("join broke")
-                return super().join(prompts, keep_all_logits=keep_all_logits)
-        return Backend()
-
-
 @pytest.mark.parametrize("bang_at", [0, 2, 5])
-def test_a_line_failing_in_the_backend_fails_alone(tmp_path, bang_at):
+def test_a_line_failing_in_the_backend_fails_alone(tmp_path, bang_at, failing_backend):
     from samplerkit.batch import local_executor
 
     config = resolved()
@@ -439,7 +419,7 @@ def test_a_line_failing_in_the_backend_fails_alone(tmp_path, bang_at):
     lines[bang_at] = {"id": "bang", "prompt": "bang!", "seed": 3}
     out = tmp_path / "out.jsonl"
     summary = run_batch(config, write_lines(tmp_path / "in.jsonl", lines), out, batch_size=4,
-                        executor=local_executor(config, backend=FailingJoin.make()))
+                        executor=local_executor(config, backend=failing_backend))
     assert summary.errors == 1 and summary.rows_written == 5
     [error] = read_rows(tmp_path / "out.jsonl.errors.jsonl")
     assert error["id"] == "bang" and error["line"] == bang_at + 1 and "broke" in error["error"]

@@ -357,22 +357,8 @@ def test_a_shared_generator_waits_while_the_engine_has_running_rows():
     assert done.is_set()
 
 
-class FailingPrefill(BigramBackend):
-    """A backend whose prefill fails for prompts containing '!'."""
-
-    def prefill(self, prompts, *, keep_all_logits=False):
-        if any(33 in p for p in prompts):
-            raise RuntimeError("prefill broke")
-        return super().prefill(prompts, keep_all_logits=keep_all_logits)
-
-    def join(self, prompts, *, keep_all_logits=False):
-        if any(33 in p for p in prompts):
-            raise RuntimeError("join broke")
-        return super().join(prompts, keep_all_logits=keep_all_logits)
-
-
-def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_goes_on():
-    gen = generator(FailingPrefill())
+def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_goes_on(failing_backend):
+    gen = generator(failing_backend)
     engine = Engine(gen)
     running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
     engine.step()
@@ -511,8 +497,8 @@ def test_bundles_concatenate_bound_pipelines_only_where_rows_keep_their_state():
     assert not BoundPipeline.can_concat(gen.pipeline_for({"pipeline": [{"choice": {"options": ["yes", "no"]}}]}))
 
 
-def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time():
-    gen = generator(FailingPrefill())
+def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time(failing_backend):
+    gen = generator(failing_backend)
     ref = [alone(gen, p, 20 + i)[0].token_ids for i, p in enumerate(PROMPTS[:3])]
     engine = Engine(gen)
     reqs = [engine.submit(PROMPTS[0], seed=20), engine.submit("bang!", seed=1)]
