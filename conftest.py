@@ -29,6 +29,17 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def default_model_path():
+    """The default model's GGUF file; the test is skipped (saying why) where it is unavailable."""
+    from samplerkit.builtins.backends.llama import default_model
+
+    try:
+        return default_model.find_default_model()
+    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
+        pytest.skip(f"default model unavailable ({e})")
+
+
 @pytest.fixture
 def failing_backend():
     """A bigram backend whose prefill and join raise for prompts containing '!' (token 33): a

@@ -496,13 +496,7 @@ def test_a_chat_line_without_a_chat_template_is_an_error_line(tmp_path):
 # -- the default model (slow) -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_model_batch_sizes_2_and_5_give_the_rows_of_samplerkit_generate(tmp_path, capsys):
-    from samplerkit.builtins.backends.llama import default_model
-
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def test_default_model_batch_sizes_2_and_5_give_the_rows_of_samplerkit_generate(tmp_path, capsys, default_model_path):
     prompts = ["The capital of France is", "Once", "A long prompt, with many more tokens than the others in this file, "
                "so the rows are of very different lengths:", "def f(x):", "Colors: red,", "I like"]
     lines = [{"id": i, "prompt": p, "seed": 70 + i, "generation": {"max_new_tokens": 4 + 3 * (i % 3)}}

@@ -304,13 +304,7 @@ def test_llama_join_appends_rows_that_continue_as_if_alone(tiny_llama):
 # -- the default model (slow) ----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_model_seeded_requests_equal_generate_with_joins():
-    from samplerkit.builtins.backends.llama import default_model
-
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def test_default_model_seeded_requests_equal_generate_with_joins(default_model_path):
     gen = Generator({"generation": {"max_new_tokens": 5}})
     prompts = ["The capital of France is", "Once upon a time", "A long prompt, with many more tokens than the "
                "others in this batch, so that joining it shifts every running row:"]
@@ -534,13 +528,7 @@ def test_a_joint_admission_failing_after_some_rows_started_spares_the_others(mon
 
 
 @pytest.mark.slow
-def test_default_model_16_seeded_requests_over_2_shared_pipelines_keep_their_tokens(monkeypatch):
-    from samplerkit.builtins.backends.llama import default_model
-
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def test_default_model_16_seeded_requests_over_2_shared_pipelines_keep_their_tokens(monkeypatch, default_model_path):
     gen = Generator({"generation": {"max_new_tokens": 3}})
     words = ["The sky is", "Once upon", "def f(x):", "Colors:", "I like", "Today", "In 1969,", "Rain:"]
     specs = [(words[i % 8], None if i % 2 else "min_p", 900 + i) for i in range(16)]

@@ -117,13 +117,7 @@ def test_pipelines_length_and_seed_errors():
 # -- the default model (slow) --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_model_row_alone_equals_row_in_32_rows_with_8_pipelines():
-    from samplerkit.builtins.backends.llama import default_model
-
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def test_default_model_row_alone_equals_row_in_32_rows_with_8_pipelines(default_model_path):
     gen = Generator({"generation": {"max_new_tokens": 2}})
     words = ["The sky is", "Once upon", "def f(x):", "Colors:", "I like", "Today", "In 1969,", "Rain:"]
     prompts = [words[(i * 3) % 8] for i in range(32)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import samplerkit
-from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, default_model
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,7 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def backend(default_model_path):
     return LlamaBackend(LlamaParams())
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed, default_model
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, _keep_packed
 from samplerkit.builtins.backends.llama.quant import (
     DENSE_ROWS,
     FP16_ROWS,
@@ -247,11 +247,7 @@ def test_fp16_model_is_closer_than_packed_and_comes_back_from_the_cache(tmp_path
 
 
 @pytest.fixture(scope="module")
-def smollm_exact_and_fp16():
-    try:
-        default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
+def smollm_exact_and_fp16(default_model_path):
     return LlamaBackend(LlamaParams(weights="dequantize")), LlamaBackend(LlamaParams(weights="fp16"))
 
 

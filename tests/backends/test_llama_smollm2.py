@@ -9,35 +9,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams, default_model
+from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
 pytestmark = pytest.mark.slow
 
 
-def _gguf_path():
-    try:
-        return default_model.find_default_model()
-    except Exception as e:  # noqa: BLE001 - any reason means: skip and say why
-        pytest.skip(f"default model unavailable ({e})")
-
-
 @pytest.fixture(scope="module")
-def smollm():
+def smollm(default_model_path):
     """The exact float32 model (weights dequantized at load): the one compared with transformers."""
-    _gguf_path()
     return LlamaBackend(LlamaParams(weights="dequantize"))
 
 
 @pytest.fixture(scope="module")
-def smollm_default():
+def smollm_default(default_model_path):
     """What ``samplerkit generate`` runs: Q4_1/Q8_0 matrices packed where the int4 CPU kernel exists."""
-    _gguf_path()
     return LlamaBackend(LlamaParams())
 
 
 @pytest.fixture(scope="module")
-def hf_smollm():
-    path = _gguf_path()
+def hf_smollm(default_model_path):
+    path = default_model_path
     transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
