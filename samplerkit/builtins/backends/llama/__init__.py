@@ -195,10 +195,10 @@ def _keep_packed(mode: str, device: torch.device) -> bool:
     an error rather than a silent fallback."""
     if mode == "dequantize":
         return False
-    from samplerkit.builtins.backends.llama.quant import fp16_kernel_available, int4_kernel_available
+    from samplerkit.builtins.backends.llama.quant import int4_kernel_available
 
     if mode == "fp16":
-        if device.type != "cpu" or not fp16_kernel_available():
+        if not _fp16_head_available(device):
             why = (f"device is {device}" if device.type != "cpu"
                    else f"torch {torch.__version__} has no usable fbgemm float16 GEMM (quantized.linear_dynamic_fp16)")
             raise ConfigError(f"backend.weights: 'fp16' runs only on the CPU with fbgemm's float16 GEMM ({why}); "
@@ -215,7 +215,7 @@ def _keep_packed(mode: str, device: torch.device) -> bool:
 
 
 def _fp16_head_available(device: torch.device) -> bool:
-    """Whether ``weights: auto`` runs the output matrix with fbgemm's float16 GEMM here."""
+    """Whether fbgemm's float16 GEMM runs here (``weights: fp16``; ``auto``'s output matrix)."""
     from samplerkit.builtins.backends.llama.quant import fp16_kernel_available
 
     return device.type == "cpu" and fp16_kernel_available()
