@@ -13,11 +13,14 @@ and the best of ``--repeats`` is reported (a shared machine disturbs some runs),
 
 ``--engines`` instead compares the two *engines* on the same GGUF, through the same backend
 interface (prefill, then ``step`` with argmax, no sampling pipeline): samplerkit's pure-PyTorch
-``llama`` backend (the default ``weights: auto``: packed layers, float16 output matrix; also
-``weights: packed``, ``weights: dequantize`` for reference, and ``weights: fp16``) against the ``llamacpp`` backend (llama.cpp, one ``llama_decode`` for all rows), at batch 1 and 8, and
-the prefill of one 512-token prompt; runs alternate, best (median) of ``--repeats``:
+``llama`` backend (the default ``weights: auto``, which is ``blocks`` where samplerkit's compiled
+kernels load; also ``weights: packed`` (torch's int4 kernel), ``weights: dequantize`` for reference,
+and ``weights: fp16``; ``--forms`` picks) against the ``llamacpp`` backend (llama.cpp, one
+``llama_decode`` for all rows), at batch 1 and 8, and the prefill of one 512-token prompt; runs
+alternate, best (median) of ``--repeats``:
 
     python benchmarks/bench_llamacpp.py --engines --new-tokens 64 --repeats 5
+    python benchmarks/bench_llamacpp.py --engines --forms auto packed --threads 1
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ import torch
 os.environ.setdefault("SAMPLERKIT_QUIET", "1")
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+#: ``--forms``: row label and LlamaParams of each weights form of the llama backend.
+FORMS = {"auto": ("llama (auto, default)", {"cache": False}),
+         "packed": ("llama (packed, torch int4)", {"weights": "packed", "cache": False}),
+         "dequantize": ("llama (dequantize, fp32)", {"weights": "dequantize"}),
+         "fp16": ("llama (fp16, fbgemm)", {"weights": "fp16"})}
 
 
 def main() -> None:
@@ -42,6 +50,8 @@ def main() -> None:
     parser.add_argument("--engines", action="store_true", help="compare the llama and llamacpp backends")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS),
+                        help="the llama backend's weights forms to time (--engines)")
     args = parser.parse_args()
     if args.engines:
         engines(args)
@@ -112,10 +122,11 @@ def engines(args) -> None:
     from samplerkit.builtins.backends.llama import LlamaBackend, LlamaParams
 
     torch.set_num_threads(args.threads)
-    ours = {"llama (auto, default)": LlamaBackend(LlamaParams(cache=False)),
-            "llama (packed)": LlamaBackend(LlamaParams(weights="packed", cache=False)),
-            "llama (dequantize, fp32)": LlamaBackend(LlamaParams(weights="dequantize")),
-            "llama (fp16, fbgemm)": LlamaBackend(LlamaParams(weights="fp16"))}
+    ours = {FORMS[f][0]: LlamaBackend(LlamaParams(**FORMS[f][1])) for f in args.forms}
+    from samplerkit.builtins.backends.llama import native
+
+    print("llama (auto) runs", "samplerkit's compiled kernels (weights: blocks)" if native.kernels() is not None
+          else f"torch's kernels (compiled kernels unavailable: {native.unavailable_reason()})")
     cpp = LlamaCppBackend(LlamaCppParams(n_ctx=4096, n_seq=max(args.batches), n_threads=args.threads))
     every = {**ours, "llama.cpp (llamacpp backend)": cpp}
     ids = cpp.tokenize(PROMPT)

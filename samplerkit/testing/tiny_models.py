@@ -5,6 +5,8 @@ backends alike). Needs ``tokenizers`` (a core dependency); building the model ne
 
 from __future__ import annotations
 
+import numpy as np
+
 #: A 2-layer GQA Llama small enough to build in milliseconds (transformers ``LlamaConfig`` kwargs).
 TINY_LLAMA = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -51,3 +53,19 @@ def save_tiny_llama(path, *, seed: int = 0):
     train_byte_level_bpe().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
     return path
+
+
+#: (bytes per block, values per block, byte offsets of float16 fields) of each format.
+GGUF_BLOCK_LAYOUT = {"Q4_0": (18, 32, (0,)), "Q4_1": (20, 32, (0, 2)), "Q8_0": (34, 32, (0,)), "Q4_K": (144, 256, (0, 2))}
+
+
+def random_gguf_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid random GGUF blocks: random code/scale bytes, float16 fields set to finite values of
+    the size real models have (so no NaN/inf bit patterns)."""
+    size, per_block, halves = GGUF_BLOCK_LAYOUT[type_name]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // per_block, size), dtype=np.uint8)
+    for off in halves:
+        vals = (rng.standard_normal(blocks.shape[0]) * 0.02).astype(np.float16)
+        blocks[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)

@@ -138,20 +138,27 @@ def synthetic_cases(seed: int = 0) -> list[LogitsCase]:
 
 #: How the llama backend's defaults compute the model's logits; change it when they change, so
 #: that logits cached by an earlier version are computed again.
-_LOGITS_FORM = "llama weights: auto = packed layers + float16 output matrix"
+def _logits_form() -> str:
+    """How the llama backend's default (``weights: auto``) computes logits here: with samplerkit's
+    compiled kernels (and which source) where they load, else packed layers + float16 output."""
+    from samplerkit.builtins.backends.llama import native
+
+    if native.kernels() is not None:
+        return f"llama weights: auto = blocks (compiled kernels {native.source_digest()})"
+    return "llama weights: auto = packed layers + float16 output matrix"
 
 
 def model_cases(prompts: Sequence[str] = MODEL_PROMPTS) -> list[LogitsCase]:
     """The default model's next-token logits after each prompt, computed once and then read
     from the cache directory (``$SAMPLERKIT_CACHE``, keyed by the model file's size and mtime,
-    torch's version and CPU capability, and :data:`_LOGITS_FORM`)."""
+    torch's version and CPU capability, and :func:`_logits_form`)."""
     from samplerkit.builtins.backends.llama.default_model import cache_dir, find_default_model
 
     model = find_default_model()
     stat = model.stat()
     # The logits depend on the prompts, the file, and how the backend computes them: its
-    # default weights form (_LOGITS_FORM), torch's version and the kernels it picks for this CPU.
-    form = f"{_LOGITS_FORM}\0{torch.__version__}\0{torch.backends.cpu.get_cpu_capability()}"
+    # default weights form (_logits_form), torch's version and the kernels it picks for this CPU.
+    form = f"{_logits_form()}\0{torch.__version__}\0{torch.backends.cpu.get_cpu_capability()}"
     digest = hashlib.sha256("\0".join([form, *prompts]).encode("utf-8")).hexdigest()[:16]  # stable across runs
     key = f"verify-logits-{stat.st_size}-{int(stat.st_mtime)}-{digest}.pt"
     path = cache_dir() / key

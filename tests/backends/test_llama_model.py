@@ -172,11 +172,14 @@ def test_threads_and_params(hf_dir):
 
 @pytest.fixture(scope="module", params=["packed", "auto"])
 def packed_tiny(request, tmp_path_factory, tiny_tools):
-    """A tiny Q4_1 GGUF whose layer matrices run packed (vocabulary 320: a multiple of the int4
-    kernel's 16 outputs, so the output projection can be packed too, as in the default model),
-    with ``weights: packed`` (every matrix int4) and ``auto`` (the default: the output matrix in
-    float16)."""
+    """A tiny Q4_1 GGUF whose matrices run on the file's codes (vocabulary 320: a multiple of the
+    int4 kernel's 16 outputs, so the output projection can be packed too, as in the default
+    model), with ``weights: packed`` (every matrix through torch's int4 kernel) and ``auto`` (the
+    default: every matrix through samplerkit's compiled kernels where they load, else packed
+    layers with the output matrix in float16)."""
     transformers = pytest.importorskip("transformers", reason="builds the tiny model")
+    from samplerkit.builtins.backends.llama import native
+    from samplerkit.builtins.backends.llama.blocks import BlockLinear
     from samplerkit.builtins.backends.llama.quant import (
         Fp16Linear,
         Int4Linear,
@@ -197,8 +200,12 @@ def packed_tiny(request, tmp_path_factory, tiny_tools):
                                  matrix_type="Q4_1", tokenizer=tiny_tools.train_byte_level_bpe())
     backend = LlamaBackend(LlamaParams(model=str(path), cache=False, weights=request.param))
     *layers, head = backend.model.linears()
+    if request.param == "auto" and native.kernels() is not None:
+        assert all(isinstance(m, BlockLinear) for m in [*layers, head])
+        assert backend.model._fused                 # decode steps run the fused compiled calls
+        return backend
     assert all(isinstance(m, Int4Linear) for m in layers)
-    # auto (the default): the output matrix in float16 where fbgemm's GEMM runs, packed otherwise.
+    # auto without the compiled kernels: the output matrix in float16 where fbgemm's GEMM runs.
     want_head = Fp16Linear if request.param == "auto" and fp16_kernel_available() else Int4Linear
     assert isinstance(head, want_head)
     return backend
@@ -215,7 +222,7 @@ INVARIANCE_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [(7 * i + 3) %
 
 
 def test_a_row_is_bit_identical_alone_and_in_any_batch(packed_tiny):
-    """Batch invariance of the packed paths (`packed`, and the default `auto`): a prompt's logits at every step are the
+    """Batch invariance of the paths on the file's codes (`packed`, and the default `auto`): a prompt's logits at every step are the
     same bits alone, in batches of 2 and 5 in any order, with rows dropped (finished) and
     duplicated (n fan-out) mid-generation."""
     steps = 6

@@ -39,8 +39,12 @@ class LlamaParams(StepParams):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of activations, the KV cache and every matrix not kept packed "
                                "(see weights). Logits are always returned as float32.")
-    weights: Literal["auto", "packed", "dequantize", "fp16"] = Field(
-        "auto", description="How GGUF Q4_0/Q4_1/Q4_K/Q8_0 matrices are multiplied. 'packed': from the "
+    weights: Literal["auto", "blocks", "packed", "dequantize", "fp16"] = Field(
+        "auto", description="How GGUF Q4_0/Q4_1/Q4_K/Q8_0 matrices are multiplied. 'blocks': from the file's "
+                            "codes and scales by samplerkit's compiled AVX2 kernels (built on first use with "
+                            "the system C compiler; float32 activations, each weight dequantized exactly: "
+                            "the exact model's products up to float32 summation order, and the fastest form "
+                            "on such CPUs, docs/performance.md). 'packed': from the "
                             "file's 4-bit codes with torch's int4 CPU kernel (about 4-7x fewer bytes per "
                             "token; activations rounded to bfloat16 for each product, like llama.cpp's "
                             "quantized dot products); 'dequantize': dequantized to dtype at load (the exact "
@@ -48,10 +52,10 @@ class LlamaParams(StepParams):
                             "rounded once to float16, multiplied by fbgemm's float16 GEMM on the CPU (2 bytes "
                             "per weight, closer to the exact model than packed, faster than packed for "
                             "batches of 4 rows or more on AVX2, slower to start: docs/performance.md); "
-                            "'auto': packed on a CPU whose torch has the int4 kernel, with the output "
-                            "matrix in float16 as 'fp16' has it where fbgemm's float16 GEMM runs (faster and "
-                            "closer to the exact model than packed; start about 0.5 s longer); dequantize "
-                            "where there is no int4 kernel.")
+                            "'auto': blocks where the compiled kernels load (an x86-64 CPU with AVX2, FMA "
+                            "and F16C, and a C compiler); else packed on a CPU whose torch has the int4 "
+                            "kernel, with the output matrix in float16 as 'fp16' has it where fbgemm's "
+                            "float16 GEMM runs; dequantize where neither runs.")
     max_context: int | None = Field(
         None, gt=0, description=f"Longest sequence (prompt + generated tokens); null means the model's "
                                 f"context length, capped at {DEFAULT_MAX_CONTEXT}. The KV cache grows on "
@@ -112,9 +116,10 @@ class LlamaBackend(Backend):
         dtype = _DTYPES[p.dtype]
         if progress is None:
             progress = _default_progress()
-        keep_packed = _keep_packed(p.weights, device)
+        blocks = _use_blocks(p.weights, device)
+        keep_packed = blocks or _keep_packed(p.weights, device)
         fp16 = p.weights == "fp16"
-        fp16_head = p.weights == "auto" and keep_packed and _fp16_head_available(device)
+        fp16_head = p.weights == "auto" and keep_packed and not blocks and _fp16_head_available(device)
         from samplerkit.builtins.backends.llama import cache
         from samplerkit.builtins.backends.llama.model import LlamaModel
 
@@ -122,7 +127,8 @@ class LlamaBackend(Backend):
         entry = None
         use_cache = keep_packed if p.cache is None else p.cache
         if use_cache and self.model_path.is_file():   # GGUF files; HF directories load fast already
-            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed, fp16=fp16, fp16_head=fp16_head)
+            entry = cache.entry_path(self.model_path, dtype=dtype, packed=keep_packed, fp16=fp16, fp16_head=fp16_head,
+                                     blocks=blocks)
             cached = cache.load(entry)
             if cached is not None:
                 config, self.tokenizer, tensors, layout = cached
@@ -137,7 +143,7 @@ class LlamaBackend(Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.model = LlamaModel(config, weights, device=device, dtype=dtype, max_context=_max_context(p, config),
-                                fp16_weights=fp16, fp16_head=fp16_head)
+                                fp16_weights=fp16, fp16_head=fp16_head, block_weights=blocks)
         self.model.batch_invariant = p.batch_invariant
         if entry is not None:
             cache.save(entry, config, tokenizer, self.model)
@@ -188,6 +194,22 @@ class LlamaBackend(Backend):
 
     def select_rows(self, keep: Sequence[int]) -> None:
         self.model.select_rows(keep)
+
+
+def _use_blocks(mode: str, device: torch.device) -> bool:
+    """Whether ``weights: mode`` runs the compiled kernels (:mod:`.blocks`): 'blocks' always (an
+    error where they cannot load, rather than a silent fallback), 'auto' where they load."""
+    if mode not in ("blocks", "auto"):
+        return False
+    from samplerkit.builtins.backends.llama import native
+
+    if device.type == "cpu" and native.kernels() is not None:
+        return True
+    if mode == "blocks":
+        why = f"device is {device}" if device.type != "cpu" else native.unavailable_reason()
+        raise ConfigError(f"backend.weights: 'blocks' needs samplerkit's compiled CPU kernels, which are unavailable "
+                          f"here ({why}); use weights: auto, packed or dequantize")
+    return False
 
 
 def _keep_packed(mode: str, device: torch.device) -> bool:

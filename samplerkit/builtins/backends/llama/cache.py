@@ -36,13 +36,15 @@ FORMAT = 2
 
 
 def entry_path(source: Path, *, dtype: torch.dtype, packed: bool, fp16: bool = False,
-               fp16_head: bool = False) -> Path:
+               fp16_head: bool = False, blocks: bool = False) -> Path:
     """Where the prepared form of ``source`` for these options lives (see the module docstring)."""
     key = {"format": FORMAT, "sha256": file_digest(source), "dtype": str(dtype), "packed": packed}
     if fp16:                                  # absent otherwise: earlier entries keep their names
         key["fp16"] = True
     if fp16_head:
         key["fp16_head"] = True
+    if blocks:
+        key["blocks"] = True
     if packed:
         key |= {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

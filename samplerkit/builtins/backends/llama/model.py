@@ -41,6 +41,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from samplerkit.builtins.backends.llama import blocks
+from samplerkit.builtins.backends.llama.blocks import BlockLinear, can_block
 from samplerkit.builtins.backends.llama.config import LlamaConfig
 from samplerkit.builtins.backends.llama.quant import (
     DENSE_ROWS,
@@ -62,7 +64,8 @@ _CACHE_CHUNK = 256
 
 class _Layer:
     """One decoder block: norms and its four (fused) linear maps, each a callable ``x -> x @ W.T``
-    (:class:`~.quant.DenseLinear` or :class:`~.quant.Int4Linear`)."""
+    (:class:`~.quant.DenseLinear`, :class:`~.blocks.BlockLinear`, :class:`~.quant.Int4Linear` or
+    :class:`~.quant.Fp16Linear`)."""
 
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
     #: The linear maps, in the order a step applies them.
@@ -110,13 +113,17 @@ class LlamaModel:
     interleaved rotary layout. They are moved to ``device``/``dtype`` and fused here; the dict
     is consumed (entries are popped) so the unfused copies can be freed as we go. Entries may be
     :class:`~.quant.QuantizedTensor` (4-bit/8-bit GGUF blocks): matrices whose fused parts can all
-    stay packed run as :class:`~.quant.Int4Linear` (CPU), the rest are dequantized here.
+    stay packed run as :class:`~.blocks.BlockLinear` (``block_weights``, samplerkit's compiled
+    kernels) or :class:`~.quant.Int4Linear` (torch's int4 kernel), the rest are dequantized here.
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_context: int | None = None, fp16_weights: bool = False, fp16_head: bool = False):
-        """``fp16_weights``: every matrix (the output one too) runs as :class:`~.quant.Fp16Linear`
+                 max_context: int | None = None, fp16_weights: bool = False, fp16_head: bool = False,
+                 block_weights: bool = False):
+        """``block_weights``: every matrix whose GGUF blocks the compiled kernels take runs as
+        :class:`~.blocks.BlockLinear` (``weights: blocks``, and ``auto`` where the kernels load), the
+        output matrix too; the others as below. ``fp16_weights``: every matrix (the output one too) runs as :class:`~.quant.Fp16Linear`
         (``weights: fp16``); the token embedding then stays in the file's codes if it has any.
         ``fp16_head``: only the output matrix does, where it would otherwise run packed
         (``weights: auto``: at one row it is the largest product of a step, and the int4 kernel
@@ -131,6 +138,8 @@ class LlamaModel:
             return dense(weights.pop(name)).contiguous()
 
         def linear(*parts):
+            if block_weights and can_block(list(parts), self.device):
+                return BlockLinear.from_parts(list(parts))
             if fp16_weights:
                 return Fp16Linear.from_parts(list(parts))
             if can_pack(list(parts), self.device):
@@ -140,9 +149,11 @@ class LlamaModel:
 
         embed = weights.pop("embed")
         head = weights.pop("lm_head", None)
-        tied_packed = head is None and can_pack([embed], self.device)
-        head_fp16 = fp16_weights or (fp16_head and can_pack([embed if head is None else head], self.device))
-        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed or head_fp16):
+        head_blocks = block_weights and can_block([embed if head is None else head], self.device)
+        tied_packed = head is None and not head_blocks and can_pack([embed], self.device)
+        head_fp16 = not head_blocks and (
+            fp16_weights or (fp16_head and can_pack([embed if head is None else head], self.device)))
+        if isinstance(embed, QuantizedTensor) and (head is not None or tied_packed or head_fp16 or head_blocks):
             # Only looked up row by row (the output matrix is separate or packed): keep the codes.
             self.embed = QuantizedEmbedding.from_tensor(embed)
         else:
@@ -159,7 +170,9 @@ class LlamaModel:
                 w_down=linear(weights.pop(p + "w_down")),
             ))
         self.norm = take("norm")
-        if head_fp16:
+        if head_blocks:
+            self.lm_head = BlockLinear.from_parts([embed if head is None else head])
+        elif head_fp16:
             self.lm_head = Fp16Linear.from_parts([embed if head is None else head])
         elif head is None:                    # tied: reuse the embedding (no transposed copy)
             self.lm_head = Int4Linear.from_parts([embed]) if tied_packed else DenseLinear(self.embed.weight.t())
@@ -185,10 +198,16 @@ class LlamaModel:
         inv_freq = rope_inv_freq(config, self.freq_factors)
         angles = torch.outer(torch.arange(self.max_context, dtype=torch.float32), inv_freq)
         self._rope = torch.polar(torch.ones_like(angles), angles).to(self.device)  # [T, D/2] complex64
+        self._rope_real = torch.view_as_real(self._rope)                              # [T, D/2, 2] (cos, sin)
 
         self._n_q = config.num_heads * config.head_dim
         self._n_qk = (config.num_heads + config.num_kv_heads) * config.head_dim
         self._n_rep = config.num_heads // config.num_kv_heads
+        #: Decode steps run the compiled kernels' fused glue (norm + product, product + residual,
+        #: the whole feed-forward block): float32 on the CPU with every layer matrix a BlockLinear.
+        self._fused = (self.dtype == torch.float32 and self.device.type == "cpu" and config.head_dim % 8 == 0
+                       and blocks.fusable(
+            self.layers, [w for layer in self.layers for w in (layer.attn_norm, layer.ffn_norm)] + [self.norm]))
         self._reset_cache(0, 0)
 
     # -- prepared weights (the load cache) ----------------------------------------------
@@ -214,6 +233,9 @@ class LlamaModel:
             elif isinstance(lin, Fp16Linear):
                 tensors[f"{name}.fp16"] = lin.weight16
                 layout[name] = {"kind": "fp16"}
+            elif isinstance(lin, BlockLinear):
+                tensors[f"{name}.tiles"] = lin.tiles
+                layout[name] = {"kind": "blocks", "format": lin.format, "out": lin.out_features}
             elif name == "lm_head" and isinstance(self.embed, DenseEmbedding) and \
                     lin.weight_t.data_ptr() == self.embed.weight.data_ptr():
                 layout[name] = {"kind": "tied"}
@@ -249,6 +271,8 @@ class LlamaModel:
                 return Int4Linear.from_packed(planes, layout[name]["out"])
             if kind == "fp16":
                 return Fp16Linear(tensors[f"{name}.fp16"])
+            if kind == "blocks":
+                return BlockLinear(tensors[f"{name}.tiles"], layout[name]["format"], layout[name]["out"])
             if kind == "tied":
                 return DenseLinear(self.embed.weight.t())
             return DenseLinear(tensor(name))
@@ -273,8 +297,8 @@ class LlamaModel:
 
     @property
     def packed(self) -> bool:
-        """Whether any matrix runs on packed int4 codes."""
-        return any(isinstance(m, Int4Linear) for m in self.linears())
+        """Whether any matrix runs on the file's codes (torch's int4 kernel or the compiled kernels)."""
+        return any(isinstance(m, Int4Linear | BlockLinear) for m in self.linears())
 
     def linears(self) -> list:
         """Every linear map a decode step applies, the output projection last."""
@@ -472,9 +496,20 @@ class LlamaModel:
 
         rope = self._rope[t - self._pad].view(B, 1, 1, -1)                 # per-row position
         h = self.embed(next_ids.to(self.device).view(B, 1), self.dtype)    # [B, 1, d]
+        fused, eps = self._fused, c.rms_norm_eps
+        if fused:
+            positions = (t - self._pad).contiguous()
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (c.hidden_size,), layer.attn_norm, c.rms_norm_eps)
-            qkv = layer.wqkv(x, False)
+            if fused:
+                # The whole layer in four compiled calls (see blocks.py): norm + q/k/v product;
+                # rotary + cache writes + attention; output product + residual; feed-forward + residual.
+                qkv = blocks.norm_mm(h, layer.attn_norm, eps, layer.wqkv)
+                a = blocks.attend_decode(qkv, c.num_heads, kvh, self._rope_real, positions, self._k_layers[i],
+                                         self._v_layers[i], t, self._pad)
+                blocks.mm_add(a, layer.wo, h)
+                blocks.mlp(h, layer.ffn_norm, eps, layer.w_gate_up, layer.w_down)
+                continue
+            qkv = layer.wqkv(F.rms_norm(h, (c.hidden_size,), layer.attn_norm, eps), False)
             q, k = self._rotate(qkv, rope)
             k_cache, v_cache = self._k_layers[i], self._v_layers[i]
             k_cache[:, :, t] = k[:, 0]
@@ -496,7 +531,9 @@ class LlamaModel:
             h.add_(layer.wo(a.reshape(B, 1, self._n_q), False))  # h is ours: add in place
             h.add_(self._mlp(layer, h))
         self._len = t + 1
-        h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, c.rms_norm_eps)
+        if fused and isinstance(self.lm_head, BlockLinear):
+            return blocks.norm_mm(h[:, 0], self.norm, eps, self.lm_head)
+        h = F.rms_norm(h[:, 0], (c.hidden_size,), self.norm, eps)
         return self.lm_head(h, False).float()
 
 

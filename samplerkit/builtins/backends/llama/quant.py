@@ -458,12 +458,12 @@ class Fp16Linear:
 
 
 class dense_copies:  # noqa: N801 - a context manager, named like torch's lower-case ones
-    """Within the block, each :class:`Int4Linear` in ``linears`` (others are ignored) keeps its
-    transient bfloat16 copy, so the rows of a prefill that each take the dense path unpack a
+    """Within the block, each :class:`Int4Linear` or :class:`~.blocks.BlockLinear` in ``linears``
+    (others are ignored) keeps its transient dense copy, so the rows of a prefill that each take the dense path unpack a
     matrix once between them; the copies are dropped on exit. Nothing happens if not ``enabled``."""
 
     def __init__(self, linears, enabled: bool):
-        self.linears = [m for m in linears if isinstance(m, Int4Linear) and m.can_unpack()] if enabled else []
+        self.linears = [m for m in linears if hasattr(m, "dense_t") and m.can_unpack()] if enabled else []
 
     def __enter__(self):
         for m in self.linears:
