@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--sequential-sample", type=int, default=6, help="requests timed one after another")
     ap.add_argument("--batch-invariant", choices=["true", "false"], default="true",
                     help="the llama backend's batch_invariant (false: one fused attention call per layer)")
-    ap.add_argument("--weights", choices=["auto", "packed", "dequantize", "fp16"], default="auto",
+    ap.add_argument("--weights", choices=["auto", "blocks", "packed", "dequantize", "fp16"], default="auto",
                     help="the llama backend's weights (dequantize: float32 GEMMs, not batch-invariant)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 on a machine shared with other jobs)")

@@ -5,8 +5,12 @@ q/k/v 960x576, attention output 576x576, fused gate/up 3072x576, down 576x1536, 
 matrix 49152x576, which the file stores as Q8_0), at 1, 4, 16 and 64 rows, for each torch thread
 count asked. Candidates:
 
+``blocks``
+    samplerkit's compiled AVX2 kernels (``weights: blocks``, the default ``auto`` where they
+    load; :class:`samplerkit.builtins.backends.llama.blocks.BlockLinear`): the file's codes and
+    scales, float32 activations, one scaling per group of 32 inputs.
 ``int4``
-    ``aten._weight_int4pack_mm_for_cpu``, what the ``llama`` backend runs today
+    ``aten._weight_int4pack_mm_for_cpu``, what ``weights: packed`` runs
     (:class:`samplerkit.builtins.backends.llama.quant.Int4Linear`, bfloat16 activations and
     scales; the Q8_0 output matrix as two 4-bit planes).
 ``compiled nibbles``
@@ -58,7 +62,7 @@ import torch
 
 MATRICES = {"qkv": ("wq", "wk", "wv"), "o": ("wo",), "gate_up": ("w_gate", "w_up"), "down": ("w_down",),
             "output": ("embed",)}
-CANDIDATES = ("int4", "compiled nibbles", "compiled uint8", "int8 per row", "int8 groupwise", "fbgemm dynamic",
+CANDIDATES = ("blocks", "int4", "compiled nibbles", "compiled uint8", "int8 per row", "int8 groupwise", "fbgemm dynamic",
               "fbgemm fp16", "float32")
 GROUP = 32
 
@@ -100,10 +104,17 @@ class Affine:
 
 def candidates(parts: list, a: Affine) -> dict[str, object]:
     """{name: f(x float32 [M, K]) -> [M, N]} for every candidate that applies here (else a reason)."""
+    from samplerkit.builtins.backends.llama import native
+    from samplerkit.builtins.backends.llama.blocks import BlockLinear
     from samplerkit.builtins.backends.llama.quant import Fp16Linear, Int4Linear, fp16_kernel_available
 
     n, k, g = a.n, a.k, a.k // GROUP
     out: dict[str, object] = {}
+    if native.kernels() is not None:
+        blocks = BlockLinear.from_parts(parts)
+        out["blocks"] = lambda x: blocks(x, dense=False)
+    else:
+        out["blocks"] = f"n/a ({native.unavailable_reason()})"
     lin = Int4Linear.from_parts(parts)
     out["int4"] = lambda x: lin(x, dense=False)
 

@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--sequential-max", type=int, default=8, help="most requests in a sequential baseline")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
     parser.add_argument("--servers", default="samplerkit,llamacpp", help="which servers to run: samplerkit, llamacpp")
-    parser.add_argument("--weights", choices=["auto", "packed", "dequantize", "fp16"], default="auto",
+    parser.add_argument("--weights", choices=["auto", "blocks", "packed", "dequantize", "fp16"], default="auto",
                         help="samplerkit's backend.weights (fp16: fbgemm's float16 GEMM, faster for batches)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="more samplerkit serve --set options (e.g. backend.threads=1)")

@@ -1,6 +1,7 @@
 """A tiny Llama configuration and a byte-level BPE tokenizer trained on the spot, for tests
 that need a real model directory without downloading anything (core, plugins and third-party
-backends alike). Needs ``tokenizers`` (a core dependency); building the model needs transformers.
+backends alike), and random GGUF quantized blocks (:func:`random_gguf_blocks`) for tests of
+quantized products. Needs ``tokenizers`` (a core dependency); building the model needs transformers.
 """
 
 from __future__ import annotations

@@ -239,14 +239,15 @@ PROBE = """
 """
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"SAMPLERKIT_NATIVE": "0"}, "SAMPLERKIT_NATIVE=0"),
-    ({"ATEN_CPU_CAPABILITY": "default"}, "capability DEFAULT"),
-    ({"CC": "/nonexistent/cc"}, "could not build the kernels"),
+@pytest.mark.parametrize("env, reason, warned", [
+    ({"SAMPLERKIT_NATIVE": "0"}, "SAMPLERKIT_NATIVE=0", False),
+    ({"ATEN_CPU_CAPABILITY": "default"}, "capability DEFAULT", False),
+    ({"CC": "/nonexistent/cc"}, "could not build the kernels", True),
 ])
-def test_without_the_kernels_auto_falls_back_and_blocks_says_why(tiny_q41, tmp_path, env, reason):
+def test_without_the_kernels_auto_falls_back_and_blocks_says_why(tiny_q41, tmp_path, env, reason, warned):
     """Switched off, a CPU (as torch runs it) without AVX2, or no working compiler: ``auto``
-    keeps torch's int4 kernel, ``weights: blocks`` is a ConfigError that names the cause."""
+    keeps torch's int4 kernel, ``weights: blocks`` is a ConfigError that names the cause. Only
+    the cause a user can fix (the compiler) makes ``auto`` warn."""
     import json
 
     run = _run(PROBE.replace("MODEL", repr(str(tiny_q41))), SAMPLERKIT_CACHE=str(tmp_path / "cache"), **env)
@@ -255,6 +256,7 @@ def test_without_the_kernels_auto_falls_back_and_blocks_says_why(tiny_q41, tmp_p
     assert not out["loaded"] and reason in out["reason"]
     assert "'blocks' needs samplerkit's compiled CPU kernels" in out["error"] and reason in out["error"]
     assert out["auto"] == ("Int4Linear" if int4_kernel_available() else "DenseLinear")
+    assert ("Install a C compiler (gcc or clang) or set CC" in run.stderr) == warned, run.stderr
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
@@ -284,3 +286,44 @@ def test_default_model_runs_on_the_compiled_kernels_by_default(default_model_pat
     assert all(isinstance(m, BlockLinear) for m in backend.model.linears())
     assert backend.model._fused
     assert not any(isinstance(m, Int4Linear) for m in backend.model.linears())
+
+
+@needs_native
+def test_a_cache_directory_that_cannot_hold_the_kernels_builds_them_privately(tmp_path):
+    """``kernels`` under the cache directory is a file (so nothing can be created there, even as
+    root): the kernels are built into a private temporary directory and still load."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").write_text("not a directory")
+    run = _run("""
+        from samplerkit.builtins.backends.llama import native
+        lib = native.kernels()
+        assert lib is not None, native.unavailable_reason()
+        print(lib._name)
+    """, SAMPLERKIT_CACHE=str(tmp_path / "cache"))
+    assert run.returncode == 0, run.stderr
+    built = run.stdout.strip().splitlines()[-1]
+    assert "samplerkit-kernels-" in built and not built.startswith(str(tmp_path))
+    assert not os.path.exists(built)               # removed once loaded: nothing left behind in /tmp
+    assert (tmp_path / "cache" / "kernels").read_text() == "not a directory"
+
+
+@needs_native
+def test_a_compiler_without_openmp_gets_single_threaded_kernels(tmp_path):
+    """A compiler that rejects ``-fopenmp`` (Apple's clang, a clang without libomp): the kernels
+    are built again without it and load (their parallel loops then run on one thread)."""
+    import shutil
+
+    log = tmp_path / "calls.log"
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
+                  f"case \" $* \" in *\" -fopenmp \"*) echo 'unsupported option -fopenmp' >&2; exit 1;; esac\n"
+                  f"exec {shutil.which('cc') or shutil.which('gcc')} \"$@\"\n")
+    cc.chmod(0o755)
+    run = _run("""
+        from samplerkit.builtins.backends.llama import native
+        assert native.kernels() is not None, native.unavailable_reason()
+        print("ok")
+    """, SAMPLERKIT_CACHE=str(tmp_path / "cache"), CC=str(cc))
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "-fopenmp" in calls[0] and "-fopenmp" not in calls[1], calls

@@ -1,7 +1,8 @@
 """The ``llama`` backend: a pure-PyTorch Llama-family decoder with a KV cache.
 
-Loads GGUF files (4-bit and 8-bit matrices kept packed on the CPU, see :mod:`.quant`, others
-dequantized at load; prepared once and cached, see :mod:`.cache`) and Hugging Face directories
+Loads GGUF files (4-bit and 8-bit matrices kept in the file's blocks on the CPU and multiplied by
+samplerkit's compiled kernels, see :mod:`.blocks` and :mod:`.native`, or torch's int4 kernel, see
+:mod:`.quant`; others dequantized at load; prepared once and cached, see :mod:`.cache`) and Hugging Face directories
 (``config.json`` + safetensors); without a ``model`` it runs the embedded SmolLM2-135M-Instruct. Heavy libraries
 (gguf, tokenizers, sentencepiece, jinja2) are imported only when a model is loaded.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -209,6 +211,11 @@ def _use_blocks(mode: str, device: torch.device) -> bool:
         why = f"device is {device}" if device.type != "cpu" else native.unavailable_reason()
         raise ConfigError(f"backend.weights: 'blocks' needs samplerkit's compiled CPU kernels, which are unavailable "
                           f"here ({why}); use weights: auto, packed or dequantize")
+    if device.type == "cpu" and native.fixable():
+        warnings.warn(f"llama backend: samplerkit's compiled CPU kernels are unavailable ({native.unavailable_reason()}); "
+                      "weights: auto runs torch's int4 kernel instead, about 3x slower per token "
+                      "(docs/performance.md). Install a C compiler (gcc or clang) or set CC to use them.",
+                      UserWarning, stacklevel=3)
     return False
 
 

@@ -129,8 +129,8 @@ class BlockLinear:
             y = torch.matmul(x2, w)
         else:
             y = torch.empty(x2.shape[0], self.rows)
-            self._mm(x2.data_ptr(), x2.shape[0], self.in_features, self.tiles.data_ptr(), self.rows, y.data_ptr(),
-                     torch.get_num_threads())
+            _check(self._mm(x2.data_ptr(), x2.shape[0], self.in_features, self.tiles.data_ptr(), self.rows,
+                            y.data_ptr(), torch.get_num_threads()), "product")
             if self.rows != self.out_features:
                 y = y[:, : self.out_features]
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*lead, self.out_features)

@@ -26,9 +26,11 @@ depend on the other rows. The model makes sure of the parts it controls: a prefi
 prompt on its own (no padding enters any reduction; the dense-copy choice of a packed matrix
 depends on the prompt's own length), and a decode step's attention reduces each row over exactly
 its own keys ``[pad, t]`` (consecutive rows with the same padding share one call), never over
-masked pad columns, whose presence changes the blocking of the softmax sums. The packed int4
-kernel reduces each output row alone (checked for 1-140 rows), and the float16 products
-(``weights: fp16``, and the default ``auto``'s output matrix) run in calls of 4 rows where a row's
+masked pad columns, whose presence changes the blocking of the softmax sums. The compiled kernels
+(``weights: blocks``, and ``auto`` where they load; :mod:`.blocks`) compute every output, and the
+fused decode glue every row, in one fixed order whatever the batch and the thread count; the packed
+int4 kernel reduces each output row alone (checked for 1-140 rows), and the float16 products
+(``weights: fp16``, and ``auto``'s output matrix without the compiled kernels) run in calls of 4 rows where a row's
 bits depend on neither its position nor its neighbours (checked at start), so the default model
 is batch-invariant end to end; a float32 GEMM (``weights: dequantize``) is not: BLAS picks its
 blocking by the number of rows (see docs/cli.md for what is guaranteed).

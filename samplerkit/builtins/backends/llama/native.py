@@ -9,12 +9,14 @@ rename it into place, so neither ever loads a half-written library.
 
 Nothing here is required: :func:`kernels` returns None, and :func:`unavailable_reason` says why,
 on a CPU without AVX2/FMA/F16C (or where torch was told not to use AVX2,
-``ATEN_CPU_CAPABILITY=default``), without a C compiler or OpenMP, or when the built library fails
-its start-up check; the backend then keeps torch's int4 kernel (``weights: packed``).
-``SAMPLERKIT_NATIVE=0`` switches the kernels off.
+``ATEN_CPU_CAPABILITY=default``), without a C compiler, or when the built library fails its
+start-up check; the backend then keeps torch's int4 kernel (``weights: packed``). A compiler
+without OpenMP gets the kernels built without it (single-threaded). ``SAMPLERKIT_NATIVE=0``
+switches the kernels off.
 
 The library is linked against OpenMP's ``libgomp.so.1``: torch's CPU build loads a library of
-that name first, so both share one thread pool (and ``torch.set_num_threads`` sizes ours too).
+that name first, so both share one OpenMP runtime; each call asks for ``torch.get_num_threads()``
+threads, so ``torch.set_num_threads`` (the backend's ``threads`` option) sizes the kernels too.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ import torch
 #: Compiler flags: AVX2 + FMA + F16C code, no floating-point contraction the source did not ask
 #: for (the kernels' FMAs are explicit; implicit ones would change results between compilers).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
+#: The same without OpenMP, tried when the compiler has none (Apple's clang, a clang without
+#: libomp): the kernels then run on one thread (the pragmas are ignored), still faster than
+#: torch's int4 kernel on two (docs/performance.md).
+SERIAL_FLAGS = tuple(f for f in FLAGS if f != "-fopenmp")
 #: Libraries linked after the source (expf, sqrtf).
 LIBS = ("-lm",)
 #: The C functions' ABI version (``blockmm_abi()``), bumped with any signature change.
-ABI = 1
+ABI = 2
 #: Tile formats the library has: name -> bytes per tile (4 output rows x 32 inputs).
 TILE_BYTES = {"q4h": 80, "q4f": 96, "q8h": 136}
 #: The number the fused C functions take for each tile format (``mm_for`` in the C file).
@@ -115,23 +121,42 @@ def _cache_root() -> Path:
     return cache_dir() / "kernels"
 
 
-def _build(cc: str, source: bytes) -> Path:
-    """The compiled library for ``source`` (built now unless the cache has it)."""
-    key = hashlib.sha256(source + "\0".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:20]
-    target = _cache_root() / f"blockmm-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+class CompileError(OSError):
+    """The C compiler rejected the kernels (as opposed to a cache directory that cannot be written)."""
+
+
+def _compile(cc: str, source: bytes, target: Path, flags: tuple[str, ...]) -> None:
+    """Compile ``source`` to ``target`` through a private file renamed into place (atomic: a
+    concurrent builder's rename wins or loses whole, never leaving half a library)."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "blockmm.c"
         src.write_bytes(source)
         out = Path(tmp) / target.name
-        run = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), *LIBS], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([cc, *flags, str(src), "-o", str(out), *LIBS], capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             detail = (run.stderr or run.stdout).strip().splitlines()
-            raise OSError(f"{Path(cc).name} failed: {detail[-1] if detail else 'exit status ' + str(run.returncode)}")
-        os.replace(out, target)          # atomic: a concurrent builder's rename wins or loses whole
-    return target
+            raise CompileError(f"{Path(cc).name} failed: {detail[-1] if detail else 'exit status ' + str(run.returncode)}")
+        os.replace(out, target)
+
+
+def _build(cc: str, source: bytes, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The compiled library for ``source``: from the cache directory (built there now unless it
+    has it), or, where that directory cannot be written, built into a private temporary
+    directory for this process only (never a shared, guessable path another user could fill)."""
+    key = hashlib.sha256(source + "\0".join((cc, *flags, *LIBS)).encode()).hexdigest()[:20]
+    target = _cache_root() / f"blockmm-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _compile(cc, source, target, flags)
+        return target
+    except CompileError:
+        raise
+    except OSError:
+        private = Path(tempfile.mkdtemp(prefix="samplerkit-kernels-")) / target.name
+        _compile(cc, source, private, flags)
+        return private
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -139,7 +164,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fmt in TILE_BYTES:
         mm = getattr(lib, f"{fmt}_mm")
         mm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        mm.restype = None
+        mm.restype = ctypes.c_int
         deq = getattr(lib, f"{fmt}_dequantize")
         deq.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
         deq.restype = None
@@ -169,7 +194,8 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
     def product(rows: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(rows)
         y = np.empty((rows.shape[0], n), dtype=np.float32)
-        getattr(lib, f"{fmt}_mm")(rows.ctypes.data, rows.shape[0], k, tiles.ctypes.data, n, y.ctypes.data, 1)
+        if getattr(lib, f"{fmt}_mm")(rows.ctypes.data, rows.shape[0], k, tiles.ctypes.data, n, y.ctypes.data, 1):
+            raise MemoryError("the compiled kernel could not allocate its scratch memory")
         return y
 
     got = product(x)
@@ -195,7 +221,13 @@ def kernels() -> ctypes.CDLL | None:
         _reason = "no C compiler found (set CC, or install gcc or clang)"
         return None
     try:
-        lib = _bind(ctypes.CDLL(str(_build(cc, _source()))))
+        try:
+            path = _build(cc, _source())
+        except CompileError:
+            path = _build(cc, _source(), SERIAL_FLAGS)      # no OpenMP here: one thread
+        lib = _bind(ctypes.CDLL(str(path)))
+        if path.parent.name.startswith("samplerkit-kernels-"):    # a private build: loaded, so remove it
+            shutil.rmtree(path.parent, ignore_errors=True)
         if lib.blockmm_abi() != ABI:
             _reason = f"the compiled kernels report ABI {lib.blockmm_abi()}, expected {ABI}"
             return None
@@ -206,11 +238,19 @@ def kernels() -> ctypes.CDLL | None:
     return lib if _reason is None else None
 
 
+def fixable() -> bool:
+    """Whether the kernels are unavailable for a reason the user can fix on this machine (no
+    compiler, a failed build or self-test), as opposed to the CPU, torch's capability or
+    ``SAMPLERKIT_NATIVE=0``: only then is falling back worth a warning."""
+    return kernels() is None and not (_reason or "").startswith(("SAMPLERKIT_NATIVE", "the kernels are x86", "torch runs",
+                                                                  "this CPU"))
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`kernels` is None (None while it is not, or before it was asked)."""
     kernels()
     return _reason
 
 
-__all__ = ["ABI", "FLAGS", "FORMAT_IDS", "GROUP", "LIBS", "TILE_BYTES", "TILE_ROWS", "kernels", "pack_tiles",
+__all__ = ["ABI", "FLAGS", "SERIAL_FLAGS", "FORMAT_IDS", "GROUP", "LIBS", "TILE_BYTES", "TILE_ROWS", "fixable", "kernels", "pack_tiles",
            "source_digest", "unavailable_reason"]

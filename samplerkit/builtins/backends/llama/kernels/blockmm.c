@@ -52,7 +52,7 @@
 
 enum { Q4H_TILE = 80, Q4F_TILE = 96, Q8H_TILE = 136 };
 
-int blockmm_abi(void) { return 1; }
+int blockmm_abi(void) { return 2; }
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -181,12 +181,12 @@ static inline void FMT##_row(int MB, const uint8_t *t, const float *x, const flo
     }                                                                                                  \
 }                                                                                                      \
 /* y[M, N] = x[M, K] @ W.T; W is N/4 tiles of K/32 groups. Tiles are split between threads; */        \
-/* within a tile, the rows of x go 8, 4, 2, then 1 at a time (the tile stays in L1). */               \
-void FMT##_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads) { \
+/* within a tile, the rows of x go 8, 4, 2, then 1 at a time (the tile stays in L1). 0 on success. */  \
+int FMT##_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int nthreads) { \
     const int64_t G = K / GROUP, tiles = N / R;                                                        \
     float stack_sums[8 * 64];                                                                          \
     float *sums = M * G <= 8 * 64 ? stack_sums : (float *)malloc(sizeof(float) * M * G);               \
-    if (!sums) return;                                                                                 \
+    if (!sums) return -1;                                                                              \
     group_sums(x, M, K, sums);                                                                         \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                 \
     for (int64_t t = 0; t < tiles; t++) {                                                              \
@@ -198,6 +198,7 @@ void FMT##_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
         for (; i < M; i++) FMT##_all(1, tile, x + i * K, sums + i * G, K, G, y + i * N + t * R, N);   \
     }                                                                                                  \
     if (sums != stack_sums) free(sums);                                                                \
+    return 0;                                                                                          \
 }                                                                                                      \
 /* The dense matrix W [N, K] in float32 (a prefill's transient copy), w = fma(c, scale, zero). */    \
 void FMT##_dequantize(const uint8_t *w, int64_t N, int64_t K, float *out, int nthreads) {              \
@@ -222,7 +223,7 @@ TILE_KERNELS(q8h, Q8H_TILE, header8_q8, codes_q8, weights_q8, 32)
 
 /* ---- A decode step's glue, fused around the products (one call instead of ~10 torch ops) ---- */
 
-typedef void (*mm_fn)(const float *, int64_t, int64_t, const uint8_t *, int64_t, float *, int);
+typedef int (*mm_fn)(const float *, int64_t, int64_t, const uint8_t *, int64_t, float *, int);
 
 /* Tile formats by number, as the Python side passes them (native.FORMAT_IDS). */
 static mm_fn mm_for(int fmt) {
@@ -256,9 +257,9 @@ int norm_mm(const float *x, int64_t M, int64_t K, const float *norm_weight, floa
     float *xn = (float *)malloc(sizeof(float) * M * K);
     if (!mm || !xn) { free(xn); return -1; }
     rms_norm(x, M, K, norm_weight, eps, xn);
-    mm(xn, M, K, w, N, y, nthreads);
+    const int status = mm(xn, M, K, w, N, y, nthreads);
     free(xn);
-    return 0;
+    return status;
 }
 
 /* h[M, N] += x[M, K] @ W.T (the attention output's product and the residual add). 0 on success. */
@@ -266,10 +267,11 @@ int mm_add(const float *x, int64_t M, int64_t K, int fmt, const uint8_t *w, int6
     mm_fn mm = mm_for(fmt);
     float *y = (float *)malloc(sizeof(float) * M * N);
     if (!mm || !y) { free(y); return -1; }
-    mm(x, M, K, w, N, y, nthreads);
-    for (int64_t i = 0; i < M * N; i++) h[i] += y[i];
+    const int status = mm(x, M, K, w, N, y, nthreads);
+    if (status == 0)
+        for (int64_t i = 0; i < M * N; i++) h[i] += y[i];
     free(y);
-    return 0;
+    return status;
 }
 
 /* The feed-forward block with its residual add, in place on h [M, K]:
@@ -283,16 +285,17 @@ int mlp(float *h, int64_t M, int64_t K, const float *norm_weight, float eps,
     if (!mm_gu || !mm_down || !xn) { free(xn); return -1; }
     float *gu = xn + M * K, *act = gu + M * 2 * I, *out = act + M * I;
     rms_norm(h, M, K, norm_weight, eps, xn);
-    mm_gu(xn, M, K, gate_up, 2 * I, gu, nthreads);
+    if (mm_gu(xn, M, K, gate_up, 2 * I, gu, nthreads) != 0) { free(xn); return -1; }
     for (int64_t i = 0; i < M; i++)
         for (int64_t j = 0; j < I; j++) {
             const float g = gu[i * 2 * I + j];
             act[i * I + j] = g / (1.0f + expf(-g)) * gu[i * 2 * I + I + j];
         }
-    mm_down(act, M, I, down, K, out, nthreads);
-    for (int64_t i = 0; i < M * K; i++) h[i] += out[i];
+    const int status = mm_down(act, M, I, down, K, out, nthreads);
+    if (status == 0)
+        for (int64_t i = 0; i < M * K; i++) h[i] += out[i];
     free(xn);
-    return 0;
+    return status;
 }
 
 /* One decode step's attention for B rows, in place of rotary + cache writes + attention:
