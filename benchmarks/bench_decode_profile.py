@@ -7,6 +7,7 @@ same run (a 256 MB ``copy_``: bytes read per second while also writing them)::
 
     python benchmarks/bench_decode_profile.py --threads 1
     python benchmarks/bench_decode_profile.py --threads 2 --batch 8
+    python benchmarks/bench_decode_profile.py --threads 1 --context 1200   # a long prompt first
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--context", type=int, default=0,
+                        help="prompt tokens before the timed steps (0: a 15-token prompt)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -48,6 +51,9 @@ def main() -> None:
     backend = LlamaBackend(LlamaParams(weights="blocks", cache=False))
     model = backend.model
     ids = backend.tokenize("Once upon a time, in a small village by the sea, there lived")
+    if args.context:
+        ids = backend.tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * (args.context // 9 + 1)))
+        ids = ids[:args.context]
     logits = backend.prefill([ids] * args.batch).last
     for _ in range(8):                                            # warm up
         logits = backend.step(logits.argmax(-1))
@@ -84,7 +90,7 @@ def main() -> None:
                    "output product (+ final RMSNorm)": model.lm_head.nbytes()}
     bandwidth = copy_bandwidth()
     step = total / args.steps
-    print(f"{cpu_name()}; torch {torch.__version__}, {args.threads} threads; batch {args.batch}; "
+    print(f"{cpu_name()}; torch {torch.__version__}, {args.threads} threads; batch {args.batch}; prompt {len(ids)} tokens; "
           f"{args.steps} steps; memory copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"step {step * 1e3:.2f} ms ({args.batch / step:.1f} tok/s)")
     print(f"{'part':36s} {'ms/step':>8s} {'share':>6s} {'weights MB':>10s} {'GB/s':>6s}")

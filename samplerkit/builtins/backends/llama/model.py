@@ -30,8 +30,8 @@ masked pad columns, whose presence changes the blocking of the softmax sums. The
 (``weights: blocks``, and ``auto`` where they load; :mod:`.blocks`) compute every output, and the
 fused decode glue every row, in one fixed order whatever the batch and the thread count; the packed
 int4 kernel reduces each output row alone (checked for 1-140 rows), and the float16 products
-(``weights: fp16``, and ``auto``'s output matrix without the compiled kernels) run in calls of 4 rows where a row's
-bits depend on neither its position nor its neighbours (checked at start), so the default model
+(``weights: fp16``, and ``auto``'s output matrix without the compiled kernels) run in calls of 4
+rows where a row's bits depend on neither its position nor its neighbours (checked at start), so the default model
 is batch-invariant end to end; a float32 GEMM (``weights: dequantize``) is not: BLAS picks its
 blocking by the number of rows (see docs/cli.md for what is guaranteed).
 """
@@ -125,8 +125,8 @@ class LlamaModel:
                  block_weights: bool = False):
         """``block_weights``: every matrix whose GGUF blocks the compiled kernels take runs as
         :class:`~.blocks.BlockLinear` (``weights: blocks``, and ``auto`` where the kernels load), the
-        output matrix too; the others as below. ``fp16_weights``: every matrix (the output one too) runs as :class:`~.quant.Fp16Linear`
-        (``weights: fp16``); the token embedding then stays in the file's codes if it has any.
+        output matrix too; the others as below. ``fp16_weights``: every matrix (the output one
+        too) runs as :class:`~.quant.Fp16Linear` (``weights: fp16``); the token embedding then stays in the file's codes if it has any.
         ``fp16_head``: only the output matrix does, where it would otherwise run packed
         (``weights: auto``: at one row it is the largest product of a step, and the int4 kernel
         takes a Q8_0 output matrix as two 4-bit planes)."""
@@ -205,11 +205,12 @@ class LlamaModel:
         self._n_q = config.num_heads * config.head_dim
         self._n_qk = (config.num_heads + config.num_kv_heads) * config.head_dim
         self._n_rep = config.num_heads // config.num_kv_heads
-        #: Decode steps run the compiled kernels' fused glue (norm + product, product + residual,
-        #: the whole feed-forward block): float32 on the CPU with every layer matrix a BlockLinear.
+        #: Decode steps run each layer as four compiled calls (norm + q/k/v product; rotary, cache
+        #: writes and attention; output product + residual; feed-forward block + residual): float32
+        #: on the CPU, every layer matrix a BlockLinear, head_dim a multiple of the kernels' 8 lanes.
+        norms = [w for layer in self.layers for w in (layer.attn_norm, layer.ffn_norm)] + [self.norm]
         self._fused = (self.dtype == torch.float32 and self.device.type == "cpu" and config.head_dim % 8 == 0
-                       and blocks.fusable(
-            self.layers, [w for layer in self.layers for w in (layer.attn_norm, layer.ffn_norm)] + [self.norm]))
+                       and blocks.fusable(self.layers, norms))
         self._reset_cache(0, 0)
 
     # -- prepared weights (the load cache) ----------------------------------------------
@@ -496,11 +497,10 @@ class LlamaModel:
         c = self.config
         kvh, d = c.num_kv_heads, c.head_dim
 
-        rope = self._rope[t - self._pad].view(B, 1, 1, -1)                 # per-row position
+        positions = t - self._pad                                           # per-row rotary position
         h = self.embed(next_ids.to(self.device).view(B, 1), self.dtype)    # [B, 1, d]
         fused, eps = self._fused, c.rms_norm_eps
-        if fused:
-            positions = (t - self._pad).contiguous()
+        rope = None if fused else self._rope[positions].view(B, 1, 1, -1)
         for i, layer in enumerate(self.layers):
             if fused:
                 # The whole layer in four compiled calls (see blocks.py): norm + q/k/v product;

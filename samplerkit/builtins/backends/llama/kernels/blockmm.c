@@ -51,6 +51,7 @@
 #endif
 
 enum { Q4H_TILE = 80, Q4F_TILE = 96, Q8H_TILE = 136 };
+#define HEAD_BLOCK 4  /* q heads of one kv head that decode attention serves per pass over the keys */
 
 int blockmm_abi(void) { return 2; }
 
@@ -334,28 +335,51 @@ int attend_decode(float *qkv, int64_t B, int64_t H, int64_t KVH, int64_t D, cons
         const int64_t b = bj / KVH, j = bj % KVH, s0 = start[b], n = t + 1 - s0;
         const float *keys = k_cache + ((b * KVH + j) * cap + s0) * D;
         const float *vals = v_cache + ((b * KVH + j) * cap + s0) * D;
-        float *p = (float *)malloc(sizeof(float) * (n > 0 ? n : 1));
+        float *p = (float *)malloc(sizeof(float) * HEAD_BLOCK * (n > 0 ? n : 1));
         if (!p) { failed = 1; continue; }
-        for (int64_t r = 0; r < rep; r++) {
-            const int64_t h = j * rep + r;
-            const float *q = qkv + b * width + h * D;
-            float top = -INFINITY;
-            for (int64_t s = 0; s < n; s++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(keys + s * D + d), acc);
-                p[s] = hsum(acc) * scale;
-                if (p[s] > top) top = p[s];
+        /* The kv head's q heads, up to HEAD_BLOCK at a time: each key and value is loaded once
+         * for all of them (the order of every head's sums is the same as one head at a time). */
+        for (int64_t r0 = 0; r0 < rep; r0 += HEAD_BLOCK) {
+            const int hb = (int)(rep - r0 < HEAD_BLOCK ? rep - r0 : HEAD_BLOCK);
+            const float *q[HEAD_BLOCK];
+            float top[HEAD_BLOCK], inv[HEAD_BLOCK];
+            for (int r = 0; r < hb; r++) { q[r] = qkv + b * width + (j * rep + r0 + r) * D; top[r] = -INFINITY; }
+            for (int64_t s = 0; s < n; s++) {                    /* scores: q . k / sqrt(D) */
+                __m256 acc[HEAD_BLOCK];
+                for (int r = 0; r < hb; r++) acc[r] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) {
+                    const __m256 k8 = _mm256_loadu_ps(keys + s * D + d);
+                    for (int r = 0; r < hb; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + d), k8, acc[r]);
+                }
+                for (int r = 0; r < hb; r++) {
+                    const float v = hsum(acc[r]) * scale;
+                    p[r * n + s] = v;
+                    if (v > top[r]) top[r] = v;
+                }
             }
-            float total = 0.0f;
-            for (int64_t s = 0; s < n; s++) { p[s] = expf(p[s] - top); total += p[s]; }
-            const float inv = 1.0f / total;
-            float *o = out + b * H * D + h * D;
-            for (int64_t d = 0; d < D; d += 8) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t s = 0; s < n; s++)
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s] * inv), _mm256_loadu_ps(vals + s * D + d), acc);
-                _mm256_storeu_ps(o + d, acc);
+            for (int r = 0; r < hb; r++) {                       /* softmax numerators, their sum */
+                float total = 0.0f;
+                for (int64_t s = 0; s < n; s++) { p[r * n + s] = expf(p[r * n + s] - top[r]); total += p[r * n + s]; }
+                inv[r] = 1.0f / total;
+            }
+            for (int64_t d = 0; d < D; d += 16) {                /* sum_s p_s v_s, 16 dims at a time */
+                const int two = d + 16 <= D;
+                __m256 lo[HEAD_BLOCK], hi[HEAD_BLOCK];
+                for (int r = 0; r < hb; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+                for (int64_t s = 0; s < n; s++) {
+                    const __m256 v0 = _mm256_loadu_ps(vals + s * D + d);
+                    const __m256 v1 = two ? _mm256_loadu_ps(vals + s * D + d + 8) : v0;
+                    for (int r = 0; r < hb; r++) {
+                        const __m256 w = _mm256_set1_ps(p[r * n + s] * inv[r]);
+                        lo[r] = _mm256_fmadd_ps(w, v0, lo[r]);
+                        if (two) hi[r] = _mm256_fmadd_ps(w, v1, hi[r]);
+                    }
+                }
+                for (int r = 0; r < hb; r++) {
+                    float *o = out + b * H * D + (j * rep + r0 + r) * D + d;
+                    _mm256_storeu_ps(o, lo[r]);
+                    if (two) _mm256_storeu_ps(o + 8, hi[r]);
+                }
             }
         }
         free(p);
