@@ -62,25 +62,8 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Row r's 32 weights of one tile, dequantized: inputs 0-7, 8-15, 16-23, 24-31 (the prefill copy). */
-static inline void weights_q4(const uint8_t *codes, __m256 d, __m256 m, __m256 *w) {
-    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
-    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
-    const __m256i mask = _mm256_set1_epi32(15);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, mask)), d, m);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, mask)), d, m);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)), d, m);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)), d, m);
-}
-static inline void weights_q8(const uint8_t *codes, __m256 d, __m256 m, __m256 *w) {
-    (void)m;
-    for (int s = 0; s < 4; s++)
-        w[s] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                   _mm_loadl_epi64((const __m128i *)(codes + 8 * s)))), d);
-}
-
-/* Row r's 32 codes of one tile as floats (inputs 0-7, 8-15, 16-23, 24-31): the products'
- * path, which scales a group's sum once instead of every weight. */
+/* Row r's 32 codes of one tile as floats (inputs 0-7, 8-15, 16-23, 24-31). The products scale
+ * a group's dot product once; the prefill's dense copy makes each weight fma(c, scale, zero). */
 static inline void codes_q4(const uint8_t *codes, __m256 *c) {
     __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
     __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
@@ -118,8 +101,8 @@ static void group_sums(const float *x, int64_t M, int64_t K, float *sums) {
 
 /* The tile header's scales (lanes 0-3) and zeros (lanes 4-7; 0 for Q8) as 8 floats. */
 static inline __m256 header8_h(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline __m256 header8_q8(const uint8_t *p) {
-    return _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+static inline __m256 header8_q8(const uint8_t *p) {      /* zeros: explicitly 0 (a cast leaves them undefined) */
+    return _mm256_set_m128(_mm_setzero_ps(), _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline __m256 header8_f(const uint8_t *p) { return _mm256_loadu_ps((const float *)p); }
 static inline __m256 lane(__m256 v, int r) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(r)); }
@@ -131,7 +114,7 @@ static inline __m256 lane(__m256 v, int r) { return _mm256_permutevar8x32_ps(v, 
  *   _all: the 4 output rows together (MB * 4 accumulators: MB <= 2 stays in registers);
  *   _row: one output row at a time (MB accumulators), the tile coming from L1 after the first.
  * The zero term runs in the 4 lanes of an SSE register, one lane per output row of the tile. */
-#define TILE_KERNELS(FMT, TILE, HEADER8, CODES, WEIGHTS, CODE_BYTES)                                 \
+#define TILE_KERNELS(FMT, TILE, HEADER8, CODES, CODE_BYTES)                                 \
 static inline void FMT##_all(int MB, const uint8_t *t, const float *x, const float *sums, int64_t K,   \
                              int64_t G, float *y, int64_t N) {                                         \
     __m256 acc[2][R]; __m128 zacc[2];                                                                  \
@@ -209,18 +192,18 @@ void FMT##_dequantize(const uint8_t *w, int64_t N, int64_t K, float *out, int nt
         for (int64_t g = 0; g < G; g++) {                                                              \
             const uint8_t *p = w + (t * G + g) * TILE; __m256 h = HEADER8(p);                          \
             for (int r = 0; r < R; r++) {                                                              \
-                __m256 v[4];                                                                           \
-                WEIGHTS(p + (TILE - R * CODE_BYTES) + CODE_BYTES * r, lane(h, r), lane(h, 4 + r), v);  \
+                __m256 c[4]; CODES(p + (TILE - R * CODE_BYTES) + CODE_BYTES * r, c);                   \
+                const __m256 d = lane(h, r), z = lane(h, 4 + r);     /* z = 0 for Q8 */                \
                 float *o = out + (t * R + r) * K + g * GROUP;                                          \
-                for (int s = 0; s < 4; s++) _mm256_storeu_ps(o + 8 * s, v[s]);                         \
+                for (int s = 0; s < 4; s++) _mm256_storeu_ps(o + 8 * s, _mm256_fmadd_ps(c[s], d, z)); \
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
 }
 
-TILE_KERNELS(q4h, Q4H_TILE, header8_h, codes_q4, weights_q4, 16)
-TILE_KERNELS(q4f, Q4F_TILE, header8_f, codes_q4, weights_q4, 16)
-TILE_KERNELS(q8h, Q8H_TILE, header8_q8, codes_q8, weights_q8, 32)
+TILE_KERNELS(q4h, Q4H_TILE, header8_h, codes_q4, 16)
+TILE_KERNELS(q4f, Q4F_TILE, header8_f, codes_q4, 16)
+TILE_KERNELS(q8h, Q8H_TILE, header8_q8, codes_q8, 32)
 
 /* ---- A decode step's glue, fused around the products (one call instead of ~10 torch ops) ---- */
 
