@@ -11,6 +11,7 @@ import codecs
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -412,14 +413,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) in ("strict", "backslashreplace")]
     for stream, _ in streams:
         stream.reconfigure(errors=_ESCAPE_BYTES)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return _main(argv)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         for stream, errors in streams:
             stream.reconfigure(errors=errors)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for a command-line user (``samplerkit: warning: ...``), without the
+    source file and line of code that Python's default format shows."""
+    print(f"samplerkit: warning: {message}", file=file or sys.stderr)
 
 
 def _escape_undecodable(exc: UnicodeError) -> tuple[str, int]:

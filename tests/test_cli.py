@@ -261,3 +261,24 @@ def test_builtin_verbs_are_declared_once():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == [c.name for c in COMMANDS]
     assert len({c.name for c in COMMANDS}) == len(COMMANDS)
+
+
+def test_a_warning_reaches_the_command_line_user_as_one_line(capsys, monkeypatch):
+    """A UserWarning raised while a command runs (a cache that cannot be written, the compiled
+    kernels falling back) prints as ``samplerkit: warning: ...``, without Python's source line."""
+    import warnings
+
+    from samplerkit import cli
+
+    def command(argv):
+        warnings.warn("the cache cannot be written", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_main", command)
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main([]) == 0
+    err = capsys.readouterr().err
+    assert err == "samplerkit: warning: the cache cannot be written\n"
+    assert warnings.showwarning is before
