@@ -149,6 +149,10 @@ class Backend(ABC):
     #: Whether :meth:`join` is implemented. Without it, an :class:`~samplerkit.engine.Engine`
     #: adds rows to a running batch by prefilling every row's whole sequence again.
     can_join: ClassVar[bool] = False
+    #: Whether a :meth:`join` that raises leaves the running rows exactly as they were (their
+    #: count and their cache). Then an :class:`~samplerkit.engine.Engine` fails only the requests
+    #: that were joining and the running ones go on; otherwise every running request ends too.
+    join_is_atomic: ClassVar[bool] = False
 
     def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
         """Prefill ``prompts`` and append them as new rows after the current ones (continuous
@@ -197,6 +201,9 @@ class CheckedBackend:
         self.check_nan = check_nan
         self._rows = 0
         self._label: str | None = None
+        #: Set by a failed :meth:`join`: True when the backend's own join raised and it declares
+        #: ``join_is_atomic`` (the running rows are intact), False for any other failure.
+        self.join_kept_rows = False
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -309,14 +316,23 @@ class CheckedBackend:
         return getattr(self.inner, "can_join", False) is True
 
     def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
-        out = self._check_prefill_output("join", prompts, keep_all_logits)
+        self.join_kept_rows = False
+        try:
+            out = self._call("join", prompts, keep_all_logits=keep_all_logits)
+        except BaseException:
+            self.join_kept_rows = getattr(self.inner, "join_is_atomic", False) is True
+            raise
+        out = self._check_prefill_output("join", prompts, keep_all_logits, out)   # a bad output: rows unknown
         self._rows += len(prompts)
         return out
 
-    def _check_prefill_output(self, method: str, prompts: Sequence[Sequence[int]], keep_all_logits: bool) -> PrefillOutput:
-        """Call ``prefill`` or ``join`` and check what it returned: a PrefillOutput whose ``last``
-        has one row per prompt and, when asked for, one ``[L_i, V]`` tensor per prompt."""
-        out = self._call(method, prompts, keep_all_logits=keep_all_logits)
+    def _check_prefill_output(self, method: str, prompts: Sequence[Sequence[int]], keep_all_logits: bool,
+                              out: object = None) -> PrefillOutput:
+        """Call ``prefill`` or ``join`` (unless its output ``out`` is given) and check what it
+        returned: a PrefillOutput whose ``last`` has one row per prompt and, when asked for, one
+        ``[L_i, V]`` tensor per prompt."""
+        if out is None:
+            out = self._call(method, prompts, keep_all_logits=keep_all_logits)
         if not isinstance(out, PrefillOutput):
             self._fail(f"{method}() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
         self._check_logits(out.last, len(prompts), method)

@@ -470,12 +470,26 @@ class Engine:
 
     def _turn(self) -> bool:
         """Cancel, admit, sample, step. Any failure outside one request's pipeline (the
-        backend) fails every running request and empties the batch; the engine goes on."""
+        backend) fails every running request and empties the batch; the engine goes on. The
+        exception: a join that raises on a backend with ``join_is_atomic`` fails only the
+        joining request (several joining ones are admitted again one at a time)."""
         self._admitting: list[Request] = []
         try:
             return self._turn_inner()
         except BaseException as exc:        # noqa: BLE001 - handed to every request it hit
             admitting = self._admitting
+            if isinstance(exc, Exception) and admitting and getattr(self.backend, "join_kept_rows", False) is True:
+                # The backend's join raised and left the running rows as they were (its
+                # join_is_atomic): they go on; only the joining requests are at stake.
+                self.backend.join_kept_rows = False
+                if len(admitting) > 1:          # one of them may be the cause: one at a time
+                    with self._cond:
+                        for request in reversed(admitting):
+                            self._waiting.appendleft(request)
+                        self._solo.update(admitting)
+                else:
+                    admitting[0]._push([], error=exc, done=True)
+                return True
             if isinstance(exc, Exception) and len(admitting) > 1:
                 # A prefill or join of several new prompts failed: one of them may be the cause.
                 # The running rows go (the backend's cache is in an unknown state), but the new

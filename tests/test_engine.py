@@ -351,7 +351,27 @@ def test_a_shared_generator_waits_while_the_engine_has_running_rows():
     assert done.is_set()
 
 
+def test_a_failed_join_on_an_atomic_backend_fails_only_the_joining_request(failing_backend):
+    """The bigram backend's join leaves the running rows as they were when it raises
+    (``join_is_atomic``): the running request goes on to the tokens it gets alone."""
+    gen = generator(failing_backend)
+    engine = Engine(gen)
+    running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
+    engine.step()
+    joining = engine.submit("bang!", seed=2)
+    engine.step()
+    with pytest.raises(PluginError, match="join broke"):
+        joining.result(timeout=5)
+    later = engine.submit("the dog ", seed=3)
+    engine.run_until_idle()
+    assert running.result()[0].token_ids == alone(gen, "the cat ", 1, max_new_tokens=50, ignore_eos=True)[0].token_ids
+    assert later.result()[0].token_ids == alone(gen, "the dog ", 3)[0].token_ids
+
+
 def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_goes_on(failing_backend):
+    """A backend that does not declare its join atomic: after a failed join its running rows
+    are in an unknown state, so they end with the error too."""
+    failing_backend.join_is_atomic = False
     gen = generator(failing_backend)
     engine = Engine(gen)
     running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
@@ -500,9 +520,9 @@ def test_a_joint_admission_that_fails_requeues_its_requests_one_at_a_time(failin
     engine.step()                        # the joint prefill failed: all four wait again
     assert engine.waiting == 4 and engine.running_rows == 0 and not any(r.done for r in reqs)
     engine.run_until_idle()
-    for r in reqs[:2]:                   # the failing one alone, joining the first (which ends too)
-        with pytest.raises(PluginError, match="join broke"):
-            r.result()
+    with pytest.raises(PluginError, match="join broke"):   # the failing one alone, joining the first
+        reqs[1].result()
+    assert reqs[0].result()[0].token_ids == ref[0]          # the join was atomic: the first goes on
     assert [r.result()[0].token_ids for r in reqs[2:]] == ref[1:]   # admitted after it: not hit
 
 

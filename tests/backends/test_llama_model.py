@@ -245,3 +245,30 @@ def test_a_row_is_bit_identical_alone_and_in_any_batch(packed_tiny):
             got = packed_tiny.step(torch.tensor([_schedule(i, s) for i in live]))
             for j, i in enumerate(live):
                 assert torch.equal(got[j], alone[i][s + 1]), (order, s, j)
+
+
+def test_a_join_that_raises_leaves_the_running_rows_as_they_were(hf_dir, monkeypatch):
+    """``join_is_atomic``: a join whose prefill fails part-way (here, in the second layer pass
+    of the new prompt) restores the cache, so the running rows' next steps are the bits they get
+    from a backend that never tried to join."""
+    tried = LlamaBackend(LlamaParams(model=str(hf_dir)))
+    never = LlamaBackend(LlamaParams(model=str(hf_dir)))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    a, b = tried.prefill(prompts).last, never.prefill(prompts).last
+    a, b = tried.step(a.argmax(-1)), never.step(b.argmax(-1))
+    real_fill = type(tried.model)._fill
+
+    def broken_fill(self, *args, **kwargs):
+        raise MemoryError("out of memory while prefilling the new row")
+
+    monkeypatch.setattr(type(tried.model), "_fill", broken_fill)
+    with pytest.raises(MemoryError):
+        tried.join([[1, 2, 3, 4, 5, 6, 7, 8, 9]])          # longer than the running rows: re-pads them
+    monkeypatch.setattr(type(tried.model), "_fill", real_fill)
+    assert tried.model.batch_size == 2 and type(tried).join_is_atomic
+    for _ in range(3):
+        nxt = b.argmax(-1)
+        a, b = tried.step(nxt), never.step(nxt)
+        assert torch.equal(a, b)
+    joined = tried.join([[11, 12]]).last                   # and it can join afterwards
+    assert joined.shape[0] == 1 and tried.model.batch_size == 3

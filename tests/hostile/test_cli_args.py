@@ -115,3 +115,20 @@ def test_the_cli_default_pipeline_is_the_one_the_stream_test_reproduces(capsys):
                                                          "pipeline": [{"temperature": 0.6}, {"top_p": 0.9}]},
                                        max_new_tokens=24)
     assert json.loads(out)["text"] == completion.text
+
+
+def test_ctrl_c_while_the_command_line_module_imports_exits_130(monkeypatch, capsys):
+    """The console script's entry point (samplerkit._console) catches an interrupt that lands
+    while samplerkit.cli itself is still importing (a busy machine), before cli.main could."""
+    import sys
+    import types
+
+    class StillImporting(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "samplerkit.cli", StillImporting("samplerkit.cli"))
+    from samplerkit import _console
+
+    assert _console.main() == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"

@@ -104,11 +104,17 @@ class BigramBackend(Backend):
         return PrefillOutput(self.table[self._last], everything)
 
     can_join = True
+    join_is_atomic = True
 
     def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
-        """New rows after the current ones: a bigram's only state per row is its last token."""
+        """New rows after the current ones: a bigram's only state per row is its last token
+        (restored if the new prompts fail, so the running rows go on)."""
         old = self._last
-        out = self.prefill(prompts, keep_all_logits=keep_all_logits)
+        try:
+            out = self.prefill(prompts, keep_all_logits=keep_all_logits)
+        except BaseException:
+            self._last = old
+            raise
         self._last = torch.cat([old, self._last])
         return out
 

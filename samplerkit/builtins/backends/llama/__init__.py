@@ -186,6 +186,7 @@ class LlamaBackend(Backend):
         return PrefillOutput(last=last, all=every)
 
     can_join = True
+    join_is_atomic = True       # LlamaModel.join restores the running rows' cache if it raises
 
     def join(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
         last, every = self.model.join(prompts, keep_all_logits=keep_all_logits)

@@ -388,9 +388,23 @@ class LlamaModel:
         of left padding (their positions ``column - pad`` do not change). Each new prompt is
         prefilled on its own exactly as :meth:`prefill` does, so a joined row's cache and
         logits are the bits it gets alone. Returns the new rows' logits as :meth:`prefill` does.
+
+        Atomic: if it raises, the running rows are as they were (the old cache tensors are never
+        written; the new ones are dropped), so a continuous batch can go on without the new rows.
         """
         if self.batch_size == 0:
             return self.prefill(prompts, keep_all_logits=keep_all_logits)
+        before = (self._k, self._v, self._pad, self._len)
+        try:
+            return self._join(prompts, keep_all_logits)
+        except BaseException:
+            self._k, self._v, pad, self._len = before
+            self._layer_views()
+            self._set_pad(pad)
+            raise
+
+    def _join(self, prompts: Sequence[Sequence[int]], keep_all_logits: bool
+              ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         lengths = self._check_prompts(prompts)
         old, t = self.batch_size, self._len
         L = max(t, *lengths)
