@@ -351,38 +351,28 @@ def test_a_shared_generator_waits_while_the_engine_has_running_rows():
     assert done.is_set()
 
 
-def test_a_failed_join_on_an_atomic_backend_fails_only_the_joining_request(failing_backend):
-    """The bigram backend's join leaves the running rows as they were when it raises
-    (``join_is_atomic``): the running request goes on to the tokens it gets alone."""
+@pytest.mark.parametrize("atomic", [True, False])
+def test_a_failed_join_ends_the_joining_request_and_the_running_ones_unless_the_join_is_atomic(failing_backend,
+                                                                                               atomic):
+    """A join that raises on a backend that declares ``join_is_atomic`` (the bigram backend
+    does: it leaves the running rows as they were) fails only the joining request, and the
+    running one goes on to the tokens it gets alone. Without the declaration the running rows
+    are in an unknown state, so they end with the error too. Either way the engine goes on."""
+    failing_backend.join_is_atomic = atomic
     gen = generator(failing_backend)
     engine = Engine(gen)
     running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
     engine.step()
     joining = engine.submit("bang!", seed=2)
     engine.step()
-    with pytest.raises(PluginError, match="join broke"):
-        joining.result(timeout=5)
-    later = engine.submit("the dog ", seed=3)
-    engine.run_until_idle()
-    assert running.result()[0].token_ids == alone(gen, "the cat ", 1, max_new_tokens=50, ignore_eos=True)[0].token_ids
-    assert later.result()[0].token_ids == alone(gen, "the dog ", 3)[0].token_ids
-
-
-def test_a_backend_failure_ends_the_running_and_joining_requests_and_the_engine_goes_on(failing_backend):
-    """A backend that does not declare its join atomic: after a failed join its running rows
-    are in an unknown state, so they end with the error too."""
-    failing_backend.join_is_atomic = False
-    gen = generator(failing_backend)
-    engine = Engine(gen)
-    running = engine.submit("the cat ", seed=1, max_new_tokens=50, ignore_eos=True)
-    engine.step()
-    joining = engine.submit("bang!", seed=2)
-    engine.step()
-    for req in (running, joining):
+    for req in (joining,) if atomic else (running, joining):
         with pytest.raises(PluginError, match="join broke"):
             req.result(timeout=5)
     later = engine.submit("the dog ", seed=3)
     engine.run_until_idle()
+    if atomic:
+        want = alone(gen, "the cat ", 1, max_new_tokens=50, ignore_eos=True)[0].token_ids
+        assert running.result()[0].token_ids == want
     assert later.result()[0].token_ids == alone(gen, "the dog ", 3)[0].token_ids
 
 
