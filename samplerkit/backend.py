@@ -300,7 +300,8 @@ class CheckedBackend:
         return logits
 
     def prefill(self, prompts: Sequence[Sequence[int]], *, keep_all_logits: bool = False) -> PrefillOutput:
-        out = self._check_prefill_output("prefill", prompts, keep_all_logits)
+        out = self._check_prefill_output("prefill", prompts, keep_all_logits,
+                                         self._call("prefill", prompts, keep_all_logits=keep_all_logits))
         self._rows = len(prompts)
         return out
 
@@ -327,12 +328,9 @@ class CheckedBackend:
         return out
 
     def _check_prefill_output(self, method: str, prompts: Sequence[Sequence[int]], keep_all_logits: bool,
-                              out: object = None) -> PrefillOutput:
-        """Call ``prefill`` or ``join`` (unless its output ``out`` is given) and check what it
-        returned: a PrefillOutput whose ``last`` has one row per prompt and, when asked for, one
-        ``[L_i, V]`` tensor per prompt."""
-        if out is None:
-            out = self._call(method, prompts, keep_all_logits=keep_all_logits)
+                              out: object) -> PrefillOutput:
+        """Check what ``prefill`` or ``join`` returned (``out``): a PrefillOutput whose ``last``
+        has one row per prompt and, when asked for, one ``[L_i, V]`` tensor per prompt."""
         if not isinstance(out, PrefillOutput):
             self._fail(f"{method}() returned {type(out).__name__}; it must return a samplerkit.PrefillOutput")
         self._check_logits(out.last, len(prompts), method)

@@ -483,10 +483,7 @@ class Engine:
                 # join_is_atomic): they go on; only the joining requests are at stake.
                 self.backend.join_kept_rows = False
                 if len(admitting) > 1:          # one of them may be the cause: one at a time
-                    with self._cond:
-                        for request in reversed(admitting):
-                            self._waiting.appendleft(request)
-                        self._solo.update(admitting)
+                    self._requeue_alone(admitting)
                 else:
                     admitting[0]._push([], error=exc, done=True)
                 return True
@@ -496,15 +493,19 @@ class Engine:
                 # requests wait again at the head of the queue and are admitted one at a time,
                 # so only the one that fails alone gets the error.
                 self._fail_running(exc, spare=admitting)
-                with self._cond:
-                    for request in reversed(admitting):
-                        self._waiting.appendleft(request)
-                    self._solo.update(admitting)
+                self._requeue_alone(admitting)
                 return True
             self._fail_running(exc, admitting)
             if not isinstance(exc, Exception):
                 raise
             return bool(self._waiting)
+
+    def _requeue_alone(self, requests: Sequence[Request]) -> None:
+        """Put ``requests`` back at the head of the queue, in order, each to be admitted alone."""
+        with self._cond:
+            for request in reversed(requests):
+                self._waiting.appendleft(request)
+            self._solo.update(requests)
 
     def _turn_inner(self) -> bool:
         with self._cond:

@@ -56,6 +56,9 @@ TILE_ROWS, GROUP = 4, 32
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
 _reason: str | None = None
+#: Whether ``_reason`` is one the user can fix here (compiler, build, self-test), not the
+#: CPU, torch's capability or ``SAMPLERKIT_NATIVE=0`` (see :func:`fixable`).
+_fixable = False
 
 
 def _source() -> bytes:
@@ -126,17 +129,25 @@ class CompileError(OSError):
 
 
 def _compile(cc: str, source: bytes, target: Path, flags: tuple[str, ...]) -> None:
-    """Compile ``source`` to ``target`` through a private file renamed into place (atomic: a
-    concurrent builder's rename wins or loses whole, never leaving half a library)."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "blockmm.c"
-        src.write_bytes(source)
-        out = Path(tmp) / target.name
-        run = subprocess.run([cc, *flags, str(src), "-o", str(out), *LIBS], capture_output=True, text=True, timeout=120)
+    """Compile ``source`` to ``target`` through :func:`~.default_model.write_atomic` (a private
+    file renamed into place: a concurrent builder's rename wins or loses whole, never leaving
+    half a library, and nothing planted in the cache directory is written through)."""
+    from samplerkit.builtins.backends.llama.default_model import write_atomic
+
+    def run_compiler(out: Path) -> None:
+        try:
+            run = subprocess.run([cc, *flags, str(src), "-o", str(out), *LIBS], capture_output=True, text=True,
+                                 timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:     # the compiler cannot be run at all
+            raise CompileError(f"{Path(cc).name} could not run: {exc}") from exc
         if run.returncode != 0:
             detail = (run.stderr or run.stdout).strip().splitlines()
             raise CompileError(f"{Path(cc).name} failed: {detail[-1] if detail else 'exit status ' + str(run.returncode)}")
-        os.replace(out, target)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "blockmm.c"
+        src.write_bytes(source)
+        write_atomic(target, run_compiler)
 
 
 def _build(cc: str, source: bytes, flags: tuple[str, ...] = FLAGS) -> Path:
@@ -148,7 +159,6 @@ def _build(cc: str, source: bytes, flags: tuple[str, ...] = FLAGS) -> Path:
     if target.is_file():
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         _compile(cc, source, target, flags)
         return target
     except CompileError:
@@ -209,13 +219,15 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (then :func:`unavailable_reason` says why)."""
-    global _reason
+    global _reason, _fixable
+    _fixable = False
     if os.environ.get("SAMPLERKIT_NATIVE", "1") == "0":
         _reason = "SAMPLERKIT_NATIVE=0"
         return None
     _reason = _cpu_ok()
     if _reason is not None:
         return None
+    _fixable = True                         # from here on, every cause is this machine's setup
     cc = _compiler()
     if cc is None:
         _reason = "no C compiler found (set CC, or install gcc or clang)"
@@ -242,8 +254,7 @@ def fixable() -> bool:
     """Whether the kernels are unavailable for a reason the user can fix on this machine (no
     compiler, a failed build or self-test), as opposed to the CPU, torch's capability or
     ``SAMPLERKIT_NATIVE=0``: only then is falling back worth a warning."""
-    return kernels() is None and not (_reason or "").startswith(("SAMPLERKIT_NATIVE", "the kernels are x86", "torch runs",
-                                                                  "this CPU"))
+    return kernels() is None and _fixable
 
 
 def unavailable_reason() -> str | None:
